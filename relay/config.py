@@ -1,0 +1,692 @@
+"""The YAML config turned into typed, frozen dataclasses.
+
+Every mistake is reported as one `ConfigError` line naming the key, because the
+person reading it is an operator at a terminal, not a Python developer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from relay.units import UnitError, format_duration, format_size, parse_duration, parse_size
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+DuplicateAction = Literal["drop", "reject", "tag"]
+ConflictAction = Literal["reject", "drop", "forward"]
+Scope = Literal["global", "user", "sender_domain"]
+
+DEFAULT_WINDOWS: Mapping[str, float] = {
+    "header": 24 * 3600.0,
+    "message-id": 24 * 3600.0,
+    "fingerprint": 3600.0,
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as `key: what is wrong`."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A credential that prints as *** so it cannot leak into logs or check-config."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __str__(self) -> str:
+        return "***"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    hostname: str = ""
+    networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    max_message_size: int = 25_000_000
+    max_recipients: int = 100
+    max_connections: int = 200
+    command_timeout: float = 300.0
+    data_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "maildir:data/maildir"
+    scheme: Literal["smtp", "smtps", "maildir"] = "maildir"
+    host: str = ""
+    port: int = 0
+    path: str = "data/maildir"
+    username: str | None = None
+    password: Secret | None = None
+    username_env: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    tls_verify: bool = True
+    ca_file: str | None = None
+    require_tls: bool = False
+    timeout: float = 60.0
+    helo_name: str = ""
+    idempotency_header: str | None = None
+    idle_timeout: float = 30.0
+    max_messages_per_connection: int = 100
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "data/relay.db"
+    keep_bodies: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    concurrency: int = 8
+    retry_initial: float = 60.0
+    retry_max: float = 3600.0
+    max_age: float = 5 * 86400.0
+    on_ambiguous: Literal["retry", "hold"] = "retry"
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One dedupe strategy: `header:NAME`, `message-id` or `fingerprint`."""
+
+    strategy: Literal["header", "message-id", "fingerprint"]
+    header: str | None = None
+    window: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"header:{self.header}" if self.strategy == "header" else self.strategy
+
+
+DEFAULT_KEYS = (
+    KeySpec("header", "Idempotency-Key"),
+    KeySpec("message-id"),
+    KeySpec("fingerprint"),
+)
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    mode: Literal["enforce", "shadow", "off"] = "enforce"
+    keys: tuple[KeySpec, ...] = DEFAULT_KEYS
+    window: float | None = None
+    scope: Scope = "global"
+    on_duplicate: DuplicateAction = "drop"
+    on_conflict: ConflictAction = "reject"
+    strip_key_header: bool = True
+    release_on_failure: bool = True
+    fingerprint_headers: tuple[str, ...] = ("From", "Reply-To", "Subject")
+    volatile_headers: tuple[str, ...] = ()
+
+    def window_for(self, spec: KeySpec, rule_window: float | None = None) -> float:
+        """Own window first, then the rule's, then dedupe.window, then the strategy default."""
+        for candidate in (spec.window, rule_window, self.window):
+            if candidate is not None:
+                return candidate
+        return DEFAULT_WINDOWS[spec.strategy]
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    sender: tuple[str, ...] = ()
+    recipient: tuple[str, ...] = ()
+    user: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    name: str
+    match: RuleMatch
+    bypass: bool = False
+    keys: tuple[KeySpec, ...] | None = None
+    window: float | None = None
+    scope: Scope | None = None
+    on_duplicate: DuplicateAction | None = None
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    output: str = "stdout"
+    retention: float = 90 * 86400.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    instance: str = ""
+    shutdown_grace: float = 5.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenConfig = ListenConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    store: StoreConfig = StoreConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    rules: tuple[RuleConfig, ...] = ()
+    audit: AuditConfig = AuditConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+# --- reading ---------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one YAML mapping, converting each key and remembering which were known."""
+
+    def __init__(self, raw: object, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys, got {_kind(raw)}")
+        self.raw: dict[Any, Any] = raw
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, convert: Callable[[object, str], T], default: T) -> T:
+        self.seen.add(name)
+        if name not in self.raw or (self.raw[name] is None and default is None):
+            return default
+        return convert(self.raw[name], self.key(name))
+
+    def finish(self) -> None:
+        for name in self.raw:
+            if name not in self.seen:
+                known = ", ".join(sorted(self.seen))
+                raise ConfigError(f"{self.key(str(name))}: unknown key (known keys: {known})")
+
+
+def _kind(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _text(value: object, key: str) -> str:
+    """A string where "" means "work it out"."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value.strip()
+
+
+def _opt_str(value: object, key: str) -> str | None:
+    return None if value is None else _str(value, key)
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[object, str], int]:
+    def convert(value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{key}: {value} is out of range (must be {bounds})")
+        return value
+
+    return convert
+
+
+def _duration(value: object, key: str) -> float:
+    try:
+        return parse_duration(value)
+    except UnitError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _opt_duration(value: object, key: str) -> float | None:
+    return None if value is None else _duration(value, key)
+
+
+def _size(value: object, key: str) -> int:
+    try:
+        return parse_size(value)
+    except UnitError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _choice(*options: str) -> Callable[[object, str], Any]:
+    def convert(value: object, key: str) -> str:
+        if value not in options:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+        return str(value)
+
+    return convert
+
+
+def _patterns(value: object, key: str) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    return tuple(_str(item, key) for item in items)
+
+
+def _str_list(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {_kind(value)}")
+    return tuple(_str(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+
+def _networks(value: object, key: str) -> tuple[Network, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of networks like 127.0.0.0/8")
+    out: list[Network] = []
+    for i, item in enumerate(value):
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]: {item!r} is not a network (use 10.0.0.0/8)") from None
+    return tuple(out)
+
+
+def _key_spec(value: object, key: str) -> KeySpec:
+    window: float | None = None
+    if isinstance(value, dict):
+        section = _Section(value, key)
+        name = section.get("strategy", _str, "")
+        window = section.get("window", _opt_duration, None)
+        section.finish()
+        if not name:
+            raise ConfigError(f"{key}.strategy: missing (header:NAME, message-id or fingerprint)")
+    elif isinstance(value, str):
+        name = value.strip()
+    else:
+        raise ConfigError(f"{key}: expected a strategy name or a mapping, got {_kind(value)}")
+    if name in ("message-id", "fingerprint"):
+        return KeySpec(name, None, window)  # type: ignore[arg-type]
+    if name.lower().startswith("header:"):
+        header = name.split(":", 1)[1].strip()
+        if not header or not all(33 <= ord(c) <= 126 and c != ":" for c in header):
+            raise ConfigError(f"{key}: {name!r} needs a header name after 'header:'")
+        return KeySpec("header", header, window)
+    raise ConfigError(f"{key}: {name!r} is not a strategy (header:NAME, message-id, fingerprint)")
+
+
+def _key_specs(value: object, key: str) -> tuple[KeySpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of strategies")
+    return tuple(_key_spec(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+
+def _upstream(raw: object) -> UpstreamConfig:
+    s = _Section(raw, "upstream")
+    url = s.get("url", _str, UpstreamConfig.url)
+    username = s.get("username", _opt_str, None)
+    username_env = s.get("username_env", _opt_str, None)
+    password_env = s.get("password_env", _opt_str, None)
+    password_file = s.get("password_file", _opt_str, None)
+    if "password" in s.raw:
+        raise ConfigError(
+            "upstream.password: secrets do not belong in the YAML; "
+            "use upstream.password_env or upstream.password_file"
+        )
+    config = UpstreamConfig(
+        url=url,
+        username_env=username_env,
+        password_env=password_env,
+        password_file=password_file,
+        tls_verify=s.get("tls_verify", _bool, True),
+        ca_file=s.get("ca_file", _opt_str, None),
+        require_tls=s.get("require_tls", _bool, False),
+        timeout=s.get("timeout", _duration, UpstreamConfig.timeout),
+        helo_name=s.get("helo_name", _text, ""),
+        idempotency_header=s.get("idempotency_header", _opt_str, None),
+        idle_timeout=s.get("idle_timeout", _duration, UpstreamConfig.idle_timeout),
+        max_messages_per_connection=s.get("max_messages_per_connection", _int_at_least(1), 100),
+    )
+    s.finish()
+    scheme, host, port, path = _parse_url(url)
+    if username_env:
+        username = _env(username_env, "upstream.username_env")
+    password: Secret | None = None
+    if password_env:
+        password = Secret(_env(password_env, "upstream.password_env"))
+    elif password_file:
+        password = Secret(_read_secret(password_file, "upstream.password_file"))
+    if password and not username:
+        raise ConfigError("upstream.username: a password is configured but no username")
+    if config.ca_file and not Path(config.ca_file).is_file():
+        raise ConfigError(f"upstream.ca_file: {config.ca_file} is not a readable file")
+    return _replace(
+        config, scheme=scheme, host=host, port=port, path=path, username=username, password=password
+    )
+
+
+def _parse_url(url: str) -> tuple[Literal["smtp", "smtps", "maildir"], str, int, str]:
+    if url.startswith("maildir:"):
+        path = url[len("maildir:") :].removeprefix("//")
+        if not path:
+            raise ConfigError("upstream.url: maildir: needs a directory, e.g. maildir:data/maildir")
+        return "maildir", "", 0, path
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "smtps"):
+        raise ConfigError(f"upstream.url: {url!r} must start with smtp://, smtps:// or maildir:")
+    if parts.username or parts.password:
+        raise ConfigError(
+            "upstream.url: credentials in the URL are not allowed; "
+            "use upstream.username with upstream.password_env or upstream.password_file"
+        )
+    try:
+        port = parts.port or (465 if parts.scheme == "smtps" else 25)
+    except ValueError:
+        raise ConfigError(f"upstream.url: {url!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"upstream.url: {url!r} has no host")
+    return parts.scheme, parts.hostname, port, ""  # type: ignore[return-value]
+
+
+def _env(name: str, key: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(f"{key}: environment variable {name} is not set")
+    return value
+
+
+def _read_secret(path: str, key: str) -> str:
+    try:
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{key}: {path} is empty")
+    return value
+
+
+def _listen(raw: object) -> ListenConfig:
+    s = _Section(raw, "listen")
+    d = ListenConfig()
+    config = ListenConfig(
+        host=s.get("host", _str, d.host),
+        port=s.get("port", _int_at_least(0, 65535), d.port),
+        hostname=s.get("hostname", _text, "") or socket.getfqdn(),
+        networks=s.get("networks", _networks, d.networks),
+        max_message_size=s.get("max_message_size", _size, d.max_message_size),
+        max_recipients=s.get("max_recipients", _int_at_least(1), d.max_recipients),
+        max_connections=s.get("max_connections", _int_at_least(1), d.max_connections),
+        command_timeout=s.get("command_timeout", _duration, d.command_timeout),
+        data_timeout=s.get("data_timeout", _duration, d.data_timeout),
+    )
+    s.finish()
+    if config.max_message_size < 1024:
+        raise ConfigError("listen.max_message_size: must be at least 1KB")
+    for name in ("command_timeout", "data_timeout"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"listen.{name}: must be more than 0s")
+    return config
+
+
+def _store(raw: object) -> StoreConfig:
+    s = _Section(raw, "store")
+    config = StoreConfig(
+        path=s.get("path", _str, StoreConfig.path),
+        keep_bodies=s.get("keep_bodies", _duration, 0.0),
+    )
+    s.finish()
+    return config
+
+
+def _delivery(raw: object) -> DeliveryConfig:
+    s = _Section(raw, "delivery")
+    d = DeliveryConfig()
+    config = DeliveryConfig(
+        concurrency=s.get("concurrency", _int_at_least(1, 1000), d.concurrency),
+        retry_initial=s.get("retry_initial", _duration, d.retry_initial),
+        retry_max=s.get("retry_max", _duration, d.retry_max),
+        max_age=s.get("max_age", _duration, d.max_age),
+        on_ambiguous=s.get("on_ambiguous", _choice("retry", "hold"), d.on_ambiguous),
+    )
+    s.finish()
+    if config.retry_initial <= 0:
+        raise ConfigError("delivery.retry_initial: must be more than 0s")
+    if config.retry_max < config.retry_initial:
+        raise ConfigError("delivery.retry_max: must not be shorter than delivery.retry_initial")
+    return config
+
+
+def _dedupe(raw: object) -> DedupeConfig:
+    s = _Section(raw, "dedupe")
+    d = DedupeConfig()
+    fp = _Section(s.raw.get("fingerprint"), "dedupe.fingerprint")
+    s.seen.add("fingerprint")
+    config = DedupeConfig(
+        mode=s.get("mode", _choice("enforce", "shadow", "off"), d.mode),
+        keys=s.get("keys", _key_specs, d.keys),
+        window=s.get("window", _opt_duration, None),
+        scope=s.get("scope", _choice("global", "user", "sender_domain"), d.scope),
+        on_duplicate=s.get("on_duplicate", _choice("drop", "reject", "tag"), d.on_duplicate),
+        on_conflict=s.get("on_conflict", _choice("reject", "drop", "forward"), d.on_conflict),
+        strip_key_header=s.get("strip_key_header", _bool, True),
+        release_on_failure=s.get("release_on_failure", _bool, True),
+        fingerprint_headers=fp.get("headers", _str_list, d.fingerprint_headers),
+        volatile_headers=fp.get("volatile_headers", _str_list, ()),
+    )
+    fp.finish()
+    s.finish()
+    return config
+
+
+def _rule(raw: object, key: str) -> RuleConfig:
+    s = _Section(raw, key)
+    name = s.get("name", _str, "")
+    if not name:
+        raise ConfigError(f"{key}.name: every rule needs a name (it appears in the audit log)")
+    m = _Section(s.raw.get("match"), f"{key}.match")
+    s.seen.add("match")
+    headers_raw = m.get("header", lambda v, k: _Section(v, k), _Section({}, ""))
+    headers_raw.seen.update(str(h) for h in headers_raw.raw)
+    match = RuleMatch(
+        headers=tuple(
+            (str(h), _patterns(v, headers_raw.key(str(h)))) for h, v in headers_raw.raw.items()
+        ),
+        sender=m.get("sender", _patterns, ()),
+        recipient=m.get("recipient", _patterns, ()),
+        user=m.get("user", _patterns, ()),
+    )
+    m.finish()
+    if match == RuleMatch():
+        raise ConfigError(f"{key}.match: needs at least one of header, sender, recipient, user")
+    rule = RuleConfig(
+        name=name,
+        match=match,
+        bypass=s.get("bypass", _bool, False),
+        keys=s.get("keys", _key_specs, None),
+        window=s.get("window", _opt_duration, None),
+        scope=s.get("scope", _choice("global", "user", "sender_domain"), None),
+        on_duplicate=s.get("on_duplicate", _choice("drop", "reject", "tag"), None),
+    )
+    s.finish()
+    return rule
+
+
+def _rules(raw: object) -> tuple[RuleConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"rules: expected a list of rules, got {_kind(raw)}")
+    rules = tuple(_rule(item, f"rules[{i}]") for i, item in enumerate(raw))
+    names = [r.name for r in rules]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"rules: the name {name!r} is used twice")
+    return rules
+
+
+def _audit(raw: object) -> AuditConfig:
+    s = _Section(raw, "audit")
+    config = AuditConfig(
+        output=s.get("output", _str, "stdout"),
+        retention=s.get("retention", _duration, AuditConfig.retention),
+    )
+    s.finish()
+    return config
+
+
+def _runtime(raw: object, listen: ListenConfig) -> RuntimeConfig:
+    s = _Section(raw, "runtime")
+    config = RuntimeConfig(
+        instance=s.get("instance", _text, "") or f"{socket.gethostname()}:{listen.port}",
+        shutdown_grace=s.get("shutdown_grace", _duration, RuntimeConfig.shutdown_grace),
+        log_level=s.get(
+            "log_level", _choice("debug", "info", "warning", "error"), RuntimeConfig.log_level
+        ),
+    )
+    s.finish()
+    return config
+
+
+def _check_writable_dir(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot create directory {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: directory {path} is not writable")
+
+
+def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
+    """Validate a parsed YAML document; `check_paths` creates and checks directories."""
+    top = _Section(raw, "")
+    listen = _listen(top.raw.get("listen"))
+    config = Config(
+        listen=listen,
+        upstream=_upstream(top.raw.get("upstream")),
+        store=_store(top.raw.get("store")),
+        delivery=_delivery(top.raw.get("delivery")),
+        dedupe=_dedupe(top.raw.get("dedupe")),
+        rules=_rules(top.raw.get("rules")),
+        audit=_audit(top.raw.get("audit")),
+        runtime=_runtime(top.raw.get("runtime"), listen),
+    )
+    top.seen.update(f.name for f in fields(Config))
+    top.finish()
+    if check_paths:
+        _check_writable_dir(Path(config.store.path).parent, "store.path")
+        if config.upstream.scheme == "maildir":
+            _check_writable_dir(Path(config.upstream.path), "upstream.url")
+        if config.audit.output not in ("stdout", "none"):
+            _check_writable_dir(Path(config.audit.output).parent, "audit.output")
+    return config
+
+
+def load(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
+    return from_mapping(raw)
+
+
+def _replace(obj: T, **changes: Any) -> T:
+    from dataclasses import replace
+
+    return replace(obj, **changes)  # type: ignore[type-var]
+
+
+# --- printing --------------------------------------------------------------
+
+_DURATION_FIELDS = {
+    "command_timeout",
+    "data_timeout",
+    "timeout",
+    "idle_timeout",
+    "keep_bodies",
+    "retry_initial",
+    "retry_max",
+    "max_age",
+    "window",
+    "retention",
+    "shutdown_grace",
+}
+_INTERNAL_FIELDS = {"scheme", "host", "port", "path"}
+
+
+def to_mapping(config: Config) -> dict[str, Any]:
+    """The effective config as plain YAML-able data, secrets masked."""
+    return {f.name: _plain(getattr(config, f.name), f.name) for f in fields(config)}
+
+
+def _plain(value: object, name: str, section: str = "") -> Any:
+    if isinstance(value, Secret):
+        return "***"
+    if isinstance(value, KeySpec):
+        return (
+            value.name
+            if value.window is None
+            else {
+                "strategy": value.name,
+                "window": format_duration(value.window),
+            }
+        )
+    if isinstance(value, RuleMatch):
+        out: dict[str, Any] = {}
+        if value.headers:
+            out["header"] = {h: list(p) for h, p in value.headers}
+        for key in ("sender", "recipient", "user"):
+            if getattr(value, key):
+                out[key] = list(getattr(value, key))
+        return out
+    if is_dataclass(value) and not isinstance(value, type):
+        result: dict[str, Any] = {}
+        for f in fields(value):
+            if isinstance(value, UpstreamConfig) and f.name in _INTERNAL_FIELDS:
+                continue
+            if isinstance(value, DedupeConfig) and f.name in (
+                "fingerprint_headers",
+                "volatile_headers",
+            ):
+                continue
+            result[f.name] = _plain(getattr(value, f.name), f.name)
+        if isinstance(value, DedupeConfig):
+            result["fingerprint"] = {
+                "headers": list(value.fingerprint_headers),
+                "volatile_headers": list(value.volatile_headers),
+            }
+        return result
+    if isinstance(value, tuple):
+        return [_plain(v, name) for v in value]
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, float) and name in _DURATION_FIELDS:
+        return format_duration(value)
+    if isinstance(value, int) and name == "max_message_size":
+        return format_size(value)
+    return value
