@@ -1,0 +1,101 @@
+"""The audit vocabulary and the JSON-lines emitter.
+
+Events are written to the store in the same transaction as the state change they
+describe, and only after that commit are they printed for log shippers, so the
+stream never claims something the store does not hold.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+EVENTS = (
+    "received",
+    "duplicate",
+    "conflict",
+    "rejected",
+    "delivered",
+    "deferred",
+    "failed",
+    "expired",
+    "ambiguous",
+    "released",
+    "requeued",
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One audit record; `original` names the first message a duplicate or conflict refers to."""
+
+    ts: float
+    event: str
+    queue_id: str | None = None
+    key: str | None = None
+    strategy: str | None = None
+    message_id: str | None = None
+    sender: str | None = None
+    rcpts: tuple[str, ...] = ()
+    size: int | None = None
+    client: str | None = None
+    user: str | None = None
+    upstream: str | None = None
+    code: int | None = None
+    reply: str | None = None
+    upstream_id: str | None = None
+    duration: float | None = None
+    original: str | None = None
+    detail: str | None = None
+
+
+FIELDS = tuple(Event.__dataclass_fields__)
+
+
+def iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_json(event: Event) -> dict[str, Any]:
+    record = asdict(event)
+    record["ts"] = iso_time(event.ts)
+    record["rcpts"] = list(event.rcpts)
+    if event.duration is not None:
+        record["duration"] = round(event.duration, 3)
+    return record
+
+
+class Emitter:
+    """Writes committed events as one JSON object per line to stdout, a file, or nowhere."""
+
+    def __init__(self, output: str) -> None:
+        self._lock = threading.Lock()
+        self._own: TextIO | None = None
+        self._out: TextIO | None
+        if output == "none":
+            self._out = None
+        elif output == "stdout":
+            self._out = sys.stdout
+        else:
+            self._own = Path(output).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._out = self._own
+
+    def emit(self, events: list[Event]) -> None:
+        if self._out is None or not events:
+            return
+        text = "".join(json.dumps(to_json(e), ensure_ascii=False) + "\n" for e in events)
+        with self._lock:
+            try:
+                self._out.write(text)
+                self._out.flush()
+            except (OSError, ValueError):
+                pass  # a closed stdout must not stop mail; the store holds the record
+
+    def close(self) -> None:
+        if self._own is not None:
+            self._own.close()

@@ -1,0 +1,674 @@
+"""The SQLite store: the spool, the dedupe claims and the audit trail in one file.
+
+One writer task owns the write connection. Callers queue jobs to it; it runs
+everything waiting in one transaction (a savepoint per job, so one bad job
+cannot spoil the others) and commits once. That single fsync per batch is
+what lets durability keep up with many concurrent SMTP sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from relay.audit import Event
+from relay.store import (
+    Acceptance,
+    Lease,
+    RecipientUpdate,
+    StoreError,
+    Submission,
+    Update,
+    schema,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Job = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+BATCH_LIMIT = 512
+PURGE_CHUNK = 5000
+
+_EVENT_COLUMNS = (
+    "ts, event, queue_id, key, strategy, message_id, sender, rcpts, size, client, user, "
+    "upstream, code, reply, upstream_id, duration, original, detail"
+)
+
+
+def normalise_rcpt(rcpt: str) -> str:
+    """Claims compare recipients case-insensitively: Bob@X and bob@x are one mailbox in practice."""
+    return rcpt.strip().lower()
+
+
+def _event_row(e: Event) -> tuple[Any, ...]:
+    return (
+        e.ts,
+        e.event,
+        e.queue_id,
+        e.key,
+        e.strategy,
+        e.message_id,
+        e.sender,
+        ",".join(e.rcpts),
+        e.size,
+        e.client,
+        e.user,
+        e.upstream,
+        e.code,
+        e.reply,
+        e.upstream_id,
+        e.duration,
+        e.original,
+        e.detail,
+    )
+
+
+async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:
+    """A connection in autocommit mode: transactions are begun explicitly by the writer."""
+    if readonly:
+        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"  # noqa: ASYNC240
+        db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        await db.execute("PRAGMA busy_timeout=10000")
+        return db
+    db = await aiosqlite.connect(path, isolation_level=None)
+    for pragma in schema.PRAGMAS:
+        await db.execute(pragma)
+    return db
+
+
+class SqliteStore:
+    def __init__(
+        self,
+        path: str,
+        *,
+        keep_bodies: float = 0.0,
+        on_commit: Callable[[list[Event]], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.keep_bodies = keep_bodies
+        self._on_commit = on_commit
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]] | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._events: list[Event] = []
+        self.batches = 0
+        self.jobs_run = 0
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = await connect(self.path)
+        await self._db.executescript(schema.TABLES)
+        await self._db.execute(
+            "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)", (str(schema.VERSION),)
+        )
+        self._reader = await connect(self.path)
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._jobs.put(None)
+            await self._writer
+            self._writer = None
+        for db in (self._reader, self._db):
+            if db is not None:
+                await db.close()
+        self._db = self._reader = None
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("store is not open")
+        return self._reader
+
+    # --- the writer --------------------------------------------------------
+
+    async def _run(self, job: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        if self._writer is None or self._writer.done():
+            raise StoreError("store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put_nowait((job, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._db is not None
+        db = self._db
+        stopping = False
+        while not stopping:
+            item = await self._jobs.get()
+            batch: list[tuple[Job, asyncio.Future[Any]]] = []
+            while True:
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+                if stopping or len(batch) >= BATCH_LIMIT or self._jobs.empty():
+                    break
+                item = self._jobs.get_nowait()
+            if batch:
+                await self._run_batch(db, batch)
+
+    async def _run_batch(
+        self, db: aiosqlite.Connection, batch: list[tuple[Job, asyncio.Future[Any]]]
+    ) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._events = []
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            log.error("store: cannot begin a transaction: %s", exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreError(f"store unavailable: {exc}"))
+            return
+        for job, future in batch:
+            mark = len(self._events)
+            await db.execute("SAVEPOINT job")
+            try:
+                result = await job(db)
+            except Exception as exc:  # one failing job must not spoil the batch
+                del self._events[mark:]
+                await db.execute("ROLLBACK TO job")
+                await db.execute("RELEASE job")
+                results.append((future, None, exc))
+            else:
+                await db.execute("RELEASE job")
+                results.append((future, result, None))
+        try:
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("store: commit failed: %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            for future, _, _ in results:
+                if not future.done():
+                    future.set_exception(StoreError(f"commit failed: {exc}"))
+            return
+        self.batches += 1
+        self.jobs_run += len(batch)
+        events, self._events = self._events, []
+        for future, result, error in results:
+            if future.done():
+                continue
+            if error is not None:
+                log.error("store job failed: %r", error)
+                future.set_exception(
+                    error if isinstance(error, StoreError) else StoreError(str(error))
+                )
+            else:
+                future.set_result(result)
+        if self._on_commit is not None and events:
+            self._on_commit(events)
+
+    async def _insert_events(self, db: aiosqlite.Connection, events: Sequence[Event]) -> None:
+        if events:
+            await db.executemany(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * 18)})",
+                [_event_row(e) for e in events],
+            )
+            self._events.extend(events)
+
+    # --- the front half ----------------------------------------------------
+
+    async def accept(self, sub: Submission) -> Acceptance:
+        """Claim, spool and record in one transaction; only then may the client get 250."""
+        return await self._run(lambda db: self._accept(db, sub))
+
+    async def _accept(self, db: aiosqlite.Connection, sub: Submission) -> Acceptance:
+        by_norm = {normalise_rcpt(r): r for r in sub.recipients}
+        claim = sub.claim
+        forwarded: list[str] = list(sub.recipients)
+        duplicates: list[tuple[str, str]] = []
+        events: list[Event] = []
+        common: dict[str, Any] = {
+            "queue_id": sub.queue_id,
+            "key": claim.key if claim else None,
+            "strategy": claim.strategy if claim else None,
+            "message_id": sub.message_id,
+            "sender": sub.sender,
+            "size": len(sub.data),
+            "client": sub.client,
+            "user": sub.user,
+        }
+        duplicate_of: str | None = None
+        if claim is not None:
+            now = sub.received_at
+            rows = list(by_norm)
+            placeholders = ",".join("(?,?,?,?,?,?,?,1)" for _ in rows)
+            params: list[Any] = []
+            for rcpt in rows:
+                params += [
+                    claim.scope,
+                    claim.namespaced,
+                    rcpt,
+                    sub.queue_id,
+                    claim.fingerprint,
+                    now,
+                    now + claim.window,
+                ]
+            inserted = await db.execute_fetchall(
+                "INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at,"
+                f" expires_at, pending) VALUES {placeholders}"
+                " ON CONFLICT (scope, key, rcpt) DO UPDATE SET queue_id = excluded.queue_id,"
+                " fingerprint = excluded.fingerprint, claimed_at = excluded.claimed_at,"
+                " expires_at = excluded.expires_at, pending = 1"
+                " WHERE claims.expires_at <= ? AND claims.pending = 0"
+                " RETURNING rcpt",
+                [*params, now],
+            )
+            claimed = {row[0] for row in inserted}
+            others: Iterable[sqlite3.Row] = []
+            if len(claimed) < len(rows) or claim.strategy != "fingerprint":
+                others = await db.execute_fetchall(
+                    "SELECT rcpt, queue_id, fingerprint FROM claims"
+                    " WHERE scope = ? AND key = ? AND queue_id <> ?"
+                    " AND (expires_at > ? OR pending = 1) ORDER BY claimed_at",
+                    (claim.scope, claim.namespaced, sub.queue_id, now),
+                )
+            others = list(others)
+            conflicting = [o for o in others if o[2] != claim.fingerprint]
+            if conflicting:
+                original = str(conflicting[0][1])
+                if claimed:
+                    await db.execute("DELETE FROM claims WHERE queue_id = ?", (sub.queue_id,))
+                action = claim.on_conflict
+                events.append(
+                    Event(
+                        ts=now,
+                        event="conflict",
+                        rcpts=sub.recipients,
+                        original=original,
+                        detail=f"action={action}; same key, different content",
+                        **common,
+                    )
+                )
+                if action != "forward":
+                    await self._insert_events(db, events)
+                    return Acceptance(sub.queue_id, (), conflict_with=original)
+            else:
+                for rcpt, original, _ in others:
+                    if rcpt in by_norm and rcpt not in claimed:
+                        duplicates.append((by_norm[rcpt], str(original)))
+                if duplicates:
+                    shown = "shadow" if claim.shadow else claim.on_duplicate
+                    events.append(
+                        Event(
+                            ts=now,
+                            event="duplicate",
+                            rcpts=tuple(r for r, _ in duplicates),
+                            original=duplicates[0][1],
+                            detail=f"action={shown}" + (f"; rule={sub.rule}" if sub.rule else ""),
+                            **common,
+                        )
+                    )
+                    if not claim.shadow and claim.on_duplicate != "tag":
+                        forwarded = [r for r in sub.recipients if normalise_rcpt(r) in claimed]
+                    elif claim.on_duplicate == "tag" and not claim.shadow:
+                        duplicate_of = duplicates[0][1]
+        if forwarded:
+            await self._spool(db, sub, tuple(forwarded), duplicate_of)
+            events.insert(
+                0,
+                Event(
+                    ts=sub.received_at,
+                    event="received",
+                    rcpts=tuple(forwarded),
+                    detail=f"rule={sub.rule}" if sub.rule else None,
+                    **common,
+                ),
+            )
+        await self._insert_events(db, events)
+        return Acceptance(sub.queue_id, tuple(forwarded), tuple(duplicates))
+
+    async def _spool(
+        self,
+        db: aiosqlite.Connection,
+        sub: Submission,
+        recipients: tuple[str, ...],
+        duplicate_of: str | None,
+    ) -> None:
+        claim = sub.claim
+        await db.execute(
+            "INSERT INTO messages (queue_id, received_at, state, sender, size, message_id, scope,"
+            " key, strategy, fingerprint, rule, client, user, helo, smtputf8, body8bit,"
+            " duplicate_of, next_attempt) VALUES (?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                sub.queue_id,
+                sub.received_at,
+                sub.sender,
+                len(sub.data),
+                sub.message_id,
+                claim.scope if claim else None,
+                claim.key if claim else None,
+                claim.strategy if claim else None,
+                claim.fingerprint if claim else None,
+                sub.rule,
+                sub.client,
+                sub.user,
+                sub.helo,
+                int(sub.smtputf8),
+                int(sub.body8bit),
+                duplicate_of,
+                sub.received_at,
+            ),
+        )
+        await db.execute(
+            "INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (sub.queue_id, sub.data)
+        )
+        await db.executemany(
+            "INSERT INTO recipients (queue_id, rcpt, state, updated_at) VALUES (?, ?, 'queued', ?)",
+            [(sub.queue_id, r, sub.received_at) for r in recipients],
+        )
+
+    async def record(self, event: Event) -> None:
+        """An event with no state change, such as a submission refused for a bad key."""
+        await self._run(lambda db: self._insert_events(db, [event]))
+
+    # --- the back half -----------------------------------------------------
+
+    async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> list[Lease]:
+        return await self._run(lambda db: self._lease(db, owner, limit, now, lease_for))
+
+    async def _lease(
+        self, db: aiosqlite.Connection, owner: str, limit: int, now: float, lease_for: float
+    ) -> list[Lease]:
+        rows = list(
+            await db.execute_fetchall(
+                "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?,"
+                " attempts = attempts + 1 WHERE queue_id IN (SELECT queue_id FROM messages"
+                " WHERE state = 'queued' AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)"
+                " RETURNING queue_id, sender, received_at, attempts, message_id, key, strategy,"
+                " scope, size, smtputf8, body8bit, duplicate_of",
+                (owner, now + lease_for, now, limit),
+            )
+        )
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        rcpts: dict[str, list[str]] = {qid: [] for qid in ids}
+        for qid, rcpt in await db.execute_fetchall(
+            f"SELECT queue_id, rcpt FROM recipients WHERE state = 'queued'"
+            f" AND queue_id IN ({','.join('?' * len(ids))})",
+            ids,
+        ):
+            rcpts[qid].append(rcpt)
+        return [
+            Lease(
+                queue_id=r[0],
+                sender=r[1],
+                recipients=tuple(rcpts[r[0]]),
+                received_at=r[2],
+                attempts=r[3],
+                message_id=r[4],
+                key=r[5],
+                strategy=r[6],
+                scope=r[7],
+                size=r[8],
+                smtputf8=bool(r[9]),
+                body8bit=bool(r[10]),
+                duplicate_of=r[11],
+            )
+            for r in sorted(rows, key=lambda row: ids.index(row[0]))
+        ]
+
+    async def body(self, queue_id: str) -> bytes | None:
+        async with self.reader.execute(
+            "SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def next_due(self) -> float | None:
+        async with self.reader.execute(
+            "SELECT min(next_attempt) FROM messages WHERE state = 'queued'"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def update(self, update: Update) -> str:
+        """Apply an attempt's outcome; returns the message's new state."""
+        return await self._run(lambda db: self._update(db, update))
+
+    async def _update(self, db: aiosqlite.Connection, u: Update) -> str:
+        info = await db.execute_fetchall(
+            "SELECT key, strategy, message_id, sender, size, client, user, scope"
+            " FROM messages WHERE queue_id = ?",
+            (u.queue_id,),
+        )
+        if not info:
+            raise StoreError(f"no message {u.queue_id}")
+        key, strategy, message_id, sender, size, client, user, scope = next(iter(info))
+        await db.executemany(
+            "UPDATE recipients SET state = ?, code = ?, reply = ?, upstream_id = ?, updated_at = ?"
+            " WHERE queue_id = ? AND rcpt = ?",
+            [
+                (r.state, r.code, r.reply, r.upstream_id, u.ts, u.queue_id, r.rcpt)
+                for r in u.recipients
+            ],
+        )
+        settled = [r for r in u.recipients if r.state in ("delivered", "failed", "expired")]
+        released = [r for r in settled if r.release]
+        if settled:
+            await db.executemany(
+                "UPDATE claims SET pending = 0 WHERE queue_id = ? AND rcpt = ?",
+                [(u.queue_id, normalise_rcpt(r.rcpt)) for r in settled if not r.release],
+            )
+            await db.executemany(
+                "DELETE FROM claims WHERE queue_id = ? AND rcpt = ?",
+                [(u.queue_id, normalise_rcpt(r.rcpt)) for r in released],
+            )
+        counts: dict[str, int] = {
+            row[0]: row[1]
+            for row in await db.execute_fetchall(
+                "SELECT state, count(*) FROM recipients WHERE queue_id = ? GROUP BY state",
+                (u.queue_id,),
+            )
+        }
+        if counts.get("queued"):
+            state = "queued"
+        elif counts.get("held"):
+            state = "held"
+        else:
+            state = "done"
+        await db.execute(
+            "UPDATE messages SET state = ?, next_attempt = ?, lease_owner = NULL,"
+            " lease_until = NULL, finished_at = ? WHERE queue_id = ?",
+            (
+                state,
+                u.next_attempt if state == "queued" else None,
+                u.ts if state == "done" else None,
+                u.queue_id,
+            ),
+        )
+        if state == "done" and self.keep_bodies <= 0:
+            await db.execute("DELETE FROM bodies WHERE queue_id = ?", (u.queue_id,))
+        common: dict[str, Any] = {
+            "queue_id": u.queue_id,
+            "key": key,
+            "strategy": strategy,
+            "message_id": message_id,
+            "sender": sender,
+            "size": size,
+            "client": client,
+            "user": user,
+        }
+        events = [
+            Event(
+                ts=u.ts,
+                event=group[0].event,
+                rcpts=tuple(r.rcpt for r in group),
+                upstream=u.upstream,
+                code=group[0].code,
+                reply=group[0].reply,
+                upstream_id=group[0].upstream_id,
+                duration=u.duration,
+                detail=u.detail,
+                **common,
+            )
+            for group in _group(u.recipients)
+        ]
+        if released:
+            events.append(
+                Event(
+                    ts=u.ts,
+                    event="released",
+                    rcpts=tuple(r.rcpt for r in released),
+                    detail=f"key released in scope {scope} after final failure",
+                    **common,
+                )
+            )
+        await self._insert_events(db, events)
+        return state
+
+    async def unlease(self, queue_id: str, next_attempt: float) -> None:
+        """Give back a message whose attempt was stopped before anything reached the upstream."""
+
+        async def job(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE messages SET state = 'queued', next_attempt = ?, lease_owner = NULL,"
+                " lease_until = NULL, attempts = max(attempts - 1, 0)"
+                " WHERE queue_id = ? AND state = 'sending'",
+                (next_attempt, queue_id),
+            )
+
+        await self._run(job)
+
+    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        """Messages left mid-attempt by a crash: their fate upstream is unknown (ambiguous)."""
+        return await self._run(lambda db: self._recover(db, owner, now, hold))
+
+    async def _recover(
+        self, db: aiosqlite.Connection, owner: str, now: float, hold: bool
+    ) -> list[str]:
+        stuck = [
+            row[0]
+            for row in await db.execute_fetchall(
+                "SELECT queue_id FROM messages WHERE state = 'sending'"
+                " AND (lease_owner = ? OR lease_until < ?)",
+                (owner, now),
+            )
+        ]
+        for qid in stuck:
+            rcpts = [
+                row[0]
+                for row in await db.execute_fetchall(
+                    "SELECT rcpt FROM recipients WHERE queue_id = ? AND state = 'queued'", (qid,)
+                )
+            ]
+            await self._update(
+                db,
+                Update(
+                    queue_id=qid,
+                    recipients=tuple(
+                        RecipientUpdate(r, "held" if hold else "queued", "ambiguous") for r in rcpts
+                    ),
+                    next_attempt=now,
+                    upstream=None,
+                    duration=None,
+                    ts=now,
+                    detail=(
+                        "the relay stopped during a delivery attempt; "
+                        + ("held for an operator" if hold else "will be retried")
+                    ),
+                ),
+            )
+        return stuck
+
+    async def requeue(self, queue_id: str, now: float) -> int:
+        """An operator's decision to send held recipients again."""
+
+        async def job(db: aiosqlite.Connection) -> int:
+            rcpts = [
+                row[0]
+                for row in await db.execute_fetchall(
+                    "SELECT rcpt FROM recipients WHERE queue_id = ? AND state = 'held'",
+                    (queue_id,),
+                )
+            ]
+            if rcpts:
+                await self._update(
+                    db,
+                    Update(
+                        queue_id=queue_id,
+                        recipients=tuple(RecipientUpdate(r, "queued", "requeued") for r in rcpts),
+                        next_attempt=now,
+                        upstream=None,
+                        duration=None,
+                        ts=now,
+                        detail="requeued by an operator",
+                    ),
+                )
+            return len(rcpts)
+
+        return await self._run(job)
+
+    async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
+        """Drop expired claims, kept bodies and old audit rows, a chunk per transaction."""
+        totals = {"claims": 0, "bodies": 0, "events": 0, "messages": 0}
+        statements = {
+            "claims": (
+                "DELETE FROM claims WHERE rowid IN (SELECT rowid FROM claims"
+                " WHERE expires_at <= ? AND pending = 0 LIMIT ?)",
+                now,
+            ),
+            "bodies": (
+                "DELETE FROM bodies WHERE queue_id IN (SELECT queue_id FROM messages"
+                " WHERE state = 'done' AND finished_at <= ? LIMIT ?)",
+                now - self.keep_bodies,
+            ),
+            "events": (
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? LIMIT ?)",
+                now - audit_retention,
+            ),
+        }
+        for name, (sql, cutoff) in statements.items():
+            while True:
+                deleted = max(await self._run(_deleter(sql, cutoff)), 0)
+                totals[name] += deleted
+                if deleted < PURGE_CHUNK:
+                    break
+        while True:
+            deleted = await self._run(lambda db: self._purge_messages(db, now - audit_retention))
+            totals["messages"] += deleted
+            if deleted < PURGE_CHUNK:
+                break
+        return totals
+
+    async def _purge_messages(self, db: aiosqlite.Connection, cutoff: float) -> int:
+        ids = [
+            (row[0],)
+            for row in await db.execute_fetchall(
+                "SELECT queue_id FROM messages WHERE state = 'done' AND finished_at < ? LIMIT ?",
+                (cutoff, PURGE_CHUNK),
+            )
+        ]
+        for table in ("recipients", "bodies", "messages"):
+            await db.executemany(f"DELETE FROM {table} WHERE queue_id = ?", ids)
+        return len(ids)
+
+
+def _deleter(sql: str, cutoff: float) -> Callable[[aiosqlite.Connection], Awaitable[int]]:
+    async def job(db: aiosqlite.Connection) -> int:
+        cursor = await db.execute(sql, (cutoff, PURGE_CHUNK))
+        return cursor.rowcount
+
+    return job
+
+
+def _group(updates: Sequence[RecipientUpdate]) -> list[list[RecipientUpdate]]:
+    """One audit event per distinct outcome, listing every recipient it applies to."""
+    groups: dict[tuple[Any, ...], list[RecipientUpdate]] = {}
+    for r in updates:
+        groups.setdefault((r.event, r.code, r.reply, r.upstream_id), []).append(r)
+    return list(groups.values())
