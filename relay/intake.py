@@ -1,0 +1,198 @@
+"""Turns one accepted SMTP transaction into one store call and one SMTP reply.
+
+Everything that decides whether the message is "the same email" as an earlier
+one happens here, before the store; the store then settles it atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from relay import headers, keys, rules
+from relay.audit import Event
+from relay.config import Config
+from relay.fingerprint import fingerprint
+from relay.ids import new_queue_id
+from relay.store import Acceptance, Claim, StoreError, Submission
+from relay.store.sqlite import SqliteStore, normalise_rcpt
+
+log = logging.getLogger(__name__)
+
+# Fingerprinting a large message is CPU work; above this size it leaves the event loop.
+THREAD_THRESHOLD = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """What the SMTP session collected: envelope, bytes and who sent them."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    client: str
+    helo: str
+    esmtp: bool
+    tls: bool
+    user: str | None
+    smtputf8: bool
+    body8bit: bool
+
+
+def unique_recipients(rcpts: list[str]) -> tuple[str, ...]:
+    seen: dict[str, str] = {}
+    for rcpt in rcpts:
+        seen.setdefault(normalise_rcpt(rcpt), rcpt)
+    return tuple(seen.values())
+
+
+class Intake:
+    def __init__(
+        self, config: Config, store: SqliteStore, on_spooled: Callable[[], None] | None = None
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._on_spooled = on_spooled
+
+    async def submit(self, tx: Transaction) -> str:
+        """The reply line for the end of DATA; 250 only after the store has committed."""
+        now = time.time()
+        queue_id = new_queue_id(now)
+        found = headers.fields(tx.data)
+        policy = rules.select(self.config, found, tx.sender, tx.recipients, tx.user)
+        message_id = headers.get(found, "Message-ID")
+        claim: Claim | None = None
+        data = tx.data
+        dedupe = self.config.dedupe
+        scope = keys.scope_value(policy.scope, tx.user, tx.sender)
+        derived: keys.Key | None = None
+        if not policy.bypass:
+            fp = await self._fingerprint(tx)
+            try:
+                derived = keys.derive(policy.keys, found, fp, dedupe, policy.window)
+            except keys.BadKey as exc:
+                return await self._refuse(tx, queue_id, now, message_id, str(exc))
+            claim = Claim(
+                scope=scope,
+                key=derived.value,
+                strategy=derived.strategy,
+                fingerprint=fp,
+                window=derived.window,
+                on_duplicate=policy.on_duplicate,
+                on_conflict=dedupe.on_conflict,
+                shadow=dedupe.mode == "shadow",
+            )
+            if dedupe.strip_key_header and derived.strategy.startswith("header:"):
+                data = headers.remove(data, found, derived.strategy.split(":", 1)[1])
+        added: list[str] = [self._received(tx, queue_id, now)]
+        if message_id is None:
+            domain = headers.address_domain(headers.get(found, "From") or "") or (
+                headers.address_domain(tx.sender) or self.config.listen.hostname
+            )
+            if derived is not None:
+                message_id = keys.derived_message_id(scope, derived, domain)
+            else:
+                message_id = f"<{queue_id.lower()}@{domain}>"
+            added.append(f"Message-ID: {message_id}")
+        data = headers.prepend(data, added)
+        submission = Submission(
+            queue_id=queue_id,
+            received_at=now,
+            sender=tx.sender,
+            recipients=tx.recipients,
+            data=data,
+            message_id=keys.normalise_message_id(message_id),
+            client=tx.client,
+            user=tx.user,
+            helo=tx.helo,
+            smtputf8=tx.smtputf8,
+            body8bit=tx.body8bit,
+            claim=claim,
+            rule=policy.rule,
+        )
+        try:
+            result = await self.store.accept(submission)
+        except StoreError as exc:
+            log.error("could not spool a message from %s: %s", tx.client, exc)
+            return "451 4.3.0 Temporary storage failure, message not accepted; try again later"
+        if result.forwarded and self._on_spooled is not None:
+            self._on_spooled()
+        return self._reply(result, claim)
+
+    async def _fingerprint(self, tx: Transaction) -> str:
+        dedupe = self.config.dedupe
+        args = (tx.sender, tx.data, dedupe.fingerprint_headers, dedupe.volatile_headers)
+        if len(tx.data) > THREAD_THRESHOLD:
+            return await asyncio.to_thread(fingerprint, *args)
+        return fingerprint(*args)
+
+    async def _refuse(
+        self, tx: Transaction, queue_id: str, now: float, message_id: str | None, reason: str
+    ) -> str:
+        with contextlib.suppress(StoreError):
+            await self.store.record(
+                Event(
+                    ts=now,
+                    event="rejected",
+                    queue_id=queue_id,
+                    message_id=keys.normalise_message_id(message_id) if message_id else None,
+                    sender=tx.sender,
+                    rcpts=tx.recipients,
+                    size=len(tx.data),
+                    client=tx.client,
+                    user=tx.user,
+                    code=550,
+                    detail=reason,
+                )
+            )
+        return f"550 5.6.0 {reason}; message not accepted"
+
+    def _received(self, tx: Transaction, queue_id: str, now: float) -> str:
+        protocol = (
+            ("ESMTP" if tx.esmtp else "SMTP") + ("S" if tx.tls else "") + ("A" if tx.user else "")
+        )
+        helo = "".join(c for c in tx.helo if c.isprintable() and c not in "()\\")[:200] or "unknown"
+        when = formatdate(now, localtime=False, usegmt=True)
+        value = (
+            f"from {helo} ([{tx.client}]) by {self.config.listen.hostname} (dedup-relay)"
+            f" with {protocol} id {queue_id}; {when}"
+        )
+        return headers.fold("Received", value)
+
+    def _reply(self, result: Acceptance, claim: Claim | None) -> str:
+        if result.conflict_with is not None:
+            assert claim is not None
+            if claim.on_conflict == "reject":
+                return (
+                    f"554 5.7.0 Key conflict: {claim.strategy} was first used by message"
+                    f" {result.conflict_with} with different content; not forwarded"
+                )
+            if claim.on_conflict == "drop":
+                return (
+                    f"250 2.0.0 Ok: not forwarded, key conflicts with message"
+                    f" {result.conflict_with} (id {result.queue_id})"
+                )
+        originals = ", ".join(result.originals)
+        if not result.forwarded:
+            assert claim is not None
+            if claim.on_duplicate == "reject":
+                return (
+                    f"550 5.7.0 Duplicate of message {originals} ({claim.strategy}); not forwarded"
+                )
+            return f"250 2.0.0 Ok: duplicate of {originals}, not forwarded (id {result.queue_id})"
+        if (
+            result.duplicates
+            and claim is not None
+            and not claim.shadow
+            and (claim.on_duplicate != "tag")
+        ):
+            return (
+                f"250 2.0.0 Ok: queued as {result.queue_id} for {len(result.forwarded)} new"
+                f" recipient(s); {len(result.duplicates)} already had it from {originals}"
+            )
+        return f"250 2.0.0 Ok: queued as {result.queue_id}"
