@@ -1,0 +1,268 @@
+"""Delivery workers: lease due messages, send them, record each recipient's outcome.
+
+Policy lives here (backoff, expiry, what an ambiguous outcome means); the store
+only applies what it is told, and the transports only report what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from relay import headers
+from relay.config import Config
+from relay.store import Lease, RecipientState, RecipientUpdate, Update
+from relay.store.sqlite import SqliteStore
+from relay.upstream import Attempt, Outgoing, RecipientResult, Transport, describe
+from relay.upstream.replies import Kind, upstream_queue_id
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0
+HOUSEKEEPING_INTERVAL = 60.0
+
+
+def backoff(config: Config, attempts: int) -> float:
+    """Exponential from retry_initial, capped at retry_max, with jitter so retries spread out."""
+    d = config.delivery
+    delay: float = min(d.retry_max, d.retry_initial * 2.0 ** max(attempts - 1, 0))
+    return min(d.retry_max, delay * random.uniform(0.8, 1.2))
+
+
+def idempotency_value(lease: Lease) -> str:
+    """Same claim and same recipient set give the same value, so an RFC 1047 retry is a no-op."""
+    material = "\x1f".join(
+        [
+            lease.scope or "",
+            lease.strategy or "",
+            lease.key or "",
+            lease.queue_id,
+            *sorted(r.lower() for r in lease.recipients),
+        ]
+    )
+    return "dedup-relay-" + hashlib.sha256(material.encode()).hexdigest()[:40]
+
+
+class Delivery:
+    def __init__(
+        self,
+        config: Config,
+        store: SqliteStore,
+        transport_factory: Callable[[], Transport],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._factory = transport_factory
+        self.upstream = describe(config.upstream)
+        self.instance = config.runtime.instance
+        self.lease_for = max(600.0, 20 * config.upstream.timeout)
+        self._queue: asyncio.Queue[Lease | None] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._in_flight = 0
+        self._stopping = False
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._housekeeper: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._transports: list[Transport] = []
+
+    def wake(self) -> None:
+        """New mail was spooled: look for work now rather than at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        now = time.time()
+        stuck = await self.store.recover(
+            self.instance, now, hold=self.config.delivery.on_ambiguous == "hold"
+        )
+        if stuck:
+            log.warning(
+                "%d message(s) were mid-delivery when the relay stopped: ambiguous", len(stuck)
+            )
+        for n in range(self.config.delivery.concurrency):
+            transport = self._factory()
+            self._transports.append(transport)
+            self._workers.append(asyncio.create_task(self._work(transport), name=f"worker-{n}"))
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
+        self._housekeeper = asyncio.create_task(self._housekeeping(), name="housekeeping")
+
+    async def stop(self, grace: float) -> None:
+        """Finish the transactions under way (up to `grace`), hand back what was not started."""
+        self._stopping = True
+        self._wake.set()
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeper
+        if self._dispatcher is not None:
+            await self._dispatcher
+        now = time.time()
+        while not self._queue.empty():
+            lease = self._queue.get_nowait()
+            if lease is not None:
+                await self.store.unlease(lease.queue_id, now)
+        for _ in self._workers:
+            self._queue.put_nowait(None)
+        if self._workers:
+            _, pending = await asyncio.wait(self._workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        for transport in self._transports:
+            with contextlib.suppress(Exception):
+                await transport.close()
+
+    async def _dispatch(self) -> None:
+        concurrency = self.config.delivery.concurrency
+        while not self._stopping:
+            # Cleared before looking, so a wake-up that arrives while leasing is not lost.
+            self._wake.clear()
+            free = concurrency - self._in_flight
+            leased = 0
+            if free > 0:
+                try:
+                    leases = await self.store.lease(
+                        self.instance, free, time.time(), self.lease_for
+                    )
+                except Exception:
+                    log.exception("could not lease messages for delivery")
+                    leases = []
+                for lease in leases:
+                    self._in_flight += 1
+                    self._queue.put_nowait(lease)
+                leased = len(leases)
+            if free <= 0 or leased == free:
+                await self._wake.wait()
+                continue
+            if leased:
+                continue
+            timeout = POLL_INTERVAL
+            due = await self.store.next_due()
+            if due is not None:
+                timeout = min(POLL_INTERVAL, max(due - time.time(), 0.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(timeout, 0.01))
+
+    async def _work(self, transport: Transport) -> None:
+        idle = max(self.config.upstream.idle_timeout, 0.1)
+        while True:
+            try:
+                lease = await asyncio.wait_for(self._queue.get(), idle)
+            except TimeoutError:
+                await transport.close_idle()
+                continue
+            if lease is None:
+                return
+            try:
+                await self._attempt(lease, transport)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery of %s failed unexpectedly", lease.queue_id)
+                with contextlib.suppress(Exception):
+                    await self.store.unlease(lease.queue_id, time.time() + backoff(self.config, 1))
+            finally:
+                self._in_flight -= 1
+                self._wake.set()
+
+    async def _attempt(self, lease: Lease, transport: Transport) -> None:
+        body = await self.store.body(lease.queue_id)
+        if body is None or not lease.recipients:
+            results = tuple(
+                RecipientResult(r, Kind.PERMANENT, None, "spooled body missing")
+                for r in lease.recipients
+            )
+            await self._record(lease, Attempt(results, None, 0.0))
+            return
+        added: list[str] = []
+        if lease.duplicate_of:
+            added.append(f"X-Dedup-Duplicate-Of: {lease.duplicate_of}")
+        header = self.config.upstream.idempotency_header
+        if header and lease.key:
+            added.append(f"{header}: {idempotency_value(lease)}")
+        message = Outgoing(
+            queue_id=lease.queue_id,
+            sender=lease.sender,
+            recipients=lease.recipients,
+            data=headers.prepend(body, added),
+            smtputf8=lease.smtputf8,
+            body8bit=lease.body8bit,
+        )
+        try:
+            attempt = await transport.send(message)
+        except asyncio.CancelledError:
+            # Shutdown grace ran out mid-transaction: say truthfully how far it got.
+            if transport.payload_sent:
+                results = tuple(
+                    RecipientResult(r, Kind.AMBIGUOUS, None, "relay stopped awaiting the reply")
+                    for r in lease.recipients
+                )
+                await self._record(lease, Attempt(results, None, 0.0))
+            else:
+                await self.store.unlease(lease.queue_id, time.time())
+            raise
+        await self._record(lease, attempt)
+
+    async def _record(self, lease: Lease, attempt: Attempt) -> None:
+        now = time.time()
+        updates = tuple(self._decide(lease, r, now) for r in attempt.results)
+        next_attempt = None
+        if any(u.state == "queued" for u in updates):
+            next_attempt = min(
+                now + backoff(self.config, lease.attempts),
+                lease.received_at + self.config.delivery.max_age,
+            )
+            next_attempt = max(next_attempt, now)
+        await self.store.update(
+            Update(
+                queue_id=lease.queue_id,
+                recipients=updates,
+                next_attempt=next_attempt,
+                upstream=self.upstream,
+                duration=attempt.duration,
+                ts=now,
+                detail=f"attempt {lease.attempts}",
+            )
+        )
+
+    def _decide(self, lease: Lease, result: RecipientResult, now: float) -> RecipientUpdate:
+        release = self.config.dedupe.release_on_failure
+        too_old = now >= lease.received_at + self.config.delivery.max_age
+
+        def update(state: RecipientState, event: str, *, released: bool = False) -> RecipientUpdate:
+            upstream_id = upstream_queue_id(result.reply) if state == "delivered" else None
+            return RecipientUpdate(
+                result.rcpt, state, event, result.code, result.reply, upstream_id, released
+            )
+
+        if result.kind is Kind.DELIVERED:
+            return update("delivered", "delivered")
+        if result.kind is Kind.PERMANENT:
+            return update("failed", "failed", released=release)
+        if result.kind is Kind.AMBIGUOUS:
+            if self.config.delivery.on_ambiguous == "hold":
+                return update("held", "ambiguous")
+            if not too_old:
+                return update("queued", "ambiguous")
+        if too_old:
+            return update("expired", "expired", released=release)
+        return update("queued", "deferred")
+
+    async def _housekeeping(self) -> None:
+        """Purge what has outlived its window, and rescue leases abandoned by dead replicas."""
+        while True:
+            try:
+                now = time.time()
+                await self.store.recover("", now, hold=self.config.delivery.on_ambiguous == "hold")
+                counts = await self.store.purge(now, self.config.audit.retention)
+                if any(counts.values()):
+                    log.info("purged %s", ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("housekeeping failed")
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)

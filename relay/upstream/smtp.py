@@ -1,0 +1,183 @@
+"""Delivery over SMTP with aiosmtplib: one reused connection per worker, per-recipient replies.
+
+DATA is driven by hand rather than with `SMTP.data()` so the code knows whether
+the upstream had the whole payload when a connection died: before that point a
+failure is simply temporary, after it the message may have been accepted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import aiosmtplib
+
+from relay.config import UpstreamConfig
+from relay.upstream import Attempt, Outgoing, RecipientResult
+from relay.upstream.replies import Kind, classify, classify_error, upstream_queue_id
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+def wire_payload(data: bytes) -> bytes:
+    """CRLF line endings, dot-stuffed, terminated: never lets a bare LF end the DATA early."""
+    text = _LINE_ENDINGS.sub(b"\r\n", data)
+    if not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    return _LEADING_DOT.sub(b"..", text) + b".\r\n"
+
+
+class SmtpTransport:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.name = f"{config.scheme}://{config.host}:{config.port}"
+        self.payload_sent = False
+        self._client: aiosmtplib.SMTP | None = None
+        self._sent = 0
+        self._last_used = 0.0
+
+    def _new_client(self) -> aiosmtplib.SMTP:
+        c = self.config
+        implicit = c.scheme == "smtps"
+        return aiosmtplib.SMTP(
+            hostname=c.host,
+            port=c.port,
+            use_tls=implicit,
+            start_tls=False if implicit else (True if c.require_tls else None),
+            validate_certs=c.tls_verify,
+            cert_bundle=c.ca_file,
+            username=c.username,
+            password=c.password.value if c.password else None,
+            timeout=c.timeout,
+            local_hostname=c.helo_name or None,
+        )
+
+    async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """A ready connection and whether it is a reused one (which may have gone stale)."""
+        client = self._client
+        if (
+            client is not None
+            and client.is_connected
+            and (self._sent < self.config.max_messages_per_connection)
+        ):
+            return client, True
+        await self.close()
+        client = self._new_client()
+        self._client = client
+        self._sent = 0
+        await client.connect()
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        return client, False
+
+    async def send(self, message: Outgoing) -> Attempt:
+        started = time.monotonic()
+        self.payload_sent = False
+        try:
+            results, upstream_id = await self._send(message)
+        except Exception as exc:
+            kind, code, text = classify_error(exc, payload_sent=self.payload_sent)
+            await self.close()
+            results = tuple(RecipientResult(r, kind, code, text) for r in message.recipients)
+            upstream_id = None
+        self._last_used = time.monotonic()
+        return Attempt(results, upstream_id, time.monotonic() - started)
+
+    async def _send(self, message: Outgoing) -> tuple[tuple[RecipientResult, ...], str | None]:
+        client, reused = await self._connection()
+        try:
+            await self._mail(client, message)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError, aiosmtplib.SMTPTimeoutError):
+            if not reused:
+                raise
+            await self.close()  # a stale reused connection: nothing was sent yet, so reconnect
+            client, _ = await self._connection()
+            await self._mail(client, message)
+        self._sent += 1
+        encoding = "utf-8" if message.smtputf8 else "ascii"
+        results: dict[str, RecipientResult] = {}
+        accepted: list[str] = []
+        for rcpt in message.recipients:
+            try:
+                reply = await client.rcpt(rcpt, encoding=encoding)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                results[rcpt] = RecipientResult(
+                    rcpt, classify(exc.code, "rcpt"), exc.code, exc.message
+                )
+            else:
+                accepted.append(rcpt)
+                results[rcpt] = RecipientResult(rcpt, Kind.DELIVERED, reply.code, reply.message)
+        upstream_id: str | None = None
+        if not accepted:
+            await self._reset(client)
+        else:
+            try:
+                final = await self._data(client, message)
+            except Exception as exc:
+                kind, code, text = classify_error(exc, payload_sent=self.payload_sent)
+                await self.close()
+                for rcpt in accepted:
+                    results[rcpt] = RecipientResult(rcpt, kind, code, text)
+                return tuple(results[r] for r in message.recipients), None
+            upstream_id = upstream_queue_id(final.message) if final.code < 300 else None
+            kind = classify(final.code)
+            if kind is not Kind.DELIVERED:
+                await self._reset(client)
+            for rcpt in accepted:
+                results[rcpt] = RecipientResult(rcpt, kind, final.code, final.message)
+        return tuple(results[r] for r in message.recipients), upstream_id
+
+    async def _mail(self, client: aiosmtplib.SMTP, message: Outgoing) -> None:
+        options: list[str] = []
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(message.data)}")
+        if message.body8bit and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if message.smtputf8:
+            if not client.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPResponseException(
+                    554, "5.6.7 the message needs SMTPUTF8, which the upstream does not offer"
+                )
+            options.append("SMTPUTF8")
+        await client.mail(
+            message.sender, options=options, encoding="utf-8" if message.smtputf8 else "ascii"
+        )
+
+    async def _data(self, client: aiosmtplib.SMTP, message: Outgoing) -> aiosmtplib.SMTPResponse:
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            return start
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the payload")
+        payload = wire_payload(message.data)
+        self.payload_sent = True
+        protocol.write(payload)
+        # A large payload takes time to cross the wire before the reply can come.
+        timeout = (self.config.timeout or 60.0) + len(payload) / 50_000
+        return await protocol.read_response(timeout=timeout)
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            await self.close()
+
+    async def close_idle(self) -> None:
+        if self._client is not None and time.monotonic() - self._last_used > (
+            self.config.idle_timeout
+        ):
+            await self.close()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if client.is_connected:
+            try:
+                await client.quit(timeout=2)
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+        else:
+            client.close()
