@@ -1,0 +1,134 @@
+"""The command line: `serve`, `check-config`, `requeue`, and the review commands.
+
+Every usage or config mistake ends with one line on stderr and exit status 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from relay import __version__
+from relay.config import Config, ConfigError, load, to_mapping
+
+DEFAULT_CONFIG = "config/relay.yaml"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input on the command line; printed as one line, exit status 2."""
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=os.environ.get("RELAY_CONFIG", DEFAULT_CONFIG),
+        help=f"YAML config (default: $RELAY_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dedup-relay",
+        description="An SMTP relay that forwards every unique message once.",
+    )
+    parser.add_argument("--version", action="version", version=f"dedup-relay {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run the relay in the foreground")
+    _config_arg(serve)
+
+    check = commands.add_parser("check-config", help="validate and print the effective config")
+    _config_arg(check)
+
+    requeue = commands.add_parser("requeue", help="send held (ambiguous) recipients again")
+    requeue.add_argument("queue_id", metavar="QUEUE_ID")
+    _config_arg(requeue)
+
+    from relay import review
+
+    review.add_commands(commands, _config_arg)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+
+
+def _serve(config: Config) -> int:
+    from relay.app import serve
+
+    _setup_logging(config.runtime.log_level)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(
+            f"dedup-relay: error: cannot listen on {config.listen.host}:"
+            f"{config.listen.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _check_config(config: Config, path: str) -> int:
+    print(f"# {path}: valid. Effective config (secrets masked):")
+    print(yaml.safe_dump(to_mapping(config), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _requeue(config: Config, queue_id: str) -> int:
+    from relay.store.sqlite import SqliteStore
+
+    async def run() -> int:
+        store = SqliteStore(config.store.path)
+        await store.open()
+        try:
+            return await store.requeue(queue_id, time.time())
+        finally:
+            await store.close()
+
+    count = asyncio.run(run())
+    if not count:
+        print(f"dedup-relay: nothing held for {queue_id}", file=sys.stderr)
+        return 1
+    print(f"{queue_id}: {count} recipient(s) queued again")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+        handlers: dict[str, Callable[[], int]] = {
+            "serve": lambda: _serve(config),
+            "check-config": lambda: _check_config(config, args.config),
+            "requeue": lambda: _requeue(config, args.queue_id),
+        }
+        if args.command in handlers:
+            return handlers[args.command]()
+        from relay import review
+
+        return review.run(args, config)
+    except (ConfigError, UsageError) as exc:
+        print(f"dedup-relay: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
