@@ -1,0 +1,476 @@
+"""Shared fixtures: a scriptable upstream, relays in-process and as subprocesses, SMTP clients.
+
+Everything speaks real SMTP over 127.0.0.0/8. Waiting is always for an event
+(a message arriving, the queue draining, a log line) with a deadline, never
+for a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import yaml
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.app import App
+from relay.config import from_mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+DEADLINE = 20.0
+
+
+# --- waiting ---------------------------------------------------------------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float = DEADLINE,
+    what: str = "condition",
+) -> None:
+    """Wait until `check` holds; fail with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# --- messages --------------------------------------------------------------
+
+
+def make_message(
+    subject: str = "Your receipt",
+    body: str = "Thank you for your order.\n",
+    *,
+    sender: str = "shop@example.com",
+    to: str = "alice@example.org",
+    message_id: str | None = "auto",
+    extra: dict[str, str] | None = None,
+    attachment: bytes | None = None,
+) -> bytes:
+    """A message as a mail library would build it: fresh Date, Message-ID and boundary each call."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=True)
+    if message_id == "auto":
+        msg["Message-ID"] = make_msgid(domain="example.com")
+    elif message_id is not None:
+        msg["Message-ID"] = message_id
+    for name, value in (extra or {}).items():
+        msg[name] = value
+    msg.set_content(body)
+    if attachment is not None:
+        msg.add_attachment(attachment, maintype="application", subtype="pdf", filename="doc.pdf")
+    return msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@dataclass
+class Reply:
+    code: int
+    text: str
+
+
+async def send(
+    port: int,
+    data: bytes,
+    *,
+    sender: str = "shop@example.com",
+    rcpts: tuple[str, ...] = ("alice@example.org",),
+    host: str = "127.0.0.1",
+    source: str | None = None,
+) -> Reply:
+    """One SMTP transaction; returns the reply to the end of DATA (or the first refusal)."""
+    client = aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        start_tls=False,
+        timeout=DEADLINE,
+        source_address=(source, 0) if source else None,
+    )
+    await client.connect()
+    try:
+        await client.ehlo()
+        try:
+            await client.mail(sender)
+            for rcpt in rcpts:
+                await client.rcpt(rcpt)
+            response = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            return Reply(exc.code, exc.message)
+        return Reply(response.code, response.message)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.quit()
+
+
+# --- the upstream ----------------------------------------------------------
+
+
+@dataclass
+class Delivered:
+    sender: str
+    rcpts: list[str]
+    data: bytes
+    tls: bool
+    login: str | None
+
+
+@dataclass
+class Script:
+    """How the upstream misbehaves; tests change it while the relay runs."""
+
+    rcpt: dict[str, str] = field(default_factory=dict)
+    mail: str | None = None
+    data: list[str] = field(default_factory=list)
+    drop_after_data: int = 0
+    data_delay: float = 0.0
+
+
+class Upstream:
+    """An aiosmtpd server in this process standing in for the real upstream."""
+
+    def __init__(self, tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
+                 auth: tuple[str, str] | None = None) -> None:
+        self.messages: list[Delivered] = []
+        self.dropped: list[Delivered] = []
+        self.script = Script()
+        self.connections = 0
+        self.port = 0
+        self._tls = tls_context
+        self._implicit = implicit_tls
+        self._auth = auth
+        self._server: asyncio.Server | None = None
+        self._sessions: set[SMTP] = set()
+
+    # aiosmtpd hooks
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        if self.script.mail:
+            return self.script.mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        reply = self.script.rcpt.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        login = None
+        if session.authenticated:
+            login = session.auth_data.login.decode()
+        item = Delivered(
+            envelope.mail_from or "",
+            list(envelope.rcpt_tos),
+            bytes(envelope.original_content or b""),
+            session.ssl is not None,
+            login,
+        )
+        if self.script.data_delay:
+            await asyncio.sleep(self.script.data_delay)
+        if self.script.drop_after_data > 0:
+            self.script.drop_after_data -= 1
+            self.dropped.append(item)
+            server.transport.abort()
+            await asyncio.Event().wait()
+        if self.script.data:
+            reply = self.script.data.pop(0)
+            if not reply.startswith("2"):
+                return reply
+        self.messages.append(item)
+        return f"250 2.0.0 Ok: queued as UP{len(self.messages):04d}"
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                      mechanism: str, auth_data: Any) -> Any:
+        from aiosmtpd.smtp import AuthResult
+
+        assert self._auth is not None
+        ok = (auth_data.login.decode(), auth_data.password.decode()) == self._auth
+        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+    def _factory(self) -> SMTP:
+        upstream = self
+
+        class Counting(SMTP):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                if self.transport is None:
+                    upstream.connections += 1
+                    upstream._sessions.add(self)
+                super().connection_made(transport)
+
+            def connection_lost(self, error: Exception | None) -> None:
+                upstream._sessions.discard(self)
+                super().connection_lost(error)
+
+        kwargs: dict[str, Any] = {
+            "hostname": "upstream.test",
+            "enable_SMTPUTF8": True,
+            "loop": asyncio.get_running_loop(),
+        }
+        if self._tls is not None and not self._implicit:
+            kwargs["tls_context"] = self._tls
+        if self._auth is not None:
+            kwargs["authenticator"] = self._authenticate
+            kwargs["auth_require_tls"] = False
+            kwargs["auth_required"] = True
+        return Counting(self, **kwargs)
+
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.get_running_loop().create_server(
+            self._factory,
+            host="127.0.0.1",
+            port=port or self.port,
+            ssl=self._tls if self._implicit else None,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Go down hard, as a crashed upstream would: listener and open sessions."""
+        if self._server is not None:
+            self._server.close()
+            for session in list(self._sessions):
+                if session.transport is not None:
+                    session.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def wait_for(self, count: int, timeout: float = DEADLINE) -> list[Delivered]:
+        await eventually(lambda: len(self.messages) >= count, timeout,
+                         f"{count} message(s) upstream (have {len(self.messages)})")
+        return self.messages
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = Upstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+# --- relays ----------------------------------------------------------------
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_config(tmp: Path, upstream_port: int) -> dict[str, Any]:
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0, "hostname": "relay.test"},
+        "upstream": {"url": f"smtp://127.0.0.1:{upstream_port}", "timeout": "5s"},
+        "store": {"path": str(tmp / "relay.db")},
+        "delivery": {"retry_initial": "100ms", "retry_max": "500ms", "concurrency": 4},
+        "audit": {"output": "none"},
+        "runtime": {"instance": "test", "shutdown_grace": "3s"},
+    }
+
+
+class Relay:
+    """A relay running in this process, with helpers to look inside its store."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @property
+    def port(self) -> int:
+        return self.app.port
+
+    @property
+    def store(self) -> Any:
+        return self.app.store
+
+    async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        async with self.app.store.reader.execute(sql, params) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
+    async def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        async with self.app.store.reader.execute(
+            "SELECT * FROM events" + (" WHERE event = ?" if name else "") + " ORDER BY id",
+            (name,) if name else (),
+        ) as cursor:
+            columns = [c[0] for c in cursor.description]
+            return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def idle(self, timeout: float = DEADLINE) -> None:
+        """Wait until nothing is queued or being sent (held messages do not count)."""
+
+        async def drained() -> bool:
+            rows = await self.rows(
+                "SELECT count(*) FROM messages WHERE state IN ('queued', 'sending')"
+            )
+            return rows[0][0] == 0
+
+        await eventually(drained, timeout, "the relay's queue to drain")
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+
+@pytest.fixture
+async def make_relay(
+    tmp_path: Path, upstream: Upstream
+) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
+    running: list[Relay] = []
+
+    async def make(**overrides: Any) -> Relay:
+        raw = deep_merge(base_config(tmp_path, upstream.port), overrides)
+        app = App(from_mapping(raw))
+        await app.start()
+        relay = Relay(app)
+        running.append(relay)
+        return relay
+
+    yield make
+    for relay in running:
+        if relay.app.store._writer is not None:
+            await relay.stop()
+
+
+@pytest.fixture
+async def relay(make_relay: Callable[..., Awaitable[Relay]]) -> Relay:
+    return await make_relay()
+
+
+class RelayProcess:
+    """`python -m relay serve` as a child process, as a user would run it."""
+
+    def __init__(self, config_path: Path, cwd: Path) -> None:
+        self.config_path = config_path
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.stderr_lines: list[str] = []
+
+    def start(self, timeout: float = DEADLINE) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path)],
+            cwd=self.cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline().decode()
+            if not line:
+                raise AssertionError("relay exited during start:\n" + "".join(self.stderr_lines))
+            self.stderr_lines.append(line)
+            match = re.search(r"listening on [\d.]+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                return
+        raise AssertionError("relay did not start:\n" + "".join(self.stderr_lines))
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self, timeout: float = DEADLINE) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def relay_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RelayProcess]]:
+    started: list[RelayProcess] = []
+
+    def make(config: dict[str, Any]) -> RelayProcess:
+        path = tmp_path / f"relay-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        process = RelayProcess(path, tmp_path)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- TLS material ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it."""
+    if not any((Path(p) / "openssl").exists() for p in os.environ["PATH"].split(":")):
+        message = "openssl is missing: apt-get install -y openssl"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    folder = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
+             "-out", "ca.pem", "-days", "2", "-subj", "/CN=dedup-relay test CA", cwd=folder)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+             "server.csr", "-subj", "/CN=127.0.0.1", cwd=folder)
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext",
+             cwd=folder)
+    return Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
