@@ -1,0 +1,338 @@
+"""Content fingerprint that recognises a regenerated retry of the same email.
+
+A mail library that retries a failed send usually rebuilds the message: new
+Message-ID, Date and MIME boundaries, perhaps different header folding, header
+order, line endings or transfer encoding. Hashing raw bytes would call every retry
+new mail, so the hash covers a canonical form holding only what the author of the
+email chose: envelope sender, a few identity headers and the decoded MIME leaves.
+
+The form errs towards "different": anything that cannot be decoded cleanly is
+hashed as raw bytes rather than lossily, so two different emails never meet in a
+replacement character.
+"""
+
+from __future__ import annotations
+
+import binascii
+import email
+import hashlib
+import re
+from collections.abc import Sequence
+from email.message import Message
+from email.policy import Compat32
+
+__all__ = ["ALWAYS_VOLATILE", "DEFAULT_HEADERS", "fingerprint"]
+
+DEFAULT_HEADERS: tuple[str, ...] = ("From", "Reply-To", "Subject")
+
+# A trailing "*" makes an entry a prefix pattern.
+ALWAYS_VOLATILE: tuple[str, ...] = (
+    "Date",
+    "Message-ID",
+    "Received",
+    "X-Received",
+    "Return-Path",
+    "Delivered-To",
+    "Resent-Date",
+    "Resent-Message-ID",
+    "X-Mailer",
+    "User-Agent",
+    "DKIM-Signature",
+    "X-Google-DKIM-Signature",
+    "ARC-Seal",
+    "ARC-Message-Signature",
+    "ARC-Authentication-Results",
+    "Authentication-Results",
+    "Received-SPF",
+    "X-Originating-IP",
+    "Thread-Index",
+    "X-Google-*",
+    "X-Gm-*",
+    "X-MS-Exchange-*",
+)
+
+_VERSION = b"dedup-relay fingerprint v1"
+_WHITESPACE = re.compile(r"[ \t\r\n]+")
+_ENCODED_WORD = re.compile(r"=\?([^?\s]*)\?([bBqQ])\?([^?\s]*)\?=")
+_BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
+_BASE64_CHUNK = re.compile(rb"[A-Za-z0-9+/]+=*")
+_TRAILING_SPACE = " \t\r\n\f\v"
+_TRAILING_SPACE_BYTES = _TRAILING_SPACE.encode()
+_UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+# The stdlib parser tests every line against every open boundary: quadratic in depth.
+_MAX_BOUNDARIES = 64
+# Regenerated on every build (boundary) or a free choice of the generator.
+_EMBEDDED_SKIP = frozenset({"content-type", "content-transfer-encoding"})
+
+
+class _RawHeaders(Compat32):
+    """Compat32 turns 8-bit header values into Header objects whose str() is lossy."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value
+
+
+_POLICY = _RawHeaders()
+
+
+def _split_patterns(names: Sequence[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for raw in names:
+        name = str(raw).strip().lower()
+        if name.endswith("*"):
+            prefixes.append(name[:-1])
+        elif name:
+            exact.add(name)
+    return frozenset(exact), tuple(prefixes)
+
+
+_ALWAYS_EXACT, _ALWAYS_PREFIXES = _split_patterns(ALWAYS_VOLATILE)
+
+
+def _selected_headers(headers: Sequence[str], volatile: Sequence[str]) -> list[str]:
+    """Sorted, so the order of names in the configuration does not matter."""
+    if isinstance(headers, str):
+        headers = (headers,)
+    if isinstance(volatile, str):
+        volatile = (volatile,)
+    exact, prefixes = _split_patterns(volatile)
+    exact |= _ALWAYS_EXACT
+    prefixes += _ALWAYS_PREFIXES
+    wanted = {str(name).strip().lower() for name in headers}
+    return sorted(n for n in wanted if n and n not in exact and not n.startswith(prefixes))
+
+
+def _to_bytes(text: str) -> bytes:
+    """The parser keeps undecodable input bytes as surrogates; give them back."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _field(tag: bytes, data: bytes) -> bytes:
+    return tag + len(data).to_bytes(8, "big") + data
+
+
+def _text_field(tag: bytes, text: str) -> bytes:
+    return _field(tag, text.encode("utf-8", "surrogatepass"))
+
+
+def _decode_charset(data: bytes, charset: str) -> str:
+    try:
+        return data.decode(charset.partition("*")[0].strip(), "surrogateescape")
+    except Exception:
+        return data.decode("latin-1")
+
+
+def _decode_word(encoding: str, encoded: str) -> bytes | None:
+    data = encoded.encode("utf-8", "surrogatepass")
+    if encoding in "qQ":
+        return binascii.a2b_qp(data, header=True)
+    data = data.rstrip(b"=")
+    if _BASE64_JUNK.search(data) or len(data) % 4 == 1:
+        return None
+    return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+
+
+def _canonical_header(value: object) -> str:
+    """RFC 2047 decoded, unfolded, whitespace runs collapsed.
+
+    Whitespace between encoded words is dropped as RFC 2047 says, and adjacent
+    words in one charset are joined before decoding, because encoders split long
+    text, even inside a multi-byte character, into several words.
+    """
+    raw = value if isinstance(value, str) else str(value)
+    text = _to_bytes(raw).decode("utf-8", "surrogateescape")
+    out: list[str] = []
+    pending: list[bytes] = []
+    pending_charset: str | None = None
+    pos = 0
+    after_word = False
+    for match in _ENCODED_WORD.finditer(text):
+        data = _decode_word(match.group(2), match.group(3))
+        if data is None:
+            continue
+        gap = text[pos : match.start()]
+        if after_word and not gap.strip(" \t\r\n"):
+            gap = ""
+        if gap:
+            if pending_charset is not None:
+                out.append(_decode_charset(b"".join(pending), pending_charset))
+                pending, pending_charset = [], None
+            out.append(gap)
+        charset = match.group(1).lower()
+        if pending_charset is not None and charset != pending_charset:
+            out.append(_decode_charset(b"".join(pending), pending_charset))
+            pending = []
+        pending.append(data)
+        pending_charset = charset
+        pos = match.end()
+        after_word = True
+    if pending_charset is not None:
+        out.append(_decode_charset(b"".join(pending), pending_charset))
+    out.append(text[pos:])
+    return _WHITESPACE.sub(" ", "".join(out)).strip(" ")
+
+
+def _normalise_eol(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def _decode_base64(data: bytes) -> bytes:
+    """Lenient about padding, strict about content: dropping stray characters would
+    let two different bodies mislabelled as base64 decode alike."""
+    data = data.translate(None, b" \t\r\n")
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except binascii.Error:
+        pass
+    chunks = _BASE64_CHUNK.findall(data)
+    if sum(map(len, chunks)) != len(data):
+        raise ValueError("not base64")
+    out: list[bytes] = []
+    for chunk in chunks:
+        chunk = chunk.rstrip(b"=")
+        if len(chunk) % 4 == 1:
+            raise ValueError("truncated base64")
+        out.append(binascii.a2b_base64(chunk + b"=" * (-len(chunk) % 4)))
+    return b"".join(out)
+
+
+def _raw_payload(part: Message) -> bytes:
+    """get_payload() replaces undecodable bytes; the stored payload keeps them as surrogates."""
+    payload = getattr(part, "_payload", None)
+    if isinstance(payload, bytes):
+        return payload
+    return _to_bytes(payload if isinstance(payload, str) else str(part.get_payload()))
+
+
+def _transfer_decoded(part: Message) -> bytes:
+    """Line breaks outside base64 are transport, not content: SMTP sends them all as CRLF."""
+    data = _raw_payload(part)
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    if cte == "base64":
+        return _decode_base64(data)
+    if cte in _UUENCODE:
+        decoded = part.get_payload(decode=True)
+        return decoded if isinstance(decoded, bytes) else data
+    data = _normalise_eol(data)
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(data)
+    return data
+
+
+def _filename(part: Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except Exception:
+        return None
+    return None if name is None else _canonical_header(name)
+
+
+def _leaf_fields(part: Message) -> list[bytes]:
+    ctype = part.get_content_type()
+    out = [_text_field(b"P", ctype)]
+    name = _filename(part)
+    if name is not None:
+        out.append(_text_field(b"N", name))
+    try:
+        data = _transfer_decoded(part)
+    except Exception:
+        out.append(_field(b"R", _normalise_eol(_raw_payload(part))))
+        return out
+    if not ctype.startswith("text/"):
+        out.append(_field(b"B", data))
+        return out
+    try:
+        text = data.decode(part.get_content_charset() or "us-ascii")
+    except Exception:
+        out.append(_field(b"U", _normalise_eol(data).rstrip(_TRAILING_SPACE_BYTES)))
+        return out
+    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip(_TRAILING_SPACE)
+    out.append(_text_field(b"T", text))
+    return out
+
+
+def _embedded_fields(part: Message, inner: list[Message]) -> list[bytes]:
+    """An attached message's own Date, Message-ID and so on are content, not send noise."""
+    out = [_text_field(b"M", part.get_content_type())]
+    name = _filename(part)
+    if name is not None:
+        out.append(_text_field(b"N", name))
+    for sub in inner:
+        out.append(_field(b"m", b""))
+        items = [(str(k).strip().lower(), v) for k, v in sub.items()]
+        items.sort(key=lambda item: item[0])
+        for key, value in items:
+            if key not in _EMBEDDED_SKIP:
+                out.append(_text_field(b"e", key))
+                out.append(_text_field(b"f", _canonical_header(value)))
+    return out
+
+
+def _body_fields(message: Message) -> list[bytes]:
+    out: list[bytes] = []
+    stack = [message]
+    while stack:
+        part = stack.pop()
+        payload = part.get_payload()
+        if not isinstance(payload, list):
+            out.extend(_leaf_fields(part))
+            continue
+        inner = [sub for sub in payload if isinstance(sub, Message)]
+        if part.get_content_maintype() != "multipart":
+            out.extend(_embedded_fields(part, inner))
+        stack.extend(reversed(inner))
+    return out
+
+
+def _normalise_sender(sender: str) -> str:
+    sender = str(sender).strip()
+    if sender.startswith("<") and sender.endswith(">"):
+        sender = sender[1:-1].strip()
+    return sender.lower()
+
+
+def _canonical_fields(
+    sender: str, message: bytes, headers: Sequence[str], volatile: Sequence[str]
+) -> list[bytes]:
+    data = bytes(message)
+    if data.lower().count(b"boundary") > _MAX_BOUNDARIES:
+        raise ValueError("too many MIME boundaries to parse cheaply")
+    out = [_field(b"V", _VERSION), _text_field(b"S", _normalise_sender(sender))]
+    parsed = email.message_from_bytes(data, policy=_POLICY)
+    for name in _selected_headers(headers, volatile):
+        out.append(_text_field(b"H", name))
+        for value in parsed.get_all(name) or ():
+            out.append(_text_field(b"h", _canonical_header(value)))
+    out.extend(_body_fields(parsed))
+    return out
+
+
+def fingerprint(
+    sender: str,
+    message: bytes,
+    headers: Sequence[str] = DEFAULT_HEADERS,
+    volatile: Sequence[str] = (),
+) -> str:
+    """Return a lowercase hex SHA-256 over the canonical form.
+
+    Every field is tagged and length-prefixed, so no shift of text between fields
+    can make two different emails hash alike. Never raises: a dedupe key is always
+    better than a dropped email, so unparseable input is hashed whole.
+    """
+    try:
+        fields = _canonical_fields(sender, message, headers, volatile)
+    except Exception:
+        try:
+            raw = bytes(message)
+        except Exception:
+            raw = repr(message).encode()
+        fields = [
+            _field(b"V", _VERSION),
+            _text_field(b"X", _normalise_sender(sender)),
+            _field(b"Z", raw),
+        ]
+    return hashlib.sha256(b"".join(fields)).hexdigest()
