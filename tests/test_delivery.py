@@ -1,0 +1,258 @@
+"""Delivery to a misbehaving upstream: every reply class, lost connections, outages, TLS, AUTH."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Certificates, Upstream, eventually, make_message, send
+
+
+async def test_tempfail_is_retried_until_delivered(make_relay, upstream: Upstream) -> None:
+    upstream.script.data = ["451 4.3.0 try later", "421 4.7.0 busy"]
+    relay = await make_relay()
+    assert (await send(relay.port, make_message())).code == 250
+    await upstream.wait_for(1)
+    await relay.idle()
+    events = [e["event"] for e in await relay.events()]
+    assert events == ["received", "deferred", "deferred", "delivered"]
+    [delivered] = await relay.events("delivered")
+    assert delivered["upstream_id"] == "UP0001"
+    assert delivered["code"] == 250
+
+
+async def test_permanent_failure_is_not_retried(make_relay, upstream: Upstream) -> None:
+    upstream.script.data = ["554 5.7.1 rejected by policy", "250 would have worked"]
+    relay = await make_relay()
+    await send(relay.port, make_message())
+    await relay.idle()
+    [failed] = await relay.events("failed")
+    assert failed["code"] == 554
+    assert "rejected by policy" in failed["reply"]
+    assert upstream.messages == []
+    assert await relay.rows("SELECT state FROM messages") == [("done",)]
+
+
+async def test_each_recipient_gets_its_own_outcome_and_only_tempfailed_are_retried(
+    make_relay, upstream: Upstream
+) -> None:
+    upstream.script.rcpt = {
+        "gone@example.org": "550 5.1.1 no such user",
+        "full@example.org": "452 4.2.2 mailbox full",
+    }
+    relay = await make_relay()
+    rcpts = ("ok@example.org", "gone@example.org", "full@example.org")
+    await send(relay.port, make_message(), rcpts=rcpts)
+    first = (await upstream.wait_for(1))[0]
+    assert first.rcpts == ["ok@example.org"]
+    upstream.script.rcpt = {"gone@example.org": "550 5.1.1 no such user"}
+    await upstream.wait_for(2)
+    await relay.idle()
+    assert upstream.messages[1].rcpts == ["full@example.org"]
+    states = dict(await relay.rows("SELECT rcpt, state FROM recipients"))
+    assert states == {
+        "ok@example.org": "delivered",
+        "gone@example.org": "failed",
+        "full@example.org": "delivered",
+    }
+
+
+async def test_connection_lost_after_data_is_ambiguous_and_retried_by_default(
+    make_relay, upstream: Upstream
+) -> None:
+    upstream.script.drop_after_data = 1
+    relay = await make_relay()
+    await send(relay.port, make_message())
+    await upstream.wait_for(1)
+    await relay.idle()
+    assert len(upstream.dropped) == 1
+    [ambiguous] = await relay.events("ambiguous")
+    assert "after the message was sent" in ambiguous["reply"]
+    assert [e["event"] for e in await relay.events()][-1] == "delivered"
+
+
+async def test_connection_lost_after_data_is_held_under_hold_policy(
+    make_relay, upstream: Upstream
+) -> None:
+    upstream.script.drop_after_data = 1
+    relay = await make_relay(delivery={"on_ambiguous": "hold"})
+    await send(relay.port, make_message())
+    await eventually(lambda: relay.events("ambiguous"), what="an ambiguous event")
+    await relay.idle()
+    assert await relay.rows("SELECT state FROM messages") == [("held",)]
+    assert upstream.messages == []
+    [(queue_id,)] = await relay.rows("SELECT queue_id FROM messages")
+    assert await relay.store.requeue(queue_id, 0.0) == 1
+    relay.app.delivery.wake()
+    await upstream.wait_for(1)
+
+
+async def test_slow_upstream_within_timeout_delivers(make_relay, upstream: Upstream) -> None:
+    upstream.script.data_delay = 0.5
+    relay = await make_relay(upstream={"timeout": "5s"})
+    await send(relay.port, make_message())
+    await upstream.wait_for(1)
+    await relay.idle()
+    assert [e["event"] for e in await relay.events()] == ["received", "delivered"]
+
+
+async def test_upstream_slower_than_timeout_after_data_is_ambiguous(
+    make_relay, upstream: Upstream
+) -> None:
+    upstream.script.data_delay = 1.5
+    relay = await make_relay(upstream={"timeout": "300ms"}, delivery={"on_ambiguous": "hold"})
+    await send(relay.port, make_message())
+    await eventually(lambda: relay.events("ambiguous"), what="an ambiguous event")
+    [event] = await relay.events("ambiguous")
+    assert "timed out" in event["reply"]
+
+
+async def test_upstream_down_then_back_gets_every_message(make_relay, upstream: Upstream) -> None:
+    relay = await make_relay()
+    await upstream.stop()
+    for n in range(5):
+        assert (await send(relay.port, make_message(f"order {n}"))).code == 250
+    await eventually(
+        lambda: relay.rows("SELECT count(*) FROM events WHERE event = 'deferred'"),
+        what="a deferral",
+    )
+    deferred = await relay.events("deferred")
+    assert deferred and all(e["code"] is None for e in deferred)
+    await upstream.start()
+    await upstream.wait_for(5)
+    await relay.idle()
+    assert sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in upstream.messages) == [
+        f"order {n}".encode() for n in range(5)
+    ]
+
+
+async def test_message_expires_after_max_age_and_releases_its_key(
+    make_relay, upstream: Upstream
+) -> None:
+    upstream.script.data = ["451 4.3.0 try later"] * 100
+    relay = await make_relay(delivery={"max_age": "1s"})
+    message = make_message()
+    await send(relay.port, message)
+    await eventually(lambda: relay.events("expired"), what="an expired event")
+    await relay.idle()
+    [released] = await relay.events("released")
+    assert released["rcpts"] == "alice@example.org"
+    upstream.script.data = []
+    assert (await send(relay.port, message)).text.startswith("2.0.0 Ok: queued as")
+    await upstream.wait_for(1)
+
+
+async def test_upstream_connection_is_reused_across_messages(
+    make_relay, upstream: Upstream
+) -> None:
+    relay = await make_relay(delivery={"concurrency": 1})
+    for n in range(5):
+        await send(relay.port, make_message(f"n{n}"))
+        await upstream.wait_for(n + 1)
+    assert upstream.connections == 1
+
+
+async def test_starttls_to_upstream_verifies_its_certificate(
+    make_relay, certificates: Certificates
+) -> None:
+    tls_upstream = Upstream(tls_context=certificates.server_context())
+    await tls_upstream.start()
+    try:
+        relay = await make_relay(
+            upstream={
+                "url": f"smtp://127.0.0.1:{tls_upstream.port}",
+                "ca_file": str(certificates.ca_file),
+            }
+        )
+        await send(relay.port, make_message())
+        [delivered] = await tls_upstream.wait_for(1)
+        assert delivered.tls
+    finally:
+        await tls_upstream.stop()
+
+
+async def test_untrusted_upstream_certificate_defers_instead_of_sending_in_clear(
+    make_relay, certificates: Certificates
+) -> None:
+    tls_upstream = Upstream(tls_context=certificates.server_context())
+    await tls_upstream.start()
+    try:
+        relay = await make_relay(upstream={"url": f"smtp://127.0.0.1:{tls_upstream.port}"})
+        await send(relay.port, make_message())
+        await eventually(lambda: relay.events("deferred"), what="a deferral")
+        [event, *_] = await relay.events("deferred")
+        assert "certificate" in event["reply"].lower()
+        assert tls_upstream.messages == []
+    finally:
+        await tls_upstream.stop()
+
+
+async def test_implicit_tls_upstream(make_relay, certificates: Certificates) -> None:
+    tls_upstream = Upstream(tls_context=certificates.server_context(), implicit_tls=True)
+    await tls_upstream.start()
+    try:
+        relay = await make_relay(
+            upstream={
+                "url": f"smtps://127.0.0.1:{tls_upstream.port}",
+                "ca_file": str(certificates.ca_file),
+            }
+        )
+        await send(relay.port, make_message())
+        [delivered] = await tls_upstream.wait_for(1)
+    finally:
+        await tls_upstream.stop()
+
+
+async def test_upstream_login_uses_password_from_environment(
+    make_relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_PASSWORD", "s3cret-pass")
+    auth_upstream = Upstream(auth=("relayuser", "s3cret-pass"))
+    await auth_upstream.start()
+    try:
+        relay = await make_relay(
+            upstream={
+                "url": f"smtp://127.0.0.1:{auth_upstream.port}",
+                "username": "relayuser",
+                "password_env": "TEST_UPSTREAM_PASSWORD",
+            }
+        )
+        await send(relay.port, make_message())
+        [delivered] = await auth_upstream.wait_for(1)
+        assert delivered.login == "relayuser"
+        assert "s3cret-pass" not in repr(relay.app.config)
+    finally:
+        await auth_upstream.stop()
+
+
+async def test_maildir_upstream_writes_complete_files_a_reader_can_open(
+    make_relay, tmp_path: Path
+) -> None:
+    import mailbox
+
+    maildir = tmp_path / "mail"
+    relay = await make_relay(upstream={"url": f"maildir:{maildir}"})
+    for n in range(3):
+        await send(relay.port, make_message(f"maildir {n}"), rcpts=("a@example.org", "b@x.org"))
+    await relay.idle()
+    box = mailbox.Maildir(str(maildir), create=False)
+    subjects = sorted(str(m["Subject"]) for m in box)
+    assert subjects == ["maildir 0", "maildir 1", "maildir 2"]
+    assert all(m.get_all("Delivered-To") == ["a@example.org", "b@x.org"] for m in box)
+    assert os.listdir(maildir / "tmp") == []
+
+
+async def test_sigterm_finishes_the_upstream_transaction_under_way(
+    make_relay, upstream: Upstream
+) -> None:
+    upstream.script.data_delay = 1.0
+    relay = await make_relay()
+    await send(relay.port, make_message())
+    await eventually(
+        lambda: relay.rows("SELECT 1 FROM messages WHERE state = 'sending'"), what="sending"
+    )
+    await asyncio.wait_for(relay.stop(), 10)
+    assert len(upstream.messages) == 1
