@@ -154,8 +154,12 @@ class Script:
 class Upstream:
     """An aiosmtpd server in this process standing in for the real upstream."""
 
-    def __init__(self, tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
-                 auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tls_context: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.messages: list[Delivered] = []
         self.dropped: list[Delivered] = []
         self.script = Script()
@@ -168,16 +172,18 @@ class Upstream:
         self._sessions: set[SMTP] = set()
 
     # aiosmtpd hooks
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         if self.script.mail:
             return self.script.mail
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         reply = self.script.rcpt.get(address)
         if reply:
             return reply
@@ -209,8 +215,9 @@ class Upstream:
         self.messages.append(item)
         return f"250 2.0.0 Ok: queued as UP{len(self.messages):04d}"
 
-    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
-                      mechanism: str, auth_data: Any) -> Any:
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> Any:
         from aiosmtpd.smtp import AuthResult
 
         assert self._auth is not None
@@ -265,8 +272,11 @@ class Upstream:
             self._server = None
 
     async def wait_for(self, count: int, timeout: float = DEADLINE) -> list[Delivered]:
-        await eventually(lambda: len(self.messages) >= count, timeout,
-                         f"{count} message(s) upstream (have {len(self.messages)})")
+        await eventually(
+            lambda: len(self.messages) >= count,
+            timeout,
+            f"{count} message(s) upstream (have {len(self.messages)})",
+        )
         return self.messages
 
 
@@ -465,12 +475,52 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
             pytest.fail(message)
         pytest.skip(message)
     folder = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-             "-out", "ca.pem", "-days", "2", "-subj", "/CN=dedup-relay test CA", cwd=folder)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-             "server.csr", "-subj", "/CN=127.0.0.1", cwd=folder)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dedup-relay test CA",
+        cwd=folder,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+        cwd=folder,
+    )
     (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext",
-             cwd=folder)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        cwd=folder,
+    )
     return Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")

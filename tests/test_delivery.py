@@ -201,7 +201,7 @@ async def test_implicit_tls_upstream(make_relay, certificates: Certificates) -> 
             }
         )
         await send(relay.port, make_message())
-        [delivered] = await tls_upstream.wait_for(1)
+        await tls_upstream.wait_for(1)
     finally:
         await tls_upstream.stop()
 

@@ -126,8 +126,12 @@ async def test_client_stalled_in_data_is_disconnected(make_relay) -> None:
     relay = await make_relay(listen={"command_timeout": "30s", "data_timeout": "300ms"})
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     await reader.readline()
-    for command in (b"HELO c\r\n", b"MAIL FROM:<a@example.com>\r\n", b"RCPT TO:<b@example.org>\r\n",
-                    b"DATA\r\n"):
+    for command in (
+        b"HELO c\r\n",
+        b"MAIL FROM:<a@example.com>\r\n",
+        b"RCPT TO:<b@example.org>\r\n",
+        b"DATA\r\n",
+    ):
         writer.write(command)
         await reader.readline()
     writer.write(b"Subject: half a message\r\n")
@@ -149,7 +153,8 @@ async def test_pipelined_transaction_is_answered_in_order(relay: Relay, upstream
     while (await reader.readline())[3:4] == b"-":
         pass
     writer.write(
-        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+        b"RCPT TO:<c@example.org>\r\nDATA\r\n"
     )
     replies = [await reader.readline() for _ in range(4)]
     assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354"]
