@@ -9,11 +9,12 @@ what lets durability keep up with many concurrent SMTP sessions.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +34,7 @@ from relay.store import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Job = Callable[[aiosqlite.Connection], Awaitable[Any]]
+Job = Callable[[sqlite3.Connection], Any]
 
 BATCH_LIMIT = 512
 PURGE_CHUNK = 5000
@@ -73,15 +74,11 @@ def _event_row(e: Event) -> tuple[Any, ...]:
 
 
 async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:
-    """A connection in autocommit mode: transactions are begun explicitly by the writer."""
-    if readonly:
-        uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"  # noqa: ASYNC240
-        db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
-        await db.execute("PRAGMA busy_timeout=10000")
-        return db
-    db = await aiosqlite.connect(path, isolation_level=None)
-    for pragma in schema.PRAGMAS:
-        await db.execute(pragma)
+    """A reading connection; WAL lets it read while the writer writes, without blocking it."""
+    readonly_uri = Path(os.path.abspath(path)).as_uri() + "?mode=ro"  # noqa: ASYNC240
+    target = readonly_uri if readonly else path
+    db = await aiosqlite.connect(target, uri=readonly, isolation_level=None)
+    await db.execute("PRAGMA busy_timeout=10000")
     return db
 
 
@@ -96,8 +93,9 @@ class SqliteStore:
         self.path = path
         self.keep_bodies = keep_bodies
         self._on_commit = on_commit
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._events: list[Event] = []
@@ -106,13 +104,20 @@ class SqliteStore:
 
     # --- lifecycle ---------------------------------------------------------
 
-    async def open(self) -> None:
+    def _open_writer(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await connect(self.path)
-        await self._db.executescript(schema.TABLES)
-        await self._db.execute(
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in schema.PRAGMAS:
+            db.execute(pragma)
+        db.executescript(schema.TABLES)
+        db.execute(
             "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)", (str(schema.VERSION),)
         )
+        self._db = db
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._open_writer)
         self._reader = await connect(self.path)
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
 
@@ -121,10 +126,13 @@ class SqliteStore:
             await self._jobs.put(None)
             await self._writer
             self._writer = None
-        for db in (self._reader, self._db):
-            if db is not None:
-                await db.close()
-        self._db = self._reader = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
+        self._thread.shutdown(wait=True)
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -134,7 +142,7 @@ class SqliteStore:
 
     # --- the writer --------------------------------------------------------
 
-    async def _run(self, job: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None or self._writer.done():
             raise StoreError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -142,8 +150,7 @@ class SqliteStore:
         return await future
 
     async def _write_loop(self) -> None:
-        assert self._db is not None
-        db = self._db
+        loop = asyncio.get_running_loop()
         stopping = False
         while not stopping:
             item = await self._jobs.get()
@@ -156,64 +163,64 @@ class SqliteStore:
                 if stopping or len(batch) >= BATCH_LIMIT or self._jobs.empty():
                     break
                 item = self._jobs.get_nowait()
-            if batch:
-                await self._run_batch(db, batch)
-
-    async def _run_batch(
-        self, db: aiosqlite.Connection, batch: list[tuple[Job, asyncio.Future[Any]]]
-    ) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        self._events = []
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            log.error("store: cannot begin a transaction: %s", exc)
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(StoreError(f"store unavailable: {exc}"))
-            return
-        for job, future in batch:
-            mark = len(self._events)
-            await db.execute("SAVEPOINT job")
-            try:
-                result = await job(db)
-            except Exception as exc:  # one failing job must not spoil the batch
-                del self._events[mark:]
-                await db.execute("ROLLBACK TO job")
-                await db.execute("RELEASE job")
-                results.append((future, None, exc))
-            else:
-                await db.execute("RELEASE job")
-                results.append((future, result, None))
-        try:
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.error("store: commit failed: %s", exc)
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            for future, _, _ in results:
-                if not future.done():
-                    future.set_exception(StoreError(f"commit failed: {exc}"))
-            return
-        self.batches += 1
-        self.jobs_run += len(batch)
-        events, self._events = self._events, []
-        for future, result, error in results:
-            if future.done():
+            if not batch:
                 continue
-            if error is not None:
-                log.error("store job failed: %r", error)
-                future.set_exception(
-                    error if isinstance(error, StoreError) else StoreError(str(error))
-                )
-            else:
-                future.set_result(result)
-        if self._on_commit is not None and events:
-            self._on_commit(events)
+            jobs = [job for job, _ in batch]
+            try:
+                outcomes, events = await loop.run_in_executor(self._thread, self._run_batch, jobs)
+            except sqlite3.Error as exc:
+                log.error("store: batch of %d not committed: %s", len(batch), exc)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StoreError(f"store unavailable: {exc}"))
+                continue
+            self.batches += 1
+            self.jobs_run += len(batch)
+            for (_, future), (result, error) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if error is not None:
+                    log.error("store job failed: %r", error)
+                    future.set_exception(
+                        error if isinstance(error, StoreError) else StoreError(str(error))
+                    )
+                else:
+                    future.set_result(result)
+            if self._on_commit is not None and events:
+                self._on_commit(events)
 
-    async def _insert_events(self, db: aiosqlite.Connection, events: Sequence[Event]) -> None:
+    def _run_batch(self, jobs: list[Job]) -> tuple[list[tuple[Any, Exception | None]], list[Event]]:
+        """On the writer thread: every job in one transaction, a savepoint each, one commit."""
+        db = self._db
+        assert db is not None
+        self._events = []
+        outcomes: list[tuple[Any, Exception | None]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for job in jobs:
+                mark = len(self._events)
+                db.execute("SAVEPOINT job")
+                try:
+                    result = job(db)
+                except Exception as exc:  # one failing job must not spoil the batch
+                    del self._events[mark:]
+                    db.execute("ROLLBACK TO job")
+                    db.execute("RELEASE job")
+                    outcomes.append((None, exc))
+                else:
+                    db.execute("RELEASE job")
+                    outcomes.append((result, None))
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        events, self._events = self._events, []
+        return outcomes, events
+
+    def _insert_events(self, db: sqlite3.Connection, events: Sequence[Event]) -> None:
         if events:
-            await db.executemany(
+            db.executemany(
                 f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * 18)})",
                 [_event_row(e) for e in events],
             )
@@ -225,7 +232,7 @@ class SqliteStore:
         """Claim, spool and record in one transaction; only then may the client get 250."""
         return await self._run(lambda db: self._accept(db, sub))
 
-    async def _accept(self, db: aiosqlite.Connection, sub: Submission) -> Acceptance:
+    def _accept(self, db: sqlite3.Connection, sub: Submission) -> Acceptance:
         by_norm = {normalise_rcpt(r): r for r in sub.recipients}
         claim = sub.claim
         forwarded: list[str] = list(sub.recipients)
@@ -257,7 +264,7 @@ class SqliteStore:
                     now,
                     now + claim.window,
                 ]
-            inserted = await db.execute_fetchall(
+            inserted = db.execute(
                 "INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at,"
                 f" expires_at, pending) VALUES {placeholders}"
                 " ON CONFLICT (scope, key, rcpt) DO UPDATE SET queue_id = excluded.queue_id,"
@@ -266,22 +273,22 @@ class SqliteStore:
                 " WHERE claims.expires_at <= ? AND claims.pending = 0"
                 " RETURNING rcpt",
                 [*params, now],
-            )
+            ).fetchall()
             claimed = {row[0] for row in inserted}
             others: Iterable[sqlite3.Row] = []
             if len(claimed) < len(rows) or claim.strategy != "fingerprint":
-                others = await db.execute_fetchall(
+                others = db.execute(
                     "SELECT rcpt, queue_id, fingerprint FROM claims"
                     " WHERE scope = ? AND key = ? AND queue_id <> ?"
                     " AND (expires_at > ? OR pending = 1) ORDER BY claimed_at",
                     (claim.scope, claim.namespaced, sub.queue_id, now),
-                )
+                ).fetchall()
             others = list(others)
             conflicting = [o for o in others if o[2] != claim.fingerprint]
             if conflicting:
                 original = str(conflicting[0][1])
                 if claimed:
-                    await db.execute("DELETE FROM claims WHERE queue_id = ?", (sub.queue_id,))
+                    db.execute("DELETE FROM claims WHERE queue_id = ?", (sub.queue_id,))
                 action = claim.on_conflict
                 events.append(
                     Event(
@@ -294,7 +301,7 @@ class SqliteStore:
                     )
                 )
                 if action != "forward":
-                    await self._insert_events(db, events)
+                    self._insert_events(db, events)
                     return Acceptance(sub.queue_id, (), conflict_with=original)
             else:
                 for rcpt, original, _ in others:
@@ -317,7 +324,7 @@ class SqliteStore:
                     elif claim.on_duplicate == "tag" and not claim.shadow:
                         duplicate_of = duplicates[0][1]
         if forwarded:
-            await self._spool(db, sub, tuple(forwarded), duplicate_of)
+            self._spool(db, sub, tuple(forwarded), duplicate_of)
             events.insert(
                 0,
                 Event(
@@ -328,18 +335,18 @@ class SqliteStore:
                     **common,
                 ),
             )
-        await self._insert_events(db, events)
+        self._insert_events(db, events)
         return Acceptance(sub.queue_id, tuple(forwarded), tuple(duplicates))
 
-    async def _spool(
+    def _spool(
         self,
-        db: aiosqlite.Connection,
+        db: sqlite3.Connection,
         sub: Submission,
         recipients: tuple[str, ...],
         duplicate_of: str | None,
     ) -> None:
         claim = sub.claim
-        await db.execute(
+        db.execute(
             "INSERT INTO messages (queue_id, received_at, state, sender, size, message_id, scope,"
             " key, strategy, fingerprint, rule, client, user, helo, smtputf8, body8bit,"
             " duplicate_of, next_attempt) VALUES (?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -363,10 +370,8 @@ class SqliteStore:
                 sub.received_at,
             ),
         )
-        await db.execute(
-            "INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (sub.queue_id, sub.data)
-        )
-        await db.executemany(
+        db.execute("INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (sub.queue_id, sub.data))
+        db.executemany(
             "INSERT INTO recipients (queue_id, rcpt, state, updated_at) VALUES (?, ?, 'queued', ?)",
             [(sub.queue_id, r, sub.received_at) for r in recipients],
         )
@@ -380,28 +385,28 @@ class SqliteStore:
     async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> list[Lease]:
         return await self._run(lambda db: self._lease(db, owner, limit, now, lease_for))
 
-    async def _lease(
-        self, db: aiosqlite.Connection, owner: str, limit: int, now: float, lease_for: float
+    def _lease(
+        self, db: sqlite3.Connection, owner: str, limit: int, now: float, lease_for: float
     ) -> list[Lease]:
         rows = list(
-            await db.execute_fetchall(
+            db.execute(
                 "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?,"
                 " attempts = attempts + 1 WHERE queue_id IN (SELECT queue_id FROM messages"
                 " WHERE state = 'queued' AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)"
                 " RETURNING queue_id, sender, received_at, attempts, message_id, key, strategy,"
                 " scope, size, smtputf8, body8bit, duplicate_of",
                 (owner, now + lease_for, now, limit),
-            )
+            ).fetchall()
         )
         if not rows:
             return []
         ids = [row[0] for row in rows]
         rcpts: dict[str, list[str]] = {qid: [] for qid in ids}
-        for qid, rcpt in await db.execute_fetchall(
+        for qid, rcpt in db.execute(
             f"SELECT queue_id, rcpt FROM recipients WHERE state = 'queued'"
             f" AND queue_id IN ({','.join('?' * len(ids))})",
             ids,
-        ):
+        ).fetchall():
             rcpts[qid].append(rcpt)
         return [
             Lease(
@@ -440,16 +445,16 @@ class SqliteStore:
         """Apply an attempt's outcome; returns the message's new state."""
         return await self._run(lambda db: self._update(db, update))
 
-    async def _update(self, db: aiosqlite.Connection, u: Update) -> str:
-        info = await db.execute_fetchall(
+    def _update(self, db: sqlite3.Connection, u: Update) -> str:
+        info = db.execute(
             "SELECT key, strategy, message_id, sender, size, client, user, scope"
             " FROM messages WHERE queue_id = ?",
             (u.queue_id,),
-        )
+        ).fetchall()
         if not info:
             raise StoreError(f"no message {u.queue_id}")
         key, strategy, message_id, sender, size, client, user, scope = next(iter(info))
-        await db.executemany(
+        db.executemany(
             "UPDATE recipients SET state = ?, code = ?, reply = ?, upstream_id = ?, updated_at = ?"
             " WHERE queue_id = ? AND rcpt = ?",
             [
@@ -460,20 +465,20 @@ class SqliteStore:
         settled = [r for r in u.recipients if r.state in ("delivered", "failed", "expired")]
         released = [r for r in settled if r.release]
         if settled:
-            await db.executemany(
+            db.executemany(
                 "UPDATE claims SET pending = 0 WHERE queue_id = ? AND rcpt = ?",
                 [(u.queue_id, normalise_rcpt(r.rcpt)) for r in settled if not r.release],
             )
-            await db.executemany(
+            db.executemany(
                 "DELETE FROM claims WHERE queue_id = ? AND rcpt = ?",
                 [(u.queue_id, normalise_rcpt(r.rcpt)) for r in released],
             )
         counts: dict[str, int] = {
             row[0]: row[1]
-            for row in await db.execute_fetchall(
+            for row in db.execute(
                 "SELECT state, count(*) FROM recipients WHERE queue_id = ? GROUP BY state",
                 (u.queue_id,),
-            )
+            ).fetchall()
         }
         if counts.get("queued"):
             state = "queued"
@@ -481,7 +486,7 @@ class SqliteStore:
             state = "held"
         else:
             state = "done"
-        await db.execute(
+        db.execute(
             "UPDATE messages SET state = ?, next_attempt = ?, lease_owner = NULL,"
             " lease_until = NULL, finished_at = ? WHERE queue_id = ?",
             (
@@ -492,7 +497,7 @@ class SqliteStore:
             ),
         )
         if state == "done" and self.keep_bodies <= 0:
-            await db.execute("DELETE FROM bodies WHERE queue_id = ?", (u.queue_id,))
+            db.execute("DELETE FROM bodies WHERE queue_id = ?", (u.queue_id,))
         common: dict[str, Any] = {
             "queue_id": u.queue_id,
             "key": key,
@@ -528,14 +533,14 @@ class SqliteStore:
                     **common,
                 )
             )
-        await self._insert_events(db, events)
+        self._insert_events(db, events)
         return state
 
     async def unlease(self, queue_id: str, next_attempt: float) -> None:
         """Give back a message whose attempt was stopped before anything reached the upstream."""
 
-        async def job(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def job(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE messages SET state = 'queued', next_attempt = ?, lease_owner = NULL,"
                 " lease_until = NULL, attempts = max(attempts - 1, 0)"
                 " WHERE queue_id = ? AND state = 'sending'",
@@ -548,25 +553,23 @@ class SqliteStore:
         """Messages left mid-attempt by a crash: their fate upstream is unknown (ambiguous)."""
         return await self._run(lambda db: self._recover(db, owner, now, hold))
 
-    async def _recover(
-        self, db: aiosqlite.Connection, owner: str, now: float, hold: bool
-    ) -> list[str]:
+    def _recover(self, db: sqlite3.Connection, owner: str, now: float, hold: bool) -> list[str]:
         stuck = [
             row[0]
-            for row in await db.execute_fetchall(
+            for row in db.execute(
                 "SELECT queue_id FROM messages WHERE state = 'sending'"
                 " AND (lease_owner = ? OR lease_until < ?)",
                 (owner, now),
-            )
+            ).fetchall()
         ]
         for qid in stuck:
             rcpts = [
                 row[0]
-                for row in await db.execute_fetchall(
+                for row in db.execute(
                     "SELECT rcpt FROM recipients WHERE queue_id = ? AND state = 'queued'", (qid,)
-                )
+                ).fetchall()
             ]
-            await self._update(
+            self._update(
                 db,
                 Update(
                     queue_id=qid,
@@ -588,16 +591,16 @@ class SqliteStore:
     async def requeue(self, queue_id: str, now: float) -> int:
         """An operator's decision to send held recipients again."""
 
-        async def job(db: aiosqlite.Connection) -> int:
+        def job(db: sqlite3.Connection) -> int:
             rcpts = [
                 row[0]
-                for row in await db.execute_fetchall(
+                for row in db.execute(
                     "SELECT rcpt FROM recipients WHERE queue_id = ? AND state = 'held'",
                     (queue_id,),
-                )
+                ).fetchall()
             ]
             if rcpts:
-                await self._update(
+                self._update(
                     db,
                     Update(
                         queue_id=queue_id,
@@ -645,22 +648,22 @@ class SqliteStore:
                 break
         return totals
 
-    async def _purge_messages(self, db: aiosqlite.Connection, cutoff: float) -> int:
+    def _purge_messages(self, db: sqlite3.Connection, cutoff: float) -> int:
         ids = [
             (row[0],)
-            for row in await db.execute_fetchall(
+            for row in db.execute(
                 "SELECT queue_id FROM messages WHERE state = 'done' AND finished_at < ? LIMIT ?",
                 (cutoff, PURGE_CHUNK),
-            )
+            ).fetchall()
         ]
         for table in ("recipients", "bodies", "messages"):
-            await db.executemany(f"DELETE FROM {table} WHERE queue_id = ?", ids)
+            db.executemany(f"DELETE FROM {table} WHERE queue_id = ?", ids)
         return len(ids)
 
 
-def _deleter(sql: str, cutoff: float) -> Callable[[aiosqlite.Connection], Awaitable[int]]:
-    async def job(db: aiosqlite.Connection) -> int:
-        cursor = await db.execute(sql, (cutoff, PURGE_CHUNK))
+def _deleter(sql: str, cutoff: float) -> Callable[[sqlite3.Connection], int]:
+    def job(db: sqlite3.Connection) -> int:
+        cursor = db.execute(sql, (cutoff, PURGE_CHUNK))
         return cursor.rowcount
 
     return job
