@@ -1,0 +1,216 @@
+"""Benchmark: end-to-end throughput with Postfix's own load tools on both sides.
+
+    smtp-source (N sessions) --> dedup-relay --> smtp-sink
+    smtp-source (N sessions) --> Postfix     --> smtp-sink      (--postfix, the yardstick)
+
+Prints, for each run: how fast messages were accepted (every 250 is a durable
+commit), how fast they reached the sink, and for the repeat run how many of N
+identical sends were forwarded (must be 1).
+
+    python bench/throughput.py [--messages 5000] [--sessions 20] [--size 2000] [--postfix]
+
+Needs Debian's postfix package (smtp-source, smtp-sink). Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, deadline: float = 15.0) -> None:
+    until = time.monotonic() + deadline
+    while time.monotonic() < until:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise SystemExit(f"nothing listening on 127.0.0.1:{port}")
+
+
+class Sink:
+    """smtp-sink counting messages; its -c counter is the only thing read back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.out = folder / f"sink-{self.port}.txt"
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1000"],
+            stdout=self.out.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_port(self.port)
+
+    def count(self) -> int:
+        found = re.findall(rb"mesg=(\d+)", self.out.read_bytes()[-200:])
+        return int(found[-1]) if found else 0
+
+    def wait_for(self, count: int, deadline: float = 600.0) -> float:
+        until = time.monotonic() + deadline
+        while self.count() < count:
+            if time.monotonic() > until:
+                raise SystemExit(f"sink has {self.count()} of {count} messages")
+            time.sleep(0.01)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+@contextmanager
+def relay(folder: Path, sink_port: int, concurrency: int) -> Iterator[int]:
+    port = free_port()
+    config = {
+        "listen": {"port": port, "max_connections": 1000},
+        "upstream": {"url": f"smtp://127.0.0.1:{sink_port}"},
+        "store": {"path": str(folder / "relay.db")},
+        "delivery": {"concurrency": concurrency},
+        "audit": {"output": "none"},
+        "runtime": {"log_level": "warning"},
+    }
+    path = folder / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stderr=(folder / "relay.log").open("wb"),
+    )
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def load(port: int, messages: int, sessions: int, size: int, fixed: Path | None = None) -> float:
+    command = [
+        "smtp-source",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-f",
+        "app@example.com",
+        "-t",
+        "user@example.org",
+        "-M",
+        "bench.example",
+    ]
+    command += ["-F", str(fixed)] if fixed is not None else ["-l", str(size)]
+    began = time.monotonic()
+    subprocess.run([*command, f"127.0.0.1:{port}"], check=True)
+    return began
+
+
+def report(label: str, messages: int, began: float, accepted: float, delivered: float) -> None:
+    print(
+        f"{label:<34} accepted {messages / (accepted - began):7,.0f} msg/s"
+        f"   delivered {messages / (delivered - began):7,.0f} msg/s"
+        f"   ({delivered - began:5.1f}s for {messages:,})"
+    )
+
+
+def run_relay(args: argparse.Namespace, folder: Path) -> None:
+    sink = Sink(folder)
+    try:
+        for concurrency in args.concurrency:
+            run = folder / f"relay-c{concurrency}"
+            run.mkdir()
+            with relay(run, sink.port, concurrency) as port:
+                base = sink.count()
+                began = load(port, args.messages, args.sessions, args.size)
+                accepted = time.monotonic()
+                delivered = sink.wait_for(base + args.messages)
+                report(
+                    f"dedup-relay (concurrency {concurrency})",
+                    args.messages,
+                    began,
+                    accepted,
+                    delivered,
+                )
+        run = folder / "relay-repeats"
+        run.mkdir()
+        fixed = run / "message.txt"
+        fixed.write_text(
+            "From: app@example.com\nTo: user@example.org\nSubject: your receipt\n"
+            "Message-ID: <same-receipt-1@example.com>\n\nThank you for your order.\n"
+        )
+        with relay(run, sink.port, args.concurrency[0]) as port:
+            base = sink.count()
+            began = load(port, args.messages, args.sessions, args.size, fixed)
+            accepted = time.monotonic()
+            sink.wait_for(base + 1)
+            time.sleep(1.0)  # a benchmark may sleep: anything forwarded late would show here
+            forwarded = sink.count() - base
+            print(
+                f"{'dedup-relay, identical sends':<34} accepted "
+                f"{args.messages / (accepted - began):7,.0f} msg/s"
+                f"   forwarded {forwarded} of {args.messages:,}"
+            )
+    finally:
+        sink.stop()
+
+
+def run_postfix(args: argparse.Namespace, folder: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from tests.mta import Postfix  # the test harness knows how to run a private Postfix
+
+    sink = Sink(folder)
+    try:
+        with Postfix(relayhost=sink.port) as postfix:
+            began = load(postfix.port, args.messages, args.sessions, args.size)
+            accepted = time.monotonic()
+            delivered = sink.wait_for(args.messages)
+            report("Postfix 3 (same load, same sink)", args.messages, began, accepted, delivered)
+    finally:
+        sink.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=2000, help="body bytes per message")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--postfix", action="store_true", help="also measure Postfix itself")
+    args = parser.parse_args()
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
+    folder = Path(tempfile.mkdtemp(prefix="throughput-"))
+    print(
+        f"{args.messages:,} messages of {args.size:,} bytes over {args.sessions} sessions; "
+        f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}"
+    )
+    try:
+        run_relay(args, folder)
+        if args.postfix:
+            run_postfix(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
