@@ -256,3 +256,30 @@ async def test_sigterm_finishes_the_upstream_transaction_under_way(
     )
     await asyncio.wait_for(relay.stop(), 10)
     assert len(upstream.messages) == 1
+
+
+async def test_wrong_upstream_password_defers_and_never_fails_the_mail(
+    make_relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_PASSWORD", "wrong")
+    auth_upstream = Upstream(auth=("relayuser", "right"))
+    await auth_upstream.start()
+    try:
+        relay = await make_relay(
+            upstream={
+                "url": f"smtp://127.0.0.1:{auth_upstream.port}",
+                "username": "relayuser",
+                "password_env": "TEST_UPSTREAM_PASSWORD",
+            }
+        )
+        await send(relay.port, make_message())
+        await eventually(
+            lambda: relay.rows("SELECT 1 FROM events WHERE event = 'deferred' LIMIT 1 OFFSET 1"),
+            what="two deferrals",
+        )
+        [deferred, *_] = await relay.events("deferred")
+        assert deferred["code"] == 535
+        assert await relay.events("failed") == []
+        assert await relay.rows("SELECT state FROM recipients") == [("queued",)]
+    finally:
+        await auth_upstream.stop()

@@ -22,9 +22,14 @@ class Kind(StrEnum):
 
 
 def classify(code: int, stage: str = "data") -> Kind:
+    """`stage` is session (greeting, EHLO, STARTTLS, AUTH), mail, rcpt or data."""
     if 200 <= code < 300:
         return Kind.DELIVERED
     if 500 <= code < 600:
+        # A refusal before MAIL judges the relay (a bad password, a blocked IP), not the
+        # message: failing every queued message for it would lose mail that got a 250.
+        if stage == "session":
+            return Kind.TEMPORARY
         # RFC 5321 4.5.3.1.10: 552 to RCPT means "too many recipients", a temporary condition.
         if code == 552 and stage == "rcpt":
             return Kind.TEMPORARY
@@ -32,10 +37,12 @@ def classify(code: int, stage: str = "data") -> Kind:
     return Kind.TEMPORARY
 
 
-def classify_error(error: BaseException, *, payload_sent: bool) -> tuple[Kind, int | None, str]:
-    """A failure without an SMTP reply of its own: timeouts, lost connections, TLS trouble."""
+def classify_error(
+    error: BaseException, *, payload_sent: bool, stage: str = "data"
+) -> tuple[Kind, int | None, str]:
+    """A failure as an exception: a refusal, a timeout, a lost connection, TLS trouble."""
     if isinstance(error, aiosmtplib.SMTPResponseException):
-        return classify(error.code), error.code, error.message
+        return classify(error.code, stage), error.code, error.message
     text = _describe(error)
     if payload_sent and isinstance(error, aiosmtplib.SMTPException | OSError | TimeoutError):
         return Kind.AMBIGUOUS, None, f"connection lost after the message was sent: {text}"

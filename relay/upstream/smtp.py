@@ -33,6 +33,7 @@ class SmtpTransport:
         self.config = config
         self.name = f"{config.scheme}://{config.host}:{config.port}"
         self.payload_sent = False
+        self._stage = "session"
         self._client: aiosmtplib.SMTP | None = None
         self._sent = 0
         self._last_used = 0.0
@@ -74,10 +75,13 @@ class SmtpTransport:
     async def send(self, message: Outgoing) -> Attempt:
         started = time.monotonic()
         self.payload_sent = False
+        self._stage = "session"
         try:
             results, upstream_id = await self._send(message)
         except Exception as exc:
-            kind, code, text = classify_error(exc, payload_sent=self.payload_sent)
+            kind, code, text = classify_error(
+                exc, payload_sent=self.payload_sent, stage=self._stage
+            )
             await self.close()
             results = tuple(RecipientResult(r, kind, code, text) for r in message.recipients)
             upstream_id = None
@@ -86,13 +90,16 @@ class SmtpTransport:
 
     async def _send(self, message: Outgoing) -> tuple[tuple[RecipientResult, ...], str | None]:
         client, reused = await self._connection()
+        self._stage = "mail"
         try:
             await self._mail(client, message)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError, aiosmtplib.SMTPTimeoutError):
             if not reused:
                 raise
             await self.close()  # a stale reused connection: nothing was sent yet, so reconnect
+            self._stage = "session"
             client, _ = await self._connection()
+            self._stage = "mail"
             await self._mail(client, message)
         self._sent += 1
         encoding = "utf-8" if message.smtputf8 else "ascii"
