@@ -32,7 +32,12 @@ EVENTS = (
 
 @dataclass(frozen=True)
 class Event:
-    """One audit record; `original` names the first message a duplicate or conflict refers to."""
+    """One audit record.
+
+    `original` names the first message a duplicate or conflict refers to, and `action` what was
+    done about it: drop, reject, tag or shadow for a duplicate; reject, drop or forward for a
+    conflict. Only drop and reject keep a repeat from the upstream.
+    """
 
     ts: float
     event: str
@@ -51,6 +56,7 @@ class Event:
     upstream_id: str | None = None
     duration: float | None = None
     original: str | None = None
+    action: str | None = None
     detail: str | None = None
 
 

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = load(args.config)
+        config = load(args.config, check_paths=args.command in ("serve", "check-config"))
         handlers: dict[str, Callable[[], int]] = {
             "serve": lambda: _serve(config),
             "check-config": lambda: _check_config(config, args.config),

@@ -601,7 +601,8 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     return config
 
 
-def load(path: str | Path) -> Config:
+def load(path: str | Path, *, check_paths: bool = True) -> Config:
+    """`check_paths=False` for commands that only read: they must not create directories."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -612,7 +613,7 @@ def load(path: str | Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
-    return from_mapping(raw)
+    return from_mapping(raw, check_paths=check_paths)
 
 
 def _replace(obj: T, **changes: Any) -> T:

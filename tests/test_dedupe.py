@@ -235,7 +235,7 @@ async def test_shadow_mode_forwards_everything_and_records_what_it_would_drop(
     await upstream.wait_for(3)
     duplicates = await relay.events("duplicate")
     assert len(duplicates) == 2
-    assert all(d["detail"] == "action=shadow" for d in duplicates)
+    assert all(d["action"] == "shadow" for d in duplicates)
 
 
 async def test_mode_off_forwards_repeats_without_claims(make_relay, upstream: Upstream) -> None:
@@ -373,3 +373,21 @@ async def test_upstream_idempotency_header_is_stable_across_an_ambiguous_retry(
     key = header(delivered.data, "Resend-Idempotency-Key")
     assert len(key) == 1 and key[0].startswith("dedup-relay-")
     assert header(dropped.data, "Resend-Idempotency-Key") == key
+
+
+# --- replicas -----------------------------------------------------------------
+
+
+async def test_two_replicas_sharing_one_store_forward_a_repeat_once(
+    make_relay, upstream: Upstream
+) -> None:
+    first = await make_relay(runtime={"instance": "replica-a"})
+    second = await make_relay(runtime={"instance": "replica-b"})
+    message = make_message(extra={"Idempotency-Key": "shared-store"})
+    replies = await asyncio.gather(*(send(relay.port, message) for relay in (first, second) * 20))
+    assert all(r.code == 250 for r in replies)
+    assert sum("queued as" in r.text for r in replies) == 1
+    await upstream.wait_for(1)
+    await first.idle()
+    assert len(upstream.messages) == 1
+    assert len(await first.events("duplicate")) == 39

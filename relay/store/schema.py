@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS events (
     upstream_id TEXT,
     duration    REAL,
     original    TEXT,
+    action      TEXT,
     detail      TEXT
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);

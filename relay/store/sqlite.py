@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from relay.audit import Event
+from relay.audit import FIELDS, Event
 from relay.store import (
     Acceptance,
     Lease,
@@ -39,10 +39,8 @@ Job = Callable[[sqlite3.Connection], Any]
 BATCH_LIMIT = 512
 PURGE_CHUNK = 5000
 
-_EVENT_COLUMNS = (
-    "ts, event, queue_id, key, strategy, message_id, sender, rcpts, size, client, user, "
-    "upstream, code, reply, upstream_id, duration, original, detail"
-)
+_EVENT_COLUMNS = ", ".join(FIELDS)
+_EVENT_INSERT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * len(FIELDS))})"
 
 
 def normalise_rcpt(rcpt: str) -> str:
@@ -51,26 +49,7 @@ def normalise_rcpt(rcpt: str) -> str:
 
 
 def _event_row(e: Event) -> tuple[Any, ...]:
-    return (
-        e.ts,
-        e.event,
-        e.queue_id,
-        e.key,
-        e.strategy,
-        e.message_id,
-        e.sender,
-        ",".join(e.rcpts),
-        e.size,
-        e.client,
-        e.user,
-        e.upstream,
-        e.code,
-        e.reply,
-        e.upstream_id,
-        e.duration,
-        e.original,
-        e.detail,
-    )
+    return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
 
 
 async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:
@@ -220,10 +199,7 @@ class SqliteStore:
 
     def _insert_events(self, db: sqlite3.Connection, events: Sequence[Event]) -> None:
         if events:
-            db.executemany(
-                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * 18)})",
-                [_event_row(e) for e in events],
-            )
+            db.executemany(_EVENT_INSERT, [_event_row(e) for e in events])
             self._events.extend(events)
 
     # --- the front half ----------------------------------------------------
@@ -296,7 +272,8 @@ class SqliteStore:
                         event="conflict",
                         rcpts=sub.recipients,
                         original=original,
-                        detail=f"action={action}; same key, different content",
+                        action=action,
+                        detail="same key, different content",
                         **common,
                     )
                 )
@@ -315,7 +292,8 @@ class SqliteStore:
                             event="duplicate",
                             rcpts=tuple(r for r, _ in duplicates),
                             original=duplicates[0][1],
-                            detail=f"action={shown}" + (f"; rule={sub.rule}" if sub.rule else ""),
+                            action=shown,
+                            detail=f"rule={sub.rule}" if sub.rule else None,
                             **common,
                         )
                     )
