@@ -1,0 +1,359 @@
+"""Read-only queries over the store for the review commands (log, show, stats).
+
+It opens its own read-only connection: in WAL mode readers never block the
+writer, so an operator can dig into an incident while the relay keeps taking
+mail. Every query runs inside one read transaction, so a report is one snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from relay.audit import FIELDS, Event
+from relay.keys import normalise_message_id
+from relay.store.sqlite import connect
+
+_COLUMNS = ", ".join(FIELDS)
+_RCPTS = FIELDS.index("rcpts")
+PENDING_STATES = ("queued", "sending", "held")
+
+
+class ReadError(Exception):
+    """The store cannot be read; the message names the file and why, for one line on stderr."""
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Every field narrows the selection; None (or empty) means "any"."""
+
+    since: float | None = None
+    until: float | None = None
+    events: tuple[str, ...] = ()
+    message_id: str | None = None
+    key: str | None = None
+    rcpt: str | None = None
+    sender: str | None = None
+    client: str | None = None
+    limit: int = 1000
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """The newest events that match, oldest first; `more` says older matches were left out."""
+
+    events: tuple[Event, ...]
+    more: bool
+
+
+@dataclass(frozen=True)
+class MessageState:
+    queue_id: str
+    state: str
+    received_at: float
+    sender: str
+    size: int
+    message_id: str | None
+    key: str | None
+    strategy: str | None
+    client: str | None
+    attempts: int
+    next_attempt: float | None
+    finished_at: float | None
+    duplicate_of: str | None
+
+
+@dataclass(frozen=True)
+class RecipientState:
+    queue_id: str
+    rcpt: str
+    state: str
+    code: int | None
+    reply: str | None
+    upstream_id: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One message and every repeat suppressed against it, as the store remembers them."""
+
+    queue_id: str
+    message: MessageState | None
+    recipients: tuple[RecipientState, ...]
+    repeats: tuple[str, ...]
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True)
+class Count:
+    name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    state: str
+    messages: int
+    oldest: float | None
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds from `received` to `delivered` for the same queue id (nearest-rank percentiles)."""
+
+    count: int
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+@dataclass(frozen=True)
+class Stats:
+    since: float
+    until: float
+    events: tuple[Count, ...]
+    duplicates_by_action: tuple[Count, ...]
+    duplicates_by_strategy: tuple[Count, ...]
+    duplicates_by_client: tuple[Count, ...]
+    queue: tuple[QueueDepth, ...]
+    latency: Latency
+
+    @property
+    def pending(self) -> int:
+        return sum(q.messages for q in self.queue)
+
+    @property
+    def oldest_pending(self) -> float | None:
+        return min((q.oldest for q in self.queue if q.oldest is not None), default=None)
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float | None:
+    """Nearest rank: always a latency that really happened, never an interpolation."""
+    if not ordered:
+        return None
+    rank = max(math.ceil(fraction * len(ordered)), 1)
+    return ordered[rank - 1]
+
+
+def _event(row: Iterable[Any]) -> Event:
+    values = list(row)
+    values[_RCPTS] = tuple(r for r in (values[_RCPTS] or "").split(",") if r)
+    return Event(*values)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _where(f: EventFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if f.since is not None:
+        clauses.append("ts >= ?")
+        params.append(f.since)
+    if f.until is not None:
+        clauses.append("ts <= ?")
+        params.append(f.until)
+    if f.events:
+        clauses.append(f"event IN ({','.join('?' * len(f.events))})")
+        params += f.events
+    if f.message_id is not None:
+        clauses.append("message_id = ?")
+        params.append(normalise_message_id(f.message_id) or f.message_id)
+    if f.key is not None:
+        clauses.append("key = ?")
+        params.append(f.key)
+    if f.rcpt is not None:
+        # One whole address of the comma-joined list; LIKE is case-insensitive for ASCII.
+        clauses.append("',' || rcpts || ',' LIKE ? ESCAPE '\\'")
+        params.append(f"%,{_like_escape(f.rcpt.strip())},%")
+    if f.sender is not None:
+        clauses.append("sender = ? COLLATE NOCASE")
+        params.append(f.sender.strip())
+    if f.client is not None:
+        clauses.append("client = ?")
+        params.append(f.client.strip())
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+class Reader:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return [tuple(row) for row in await cursor.fetchall()]
+        except sqlite3.Error as exc:
+            raise ReadError(f"cannot read the store: {exc}") from None
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Reader]:
+        """One read transaction, so counts and timelines agree with each other."""
+        await self._rows("BEGIN")
+        try:
+            yield self
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("COMMIT")
+
+    # --- log ---------------------------------------------------------------
+
+    async def events(self, f: EventFilter) -> EventPage:
+        where, params = _where(f)
+        rows = await self._rows(
+            f"SELECT {_COLUMNS} FROM events{where} ORDER BY ts DESC, id DESC LIMIT ?",
+            [*params, f.limit + 1],
+        )
+        more = len(rows) > f.limit
+        return EventPage(tuple(_event(r) for r in reversed(rows[: f.limit])), more)
+
+    # --- show --------------------------------------------------------------
+
+    async def find(self, ident: str) -> list[str]:
+        """Queue ids an operator's ID names, oldest first, with repeats folded into originals."""
+        ident = ident.strip()
+        message_id = normalise_message_id(ident) or ident
+        rows = await self._rows(
+            "SELECT queue_id, min(ts) FROM ("
+            " SELECT queue_id, ts FROM events WHERE queue_id IN (?, ?)"
+            " UNION ALL SELECT queue_id, ts FROM events WHERE message_id = ?"
+            " UNION ALL SELECT queue_id, ts FROM events WHERE key = ?"
+            " UNION ALL SELECT queue_id, received_at FROM messages WHERE queue_id IN (?, ?)"
+            ") WHERE queue_id IS NOT NULL GROUP BY queue_id ORDER BY min(ts), queue_id",
+            (ident, ident.upper(), message_id, ident, ident, ident.upper()),
+        )
+        found = [str(r[0]) for r in rows]
+        if len(found) < 2:
+            return found
+        marks = ",".join("?" * len(found))
+        folded = {
+            str(r[0])
+            for r in await self._rows(
+                f"SELECT DISTINCT queue_id FROM events WHERE queue_id IN ({marks})"
+                f" AND event IN ('duplicate', 'conflict') AND original IN ({marks})",
+                [*found, *found],
+            )
+        }
+        return [q for q in found if q not in folded]
+
+    async def timeline(self, queue_id: str) -> Timeline:
+        repeats = [
+            str(r[0])
+            for r in await self._rows(
+                "SELECT queue_id FROM events WHERE original = ?"
+                " AND event IN ('duplicate', 'conflict') AND queue_id <> ?"
+                " GROUP BY queue_id ORDER BY min(ts)",
+                (queue_id, queue_id),
+            )
+        ]
+        ids = [queue_id, *repeats]
+        marks = ",".join("?" * len(ids))
+        events = await self._rows(
+            f"SELECT {_COLUMNS} FROM events WHERE queue_id IN ({marks}) ORDER BY ts, id", ids
+        )
+        messages = await self._rows(
+            "SELECT queue_id, state, received_at, sender, size, message_id, key, strategy, client,"
+            " attempts, next_attempt, finished_at, duplicate_of FROM messages WHERE queue_id = ?",
+            (queue_id,),
+        )
+        recipients = await self._rows(
+            "SELECT queue_id, rcpt, state, code, reply, upstream_id, updated_at FROM recipients"
+            f" WHERE queue_id IN ({marks})",
+            ids,
+        )
+        order = {q: i for i, q in enumerate(ids)}
+        return Timeline(
+            queue_id=queue_id,
+            message=MessageState(*messages[0]) if messages else None,
+            recipients=tuple(
+                RecipientState(*r) for r in sorted(recipients, key=lambda r: (order[r[0]], r[6]))
+            ),
+            repeats=tuple(repeats),
+            events=tuple(_event(r) for r in events),
+        )
+
+    # --- stats -------------------------------------------------------------
+
+    async def _counts(self, sql: str, params: Sequence[Any]) -> tuple[Count, ...]:
+        return tuple(Count(str(name), int(n)) for name, n in await self._rows(sql, params))
+
+    async def stats(self, since: float, until: float) -> Stats:
+        window = (since, until)
+        by = " FROM events WHERE ts >= ? AND ts <= ? AND event = 'duplicate'"
+        queue = await self._rows(
+            "SELECT state, count(*), min(received_at) FROM messages"
+            f" WHERE state IN ({','.join('?' * len(PENDING_STATES))}) GROUP BY state",
+            PENDING_STATES,
+        )
+        depth = {str(r[0]): QueueDepth(str(r[0]), int(r[1]), r[2]) for r in queue}
+        latencies = sorted(
+            float(r[0])
+            for r in await self._rows(
+                "SELECT d.ts - (SELECT min(r.ts) FROM events r"
+                "  WHERE r.queue_id = d.queue_id AND r.event = 'received')"
+                " FROM events d WHERE d.ts >= ? AND d.ts <= ? AND d.event = 'delivered'",
+                window,
+            )
+            if r[0] is not None
+        )
+        return Stats(
+            since=since,
+            until=until,
+            events=await self._counts(
+                "SELECT event, count(*) FROM events WHERE ts >= ? AND ts <= ?"
+                " GROUP BY event ORDER BY count(*) DESC, event",
+                window,
+            ),
+            duplicates_by_action=await self._counts(
+                f"SELECT coalesce(action, '-'), count(*){by} GROUP BY 1 ORDER BY 2 DESC, 1",
+                window,
+            ),
+            duplicates_by_strategy=await self._counts(
+                f"SELECT coalesce(strategy, '-'), count(*){by} GROUP BY 1 ORDER BY 2 DESC, 1",
+                window,
+            ),
+            duplicates_by_client=await self._counts(
+                f"SELECT coalesce(client, '-'), count(*){by} GROUP BY 1 ORDER BY 2 DESC, 1",
+                window,
+            ),
+            queue=tuple(depth.get(s, QueueDepth(s, 0, None)) for s in PENDING_STATES),
+            latency=Latency(
+                count=len(latencies),
+                p50=percentile(latencies, 0.50),
+                p90=percentile(latencies, 0.90),
+                p99=percentile(latencies, 0.99),
+                max=latencies[-1] if latencies else None,
+            ),
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_reader(path: str) -> AsyncIterator[Reader]:
+    """A reader for an existing store; it never creates one, so a typo cannot make an empty DB."""
+    if not await asyncio.to_thread(Path(path).is_file):
+        raise ReadError(f"no store at {path} (is store.path right, and has the relay run yet?)")
+    try:
+        db = await connect(path, readonly=True)
+    except sqlite3.Error as exc:
+        raise ReadError(f"cannot open the store {path}: {exc}") from None
+    try:
+        tables = await Reader(db)._rows(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            " AND name IN ('events', 'messages', 'recipients')"
+        )
+        if tables[0][0] != 3:
+            raise ReadError(f"{path} is not a dedup-relay store")
+        yield Reader(db)
+    finally:
+        await db.close()
