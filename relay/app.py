@@ -15,6 +15,8 @@ from relay.server import FrontDoor
 from relay.store.sqlite import SqliteStore
 from relay.upstream import Transport, describe, open_transport
 
+__all__ = ["App", "serve"]
+
 log = logging.getLogger("relay")
 
 

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+__all__ = ["EVENTS", "FIELDS", "Emitter", "Event", "iso_time", "to_json"]
+
 EVENTS = (
     "received",
     "duplicate",

@@ -19,6 +19,8 @@ import yaml
 from relay import __version__
 from relay.config import Config, ConfigError, load, to_mapping
 
+__all__ = ["DEFAULT_CONFIG", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+
 DEFAULT_CONFIG = "config/relay.yaml"
 EXIT_USAGE = 2
 

@@ -19,6 +19,27 @@ import yaml
 
 from relay.units import UnitError, format_duration, format_size, parse_duration, parse_size
 
+__all__ = [
+    "DEFAULT_KEYS",
+    "DEFAULT_WINDOWS",
+    "AuditConfig",
+    "Config",
+    "ConfigError",
+    "DedupeConfig",
+    "DeliveryConfig",
+    "KeySpec",
+    "ListenConfig",
+    "RuleConfig",
+    "RuleMatch",
+    "RuntimeConfig",
+    "Secret",
+    "StoreConfig",
+    "UpstreamConfig",
+    "from_mapping",
+    "load",
+    "to_mapping",
+]
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DuplicateAction = Literal["drop", "reject", "tag"]
 ConflictAction = Literal["reject", "drop", "forward"]

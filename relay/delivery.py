@@ -21,6 +21,8 @@ from relay.store.sqlite import SqliteStore
 from relay.upstream import Attempt, Outgoing, RecipientResult, Transport, describe
 from relay.upstream.replies import Kind, upstream_queue_id
 
+__all__ = ["HOUSEKEEPING_INTERVAL", "POLL_INTERVAL", "Delivery", "backoff", "idempotency_value"]
+
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0

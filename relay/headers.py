@@ -12,6 +12,18 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.utils import parseaddr
 
+__all__ = [
+    "Field",
+    "address_domain",
+    "decoded",
+    "fields",
+    "fold",
+    "get",
+    "get_all",
+    "prepend",
+    "remove",
+]
+
 _FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _WHITESPACE = re.compile(r"\s+")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import secrets
 import time
 
+__all__ = ["new_queue_id"]
+
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 
 

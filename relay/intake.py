@@ -22,6 +22,8 @@ from relay.ids import new_queue_id
 from relay.store import Acceptance, Claim, StoreError, Submission
 from relay.store.sqlite import SqliteStore, normalise_rcpt
 
+__all__ = ["THREAD_THRESHOLD", "Intake", "Transaction", "unique_recipients"]
+
 log = logging.getLogger(__name__)
 
 # Fingerprinting a large message is CPU work; above this size it leaves the event loop.

@@ -14,6 +14,18 @@ from dataclasses import dataclass
 from relay import headers
 from relay.config import DedupeConfig, KeySpec, Scope
 
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "BadKey",
+    "Key",
+    "derive",
+    "derived_message_id",
+    "header_key",
+    "message_id_key",
+    "normalise_message_id",
+    "scope_value",
+]
+
 MAX_KEY_LENGTH = 255
 _PRINTABLE = re.compile(r"^[\x20-\x7e]+$")
 _ANGLE = re.compile(r"<([^<>]*)>")

@@ -32,6 +32,33 @@ from relay.store.reader import (
 )
 from relay.units import UnitError, parse_duration
 
+__all__ = [
+    "ADDRESS_WIDTH",
+    "DEFAULT_LIMIT",
+    "EVENT_HEADERS",
+    "EXIT_NOT_FOUND",
+    "EXIT_USAGE",
+    "INFO_WIDTH",
+    "add_commands",
+    "clip",
+    "csv_row",
+    "event_filter",
+    "event_row",
+    "format_iso",
+    "format_seconds",
+    "format_time",
+    "info",
+    "parse_events",
+    "parse_limit",
+    "parse_when",
+    "printable",
+    "render_stats",
+    "render_timeline",
+    "reply_text",
+    "run",
+    "table",
+]
+
 DEFAULT_LIMIT = 1000
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 1

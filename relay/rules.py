@@ -12,6 +12,8 @@ from fnmatch import fnmatchcase
 from relay import headers
 from relay.config import Config, DuplicateAction, KeySpec, RuleConfig, Scope
 
+__all__ = ["Policy", "matches", "select"]
+
 
 @dataclass(frozen=True)
 class Policy:

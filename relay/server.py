@@ -17,6 +17,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.config import ListenConfig, Network
 from relay.intake import Intake, Transaction, unique_recipients
 
+__all__ = ["SHUTDOWN_REPLY", "FrontDoor", "Handler", "RelaySMTP", "allowed"]
+
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+__all__ = ["UnitError", "format_duration", "format_size", "parse_duration", "parse_size"]
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 

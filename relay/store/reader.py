@@ -22,6 +22,23 @@ from relay.audit import FIELDS, Event
 from relay.keys import normalise_message_id
 from relay.store.sqlite import connect
 
+__all__ = [
+    "PENDING_STATES",
+    "Count",
+    "EventFilter",
+    "EventPage",
+    "Latency",
+    "MessageState",
+    "QueueDepth",
+    "ReadError",
+    "Reader",
+    "RecipientState",
+    "Stats",
+    "Timeline",
+    "open_reader",
+    "percentile",
+]
+
 _COLUMNS = ", ".join(FIELDS)
 _RCPTS = FIELDS.index("rcpts")
 PENDING_STATES = ("queued", "sending", "held")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["PRAGMAS", "TABLES", "VERSION"]
+
 VERSION = 1
 
 PRAGMAS = (

@@ -31,6 +31,8 @@ from relay.store import (
     schema,
 )
 
+__all__ = ["BATCH_LIMIT", "PURGE_CHUNK", "SqliteStore", "connect", "normalise_rcpt"]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")

@@ -8,6 +8,8 @@ from typing import Protocol
 from relay.config import UpstreamConfig
 from relay.upstream.replies import Kind
 
+__all__ = ["Attempt", "Outgoing", "RecipientResult", "Transport", "describe", "open_transport"]
+
 
 @dataclass(frozen=True)
 class Outgoing:

@@ -18,6 +18,8 @@ from pathlib import Path
 from relay.upstream import Attempt, Outgoing, RecipientResult
 from relay.upstream.replies import Kind, classify_error
 
+__all__ = ["MaildirTransport"]
+
 _CRLF = re.compile(rb"\r\n")
 
 

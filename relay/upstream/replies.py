@@ -13,6 +13,8 @@ from enum import StrEnum
 
 import aiosmtplib
 
+__all__ = ["Kind", "classify", "classify_error", "upstream_queue_id"]
+
 
 class Kind(StrEnum):
     DELIVERED = "delivered"

@@ -16,6 +16,8 @@ from relay.config import UpstreamConfig
 from relay.upstream import Attempt, Outgoing, RecipientResult
 from relay.upstream.replies import Kind, classify, classify_error, upstream_queue_id
 
+__all__ = ["SmtpTransport", "wire_payload"]
+
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
