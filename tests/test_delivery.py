@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Certificates, Upstream, eventually, make_message, send
+from tests.conftest import Certificates, Relay, Upstream, eventually, make_message, send
 
 
 async def test_tempfail_is_retried_until_delivered(make_relay, upstream: Upstream) -> None:
@@ -206,10 +208,12 @@ async def test_implicit_tls_upstream(make_relay, certificates: Certificates) -> 
         await tls_upstream.stop()
 
 
-async def test_upstream_login_uses_password_from_environment(
-    make_relay, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TEST_UPSTREAM_PASSWORD", "s3cret-pass")
+@contextlib.asynccontextmanager
+async def relay_behind_login(
+    make_relay, monkeypatch: pytest.MonkeyPatch, password: str
+) -> AsyncIterator[tuple[Relay, Upstream]]:
+    """A relay whose upstream wants AUTH as relayuser/s3cret-pass; `password` is what it has."""
+    monkeypatch.setenv("TEST_UPSTREAM_PASSWORD", password)
     auth_upstream = Upstream(auth=("relayuser", "s3cret-pass"))
     await auth_upstream.start()
     try:
@@ -220,12 +224,19 @@ async def test_upstream_login_uses_password_from_environment(
                 "password_env": "TEST_UPSTREAM_PASSWORD",
             }
         )
-        await send(relay.port, make_message())
-        [delivered] = await auth_upstream.wait_for(1)
-        assert delivered.login == "relayuser"
-        assert "s3cret-pass" not in repr(relay.app.config)
+        yield relay, auth_upstream
     finally:
         await auth_upstream.stop()
+
+
+async def test_upstream_login_uses_password_from_environment(
+    make_relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with relay_behind_login(make_relay, monkeypatch, "s3cret-pass") as (relay, upstream):
+        await send(relay.port, make_message())
+        [delivered] = await upstream.wait_for(1)
+        assert delivered.login == "relayuser"
+        assert "s3cret-pass" not in repr(relay.app.config)
 
 
 async def test_maildir_upstream_writes_complete_files_a_reader_can_open(
@@ -261,17 +272,7 @@ async def test_sigterm_finishes_the_upstream_transaction_under_way(
 async def test_wrong_upstream_password_defers_and_never_fails_the_mail(
     make_relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TEST_UPSTREAM_PASSWORD", "wrong")
-    auth_upstream = Upstream(auth=("relayuser", "right"))
-    await auth_upstream.start()
-    try:
-        relay = await make_relay(
-            upstream={
-                "url": f"smtp://127.0.0.1:{auth_upstream.port}",
-                "username": "relayuser",
-                "password_env": "TEST_UPSTREAM_PASSWORD",
-            }
-        )
+    async with relay_behind_login(make_relay, monkeypatch, "wrong") as (relay, _):
         await send(relay.port, make_message())
         await eventually(
             lambda: relay.rows("SELECT 1 FROM events WHERE event = 'deferred' LIMIT 1 OFFSET 1"),
@@ -281,5 +282,3 @@ async def test_wrong_upstream_password_defers_and_never_fails_the_mail(
         assert deferred["code"] == 535
         assert await relay.events("failed") == []
         assert await relay.rows("SELECT state FROM recipients") == [("queued",)]
-    finally:
-        await auth_upstream.stop()
