@@ -17,11 +17,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.config import ListenConfig, Network
 from relay.intake import Intake, Transaction, unique_recipients
 
-__all__ = ["SHUTDOWN_REPLY", "FrontDoor", "Handler", "RelaySMTP", "allowed"]
+__all__ = ["NEEDS_SMTPUTF8", "SHUTDOWN_REPLY", "FrontDoor", "Handler", "RelaySMTP", "allowed"]
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
+# RFC 6531 3.4: a non-ASCII mailbox is only accepted in a transaction that declared SMTPUTF8.
+NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address needs MAIL FROM with the SMTPUTF8 parameter"
 
 
 def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
@@ -65,6 +67,8 @@ class Handler:
     ) -> str:
         if self.front.closing:
             return "421 4.3.2 Service shutting down, try again later"
+        if not envelope.smtp_utf8 and not address.isascii():
+            return NEEDS_SMTPUTF8
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -72,6 +76,8 @@ class Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if not envelope.smtp_utf8 and not address.isascii():
+            return NEEDS_SMTPUTF8
         if len(envelope.rcpt_tos) >= self.front.config.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.front.config.max_recipients})"
         envelope.rcpt_tos.append(address)

@@ -163,3 +163,22 @@ async def test_pipelined_transaction_is_answered_in_order(relay: Relay, upstream
     writer.close()
     [delivered] = await upstream.wait_for(1)
     assert delivered.rcpts == ["b@example.org", "c@example.org"]
+
+
+async def test_non_ascii_address_without_smtputf8_is_refused_with_553(relay: Relay) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    await reader.readline()
+    writer.write(b"HELO c\r\n")
+    await reader.readline()
+    writer.write("MAIL FROM:<jörg@example.com>\r\n".encode())
+    assert (await reader.readline()).startswith(b"553 5.6.7")
+    writer.write(b"MAIL FROM:<a@example.com>\r\n")
+    assert (await reader.readline()).startswith(b"250")
+    writer.write("RCPT TO:<zoë@example.org>\r\n".encode())
+    assert (await reader.readline()).startswith(b"553 5.6.7")
+    writer.write(b"EHLO c\r\n")
+    while (await reader.readline())[3:4] == b"-":
+        pass
+    writer.write("MAIL FROM:<jörg@example.com> SMTPUTF8\r\n".encode())
+    assert (await reader.readline()).startswith(b"250")
+    writer.close()

@@ -49,7 +49,7 @@ def classify_error(
     if payload_sent and isinstance(error, aiosmtplib.SMTPException | OSError | TimeoutError):
         return Kind.AMBIGUOUS, None, f"connection lost after the message was sent: {text}"
     if isinstance(error, UnicodeEncodeError):
-        return Kind.PERMANENT, None, "address needs SMTPUTF8, which the upstream does not offer"
+        return Kind.PERMANENT, None, "a non-ASCII address in a message not sent with SMTPUTF8"
     return Kind.TEMPORARY, None, text
 
 
