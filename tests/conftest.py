@@ -421,8 +421,11 @@ class RelayProcess:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.kill()
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
 
 
 @pytest.fixture

@@ -136,6 +136,7 @@ async def test_client_stalled_in_data_is_disconnected(make_relay) -> None:
         await reader.readline()
     writer.write(b"Subject: half a message\r\n")
     assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
     assert await relay.rows("SELECT count(*) FROM messages") == [(0,)]
 
 
