@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from relay import headers
 from relay.config import Config
-from relay.store import Lease, RecipientState, RecipientUpdate, Update
+from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Update
 from relay.store.sqlite import SqliteStore
 from relay.upstream import Attempt, Outgoing, RecipientResult, Transport, describe
 from relay.upstream.replies import Kind, upstream_queue_id
@@ -124,28 +124,22 @@ class Delivery:
             # Cleared before looking, so a wake-up that arrives while leasing is not lost.
             self._wake.clear()
             free = concurrency - self._in_flight
-            leased = 0
-            if free > 0:
-                try:
-                    leases = await self.store.lease(
-                        self.instance, free, time.time(), self.lease_for
-                    )
-                except Exception:
-                    log.exception("could not lease messages for delivery")
-                    leases = []
-                for lease in leases:
-                    self._in_flight += 1
-                    self._queue.put_nowait(lease)
-                leased = len(leases)
-            if free <= 0 or leased == free:
+            if free <= 0:
                 await self._wake.wait()
                 continue
-            if leased:
+            try:
+                batch = await self.store.lease(self.instance, free, time.time(), self.lease_for)
+            except Exception:
+                log.exception("could not lease messages for delivery")
+                batch = LeaseBatch((), None)
+            for lease in batch.leases:
+                self._in_flight += 1
+                self._queue.put_nowait(lease)
+            if batch.leases:
                 continue
             timeout = POLL_INTERVAL
-            due = await self.store.next_due()
-            if due is not None:
-                timeout = min(POLL_INTERVAL, max(due - time.time(), 0.0))
+            if batch.next_due is not None:
+                timeout = min(POLL_INTERVAL, max(batch.next_due - time.time(), 0.0))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(timeout, 0.01))
 
@@ -172,7 +166,7 @@ class Delivery:
                 self._wake.set()
 
     async def _attempt(self, lease: Lease, transport: Transport) -> None:
-        body = await self.store.body(lease.queue_id)
+        body = lease.data if lease.data is not None else await self.store.body(lease.queue_id)
         if body is None or not lease.recipients:
             results = tuple(
                 RecipientResult(r, Kind.PERMANENT, None, "spooled body missing")

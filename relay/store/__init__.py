@@ -82,6 +82,15 @@ class Lease:
     smtputf8: bool
     body8bit: bool
     duplicate_of: str | None
+    data: bytes | None = None  # small bodies ride along with the lease; large ones are read apart
+
+
+@dataclass(frozen=True)
+class LeaseBatch:
+    """What one lease round took, and when the next message falls due (None: nothing queued)."""
+
+    leases: tuple[Lease, ...]
+    next_due: float | None
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ __all__ = [
     "Claim",
     "Event",
     "Lease",
+    "LeaseBatch",
     "RecipientUpdate",
     "StoreError",
     "Submission",

@@ -7,10 +7,11 @@ __all__ = ["PRAGMAS", "TABLES", "VERSION"]
 VERSION = 1
 
 PRAGMAS = (
+    # First, so that processes opening one store at once wait for each other's set-up.
+    "PRAGMA busy_timeout=10000",
     "PRAGMA journal_mode=WAL",
     # FULL: a commit survives power loss, not only a crash of this process.
     "PRAGMA synchronous=FULL",
-    "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=OFF",
 )
 

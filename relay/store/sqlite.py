@@ -24,6 +24,7 @@ from relay.audit import FIELDS, Event
 from relay.store import (
     Acceptance,
     Lease,
+    LeaseBatch,
     RecipientUpdate,
     StoreError,
     Submission,
@@ -31,7 +32,14 @@ from relay.store import (
     schema,
 )
 
-__all__ = ["BATCH_LIMIT", "PURGE_CHUNK", "SqliteStore", "connect", "normalise_rcpt"]
+__all__ = [
+    "BATCH_LIMIT",
+    "INLINE_BODY_LIMIT",
+    "PURGE_CHUNK",
+    "SqliteStore",
+    "connect",
+    "normalise_rcpt",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
 
 BATCH_LIMIT = 512
+# Bodies up to this size are read in the lease itself, sparing a round-trip per message.
+INLINE_BODY_LIMIT = 256 * 1024
 PURGE_CHUNK = 5000
 
 _EVENT_COLUMNS = ", ".join(FIELDS)
@@ -87,7 +97,7 @@ class SqliteStore:
 
     def _open_writer(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
         for pragma in schema.PRAGMAS:
             db.execute(pragma)
         db.executescript(schema.TABLES)
@@ -362,33 +372,46 @@ class SqliteStore:
 
     # --- the back half -----------------------------------------------------
 
-    async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> list[Lease]:
+    async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> LeaseBatch:
         return await self._run(lambda db: self._lease(db, owner, limit, now, lease_for))
 
     def _lease(
         self, db: sqlite3.Connection, owner: str, limit: int, now: float, lease_for: float
-    ) -> list[Lease]:
-        rows = list(
-            db.execute(
-                "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?,"
-                " attempts = attempts + 1 WHERE queue_id IN (SELECT queue_id FROM messages"
-                " WHERE state = 'queued' AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)"
-                " RETURNING queue_id, sender, received_at, attempts, message_id, key, strategy,"
-                " scope, size, smtputf8, body8bit, duplicate_of",
-                (owner, now + lease_for, now, limit),
-            ).fetchall()
-        )
+    ) -> LeaseBatch:
+        rows = db.execute(
+            "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?,"
+            " attempts = attempts + 1 WHERE queue_id IN (SELECT queue_id FROM messages"
+            " WHERE state = 'queued' AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)"
+            " RETURNING queue_id, sender, received_at, attempts, message_id, key, strategy,"
+            " scope, size, smtputf8, body8bit, duplicate_of",
+            (owner, now + lease_for, now, limit),
+        ).fetchall()
+        (next_due,) = db.execute(
+            "SELECT min(next_attempt) FROM messages WHERE state = 'queued'"
+        ).fetchone()
         if not rows:
-            return []
+            return LeaseBatch((), next_due)
         ids = [row[0] for row in rows]
+        marks = ",".join("?" * len(ids))
         rcpts: dict[str, list[str]] = {qid: [] for qid in ids}
         for qid, rcpt in db.execute(
-            f"SELECT queue_id, rcpt FROM recipients WHERE state = 'queued'"
-            f" AND queue_id IN ({','.join('?' * len(ids))})",
+            "SELECT queue_id, rcpt FROM recipients"
+            f" WHERE state = 'queued' AND queue_id IN ({marks})",
             ids,
         ).fetchall():
             rcpts[qid].append(rcpt)
-        return [
+        small = [row[0] for row in rows if row[8] <= INLINE_BODY_LIMIT]
+        bodies: dict[str, bytes] = {}
+        if small:
+            bodies = {
+                qid: bytes(data)
+                for qid, data in db.execute(
+                    f"SELECT queue_id, data FROM bodies WHERE queue_id IN"
+                    f" ({','.join('?' * len(small))})",
+                    small,
+                ).fetchall()
+            }
+        leases = tuple(
             Lease(
                 queue_id=r[0],
                 sender=r[1],
@@ -403,9 +426,11 @@ class SqliteStore:
                 smtputf8=bool(r[9]),
                 body8bit=bool(r[10]),
                 duplicate_of=r[11],
+                data=bodies.get(r[0]),
             )
-            for r in sorted(rows, key=lambda row: ids.index(row[0]))
-        ]
+            for r in rows
+        )
+        return LeaseBatch(leases, next_due)
 
     async def body(self, queue_id: str) -> bytes | None:
         async with self.reader.execute(
@@ -413,13 +438,6 @@ class SqliteStore:
         ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else bytes(row[0])
-
-    async def next_due(self) -> float | None:
-        async with self.reader.execute(
-            "SELECT min(next_attempt) FROM messages WHERE state = 'queued'"
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None or row[0] is None else float(row[0])
 
     async def update(self, update: Update) -> str:
         """Apply an attempt's outcome; returns the message's new state."""
