@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import yaml
 
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the relay in the foreground")
     _config_arg(serve)
+    serve.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="this process's name in delivery leases (overrides runtime.instance); give each"
+        " process sharing a store its own",
+    )
 
     check = commands.add_parser("check-config", help="validate and print the effective config")
     _config_arg(check)
@@ -89,6 +96,14 @@ def _serve(config: Config) -> int:
     return 0
 
 
+def _with_instance(config: Config, instance: str | None) -> Config:
+    if instance is None:
+        return config
+    if not instance.strip():
+        raise UsageError("--instance: needs a non-empty name")
+    return replace(config, runtime=replace(config.runtime, instance=instance.strip()))
+
+
 def _check_config(config: Config, path: str) -> int:
     print(f"# {path}: valid. Effective config (secrets masked):")
     print(yaml.safe_dump(to_mapping(config), sort_keys=False, allow_unicode=True), end="")
@@ -120,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.config, check_paths=args.command in ("serve", "check-config"))
         handlers: dict[str, Callable[[], int]] = {
-            "serve": lambda: _serve(config),
+            "serve": lambda: _serve(_with_instance(config, args.instance)),
             "check-config": lambda: _check_config(config, args.config),
             "requeue": lambda: _requeue(config, args.queue_id),
         }

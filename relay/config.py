@@ -81,6 +81,7 @@ class ListenConfig:
     max_message_size: int = 25_000_000
     max_recipients: int = 100
     max_connections: int = 200
+    reuse_port: bool = False
     command_timeout: float = 300.0
     data_timeout: float = 300.0
 
@@ -457,6 +458,7 @@ def _listen(raw: object) -> ListenConfig:
         max_message_size=s.get("max_message_size", _size, d.max_message_size),
         max_recipients=s.get("max_recipients", _int_at_least(1), d.max_recipients),
         max_connections=s.get("max_connections", _int_at_least(1), d.max_connections),
+        reuse_port=s.get("reuse_port", _bool, False),
         command_timeout=s.get("command_timeout", _duration, d.command_timeout),
         data_timeout=s.get("data_timeout", _duration, d.data_timeout),
     )

@@ -213,7 +213,11 @@ class FrontDoor:
 
     async def start(self) -> None:
         self._server = await asyncio.get_running_loop().create_server(
-            self._protocol, host=self.config.host, port=self.config.port, reuse_address=True
+            self._protocol,
+            host=self.config.host,
+            port=self.config.port,
+            reuse_address=True,
+            reuse_port=self.config.reuse_port,
         )
 
     async def stop(self, grace: float) -> None:
