@@ -385,13 +385,15 @@ class RelayProcess:
         self.config_path = config_path
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
+        self.instance: str | None = None
         self.port = 0
         self.stderr_lines: list[str] = []
 
     def start(self, timeout: float = DEADLINE) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        extra = ["--instance", self.instance] if self.instance else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path), *extra],
             cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

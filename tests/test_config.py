@@ -139,3 +139,11 @@ def test_console_script_and_module_both_run() -> None:
     script = Path(sys.executable).with_name("dedup-relay")
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == module.stdout
+
+
+def test_empty_instance_name_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"store": {"path": str(tmp_path / "relay.db")}}))
+    result = run_cli("serve", "--config", str(path), "--instance", " ", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "dedup-relay: error: --instance: needs a non-empty name"

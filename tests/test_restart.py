@@ -134,3 +134,24 @@ async def test_sigterm_hangs_up_idle_sessions_with_421(
     assert (await reader.readline()).startswith(b"421 4.3.2")
     assert status == 0
     writer.close()
+
+
+async def test_two_processes_sharing_a_port_and_a_store_forward_each_email_once(
+    tmp_path: Path, upstream: Upstream, relay_process
+) -> None:
+    config = process_config(tmp_path, upstream, listen={"reuse_port": True})
+    first, second = relay_process(config), relay_process(config)
+    for process, name in ((first, "one"), (second, "two")):
+        process.instance = name
+        await asyncio.to_thread(process.start)
+    assert first.port == second.port
+    messages = [make_message(f"order {n}", message_id=f"<shared-{n}@x>") for n in range(30)]
+    replies = await asyncio.gather(*(send(first.port, m) for m in messages * 2))
+    assert all(r.code == 250 for r in replies)
+    await eventually(lambda: len(upstream.messages) >= 30, what="30 messages upstream")
+    statuses = await asyncio.gather(
+        asyncio.to_thread(first.terminate), asyncio.to_thread(second.terminate)
+    )
+    assert statuses == [0, 0]
+    assert message_ids(upstream) == Counter({f"<shared-{n}@x>": 1 for n in range(30)})
+    assert store_rows(tmp_path, "SELECT count(*) FROM events WHERE event = 'duplicate'") == [(30,)]
