@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from tests.conftest import Upstream, eventually, free_port, make_message, send
 from tests.test_restart import process_config
@@ -35,20 +38,24 @@ async def test_stream_has_one_json_line_per_stored_event(
     assert all("Thank you" not in json.dumps(line) for line in lines)
 
 
-async def test_stdout_of_the_process_carries_the_stream(
-    tmp_path: Path, upstream: Upstream
-) -> None:
+async def test_stdout_of_the_process_carries_the_stream(tmp_path: Path, upstream: Upstream) -> None:
     config = process_config(tmp_path, upstream, audit={"output": "stdout"})
     config["listen"]["port"] = free_port()
-    import yaml
-
     path = tmp_path / "stdout.yaml"
     path.write_text(yaml.safe_dump(config))
     process = await asyncio.create_subprocess_exec(
-        "python", "-m", "relay", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path,
+        sys.executable,
+        "-m",
+        "relay",
+        "serve",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=tmp_path,
     )
     try:
+
         async def listening() -> bool:
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", config["listen"]["port"])
@@ -69,7 +76,7 @@ async def test_stdout_of_the_process_carries_the_stream(
         await process.wait()
 
 
-async def test_bodies_are_deleted_after_delivery_unless_kept(make_relay, upstream) -> None:
+async def test_bodies_are_deleted_after_delivery(make_relay, upstream: Upstream) -> None:
     relay = await make_relay()
     await send(relay.port, make_message())
     await upstream.wait_for(1)
@@ -102,8 +109,14 @@ async def test_audit_retention_purges_old_events_and_finished_messages(
     await eventually(lambda: relay.events("deferred"), what="a deferral")
     upstream.script.data = []
     await relay.idle()
-    await send(relay.port, make_message("still pending"), rcpts=("nobody@example.org",))
     upstream.script.rcpt = {"nobody@example.org": "451 4.2.0 later"}
+    await send(relay.port, make_message("still pending"), rcpts=("nobody@example.org",))
+    await eventually(
+        lambda: relay.rows(
+            "SELECT 1 FROM events WHERE event = 'deferred' AND rcpts = ?", "nobody@example.org"
+        ),
+        what="the second message deferred",
+    )
     newest = max(e["ts"] for e in await relay.events())
     purged = await relay.store.purge(newest + 1, 0.5)
     assert purged["messages"] == 1
