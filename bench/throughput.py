@@ -79,29 +79,35 @@ class Sink:
 
 
 @contextmanager
-def relay(folder: Path, sink_port: int, concurrency: int) -> Iterator[int]:
+def relay(folder: Path, sink_port: int, processes: int) -> Iterator[int]:
+    """`processes` relays on one port (SO_REUSEPORT) sharing one store, as in production."""
     port = free_port()
     config = {
-        "listen": {"port": port, "max_connections": 1000},
+        "listen": {"port": port, "max_connections": 1000, "reuse_port": processes > 1},
         "upstream": {"url": f"smtp://127.0.0.1:{sink_port}"},
         "store": {"path": str(folder / "relay.db")},
-        "delivery": {"concurrency": concurrency},
         "audit": {"output": "none"},
         "runtime": {"log_level": "warning"},
     }
     path = folder / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve", "--config", str(path)],
-        cwd=ROOT,
-        stderr=(folder / "relay.log").open("wb"),
-    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(path), "--instance", f"p{n}"],
+            cwd=ROOT,
+            stderr=(folder / f"relay-{n}.log").open("wb"),
+        )
+        for n in range(processes)
+    ]
     try:
         wait_port(port)
+        time.sleep(0.5)  # a benchmark may sleep: let every process reach its listen()
         yield port
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
 
 
 def load(port: int, messages: int, sessions: int, size: int, fixed: Path | None = None) -> float:
@@ -135,16 +141,16 @@ def report(label: str, messages: int, began: float, accepted: float, delivered: 
 def run_relay(args: argparse.Namespace, folder: Path) -> None:
     sink = Sink(folder)
     try:
-        for concurrency in args.concurrency:
-            run = folder / f"relay-c{concurrency}"
+        for processes in args.processes:
+            run = folder / f"relay-p{processes}"
             run.mkdir()
-            with relay(run, sink.port, concurrency) as port:
+            with relay(run, sink.port, processes) as port:
                 base = sink.count()
                 began = load(port, args.messages, args.sessions, args.size)
                 accepted = time.monotonic()
                 delivered = sink.wait_for(base + args.messages)
                 report(
-                    f"dedup-relay (concurrency {concurrency})",
+                    f"dedup-relay ({processes} process{'es' if processes > 1 else ''})",
                     args.messages,
                     began,
                     accepted,
@@ -157,7 +163,7 @@ def run_relay(args: argparse.Namespace, folder: Path) -> None:
             "From: app@example.com\nTo: user@example.org\nSubject: your receipt\n"
             "Message-ID: <same-receipt-1@example.com>\n\nThank you for your order.\n"
         )
-        with relay(run, sink.port, args.concurrency[0]) as port:
+        with relay(run, sink.port, 1) as port:
             base = sink.count()
             began = load(port, args.messages, args.sessions, args.size, fixed)
             accepted = time.monotonic()
@@ -193,7 +199,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2000, help="body bytes per message")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--postfix", action="store_true", help="also measure Postfix itself")
     args = parser.parse_args()
     for tool in ("smtp-source", "smtp-sink"):
