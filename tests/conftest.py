@@ -280,12 +280,20 @@ class Upstream:
         return self.messages
 
 
+@contextlib.asynccontextmanager
+async def running(server: Upstream) -> AsyncIterator[Upstream]:
+    """An extra upstream for one test (TLS, AUTH), stopped however the test ends."""
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
-    server = Upstream()
-    await server.start()
-    yield server
-    await server.stop()
+    async with running(Upstream()) as server:
+        yield server
 
 
 # --- relays ----------------------------------------------------------------

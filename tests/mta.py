@@ -39,6 +39,7 @@ import pytest
 
 __all__ = [
     "END_OF_DATA",
+    "FAULT_STAGES",
     "LOOPBACK",
     "SINK_COMMANDS",
     "CertificateAuthority",
@@ -319,6 +320,17 @@ SINK_COMMANDS = frozenset(
     {"CONNECT", "HELO", "EHLO", "MAIL", "RCPT", "DATA", ".", "RSET", "NOOP", "VRFY", "QUIT"}
 )
 END_OF_DATA = "."
+
+# The commands smtp-sink faults for each SMTP stage; a client refused at EHLO falls back to
+# HELO, so that stage faults both.
+FAULT_STAGES: dict[str, list[str]] = {
+    "connect": ["CONNECT"],
+    "helo": ["EHLO", "HELO"],
+    "mail": ["MAIL"],
+    "rcpt": ["RCPT"],
+    "data": ["DATA"],
+    "end-of-data": [END_OF_DATA],
+}
 
 
 def _angle_addr(args: str) -> str:

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Certificates, Relay, Upstream, eventually, make_message, send
+from tests.conftest import (
+    Certificates,
+    Relay,
+    Upstream,
+    eventually,
+    make_message,
+    running,
+    send,
+)
 
 
 async def test_tempfail_is_retried_until_delivered(make_relay, upstream: Upstream) -> None:
@@ -160,9 +168,7 @@ async def test_upstream_connection_is_reused_across_messages(
 async def test_starttls_to_upstream_verifies_its_certificate(
     make_relay, certificates: Certificates
 ) -> None:
-    tls_upstream = Upstream(tls_context=certificates.server_context())
-    await tls_upstream.start()
-    try:
+    async with running(Upstream(tls_context=certificates.server_context())) as tls_upstream:
         relay = await make_relay(
             upstream={
                 "url": f"smtp://127.0.0.1:{tls_upstream.port}",
@@ -172,30 +178,23 @@ async def test_starttls_to_upstream_verifies_its_certificate(
         await send(relay.port, make_message())
         [delivered] = await tls_upstream.wait_for(1)
         assert delivered.tls
-    finally:
-        await tls_upstream.stop()
 
 
 async def test_untrusted_upstream_certificate_defers_instead_of_sending_in_clear(
     make_relay, certificates: Certificates
 ) -> None:
-    tls_upstream = Upstream(tls_context=certificates.server_context())
-    await tls_upstream.start()
-    try:
+    async with running(Upstream(tls_context=certificates.server_context())) as tls_upstream:
         relay = await make_relay(upstream={"url": f"smtp://127.0.0.1:{tls_upstream.port}"})
         await send(relay.port, make_message())
         await eventually(lambda: relay.events("deferred"), what="a deferral")
         [event, *_] = await relay.events("deferred")
         assert "certificate" in event["reply"].lower()
         assert tls_upstream.messages == []
-    finally:
-        await tls_upstream.stop()
 
 
 async def test_implicit_tls_upstream(make_relay, certificates: Certificates) -> None:
-    tls_upstream = Upstream(tls_context=certificates.server_context(), implicit_tls=True)
-    await tls_upstream.start()
-    try:
+    implicit = Upstream(tls_context=certificates.server_context(), implicit_tls=True)
+    async with running(implicit) as tls_upstream:
         relay = await make_relay(
             upstream={
                 "url": f"smtps://127.0.0.1:{tls_upstream.port}",
@@ -204,8 +203,6 @@ async def test_implicit_tls_upstream(make_relay, certificates: Certificates) -> 
         )
         await send(relay.port, make_message())
         await tls_upstream.wait_for(1)
-    finally:
-        await tls_upstream.stop()
 
 
 @contextlib.asynccontextmanager
@@ -214,9 +211,7 @@ async def relay_behind_login(
 ) -> AsyncIterator[tuple[Relay, Upstream]]:
     """A relay whose upstream wants AUTH as relayuser/s3cret-pass; `password` is what it has."""
     monkeypatch.setenv("TEST_UPSTREAM_PASSWORD", password)
-    auth_upstream = Upstream(auth=("relayuser", "s3cret-pass"))
-    await auth_upstream.start()
-    try:
+    async with running(Upstream(auth=("relayuser", "s3cret-pass"))) as auth_upstream:
         relay = await make_relay(
             upstream={
                 "url": f"smtp://127.0.0.1:{auth_upstream.port}",
@@ -225,8 +220,6 @@ async def relay_behind_login(
             }
         )
         yield relay, auth_upstream
-    finally:
-        await auth_upstream.stop()
 
 
 async def test_upstream_login_uses_password_from_environment(

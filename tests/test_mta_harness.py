@@ -96,15 +96,7 @@ def test_sink_tempfail_at_rcpt_gives_swaks_4xx_and_records_nothing() -> None:
         assert sink.messages() == []
 
 
-# swaks falls back from a refused EHLO to HELO, so that stage faults both.
-STAGES = {
-    "connect": ["CONNECT"],
-    "helo": ["EHLO", "HELO"],
-    "mail": ["MAIL"],
-    "rcpt": ["RCPT"],
-    "data": ["DATA"],
-    "end-of-data": [END_OF_DATA],
-}
+STAGES = mta.FAULT_STAGES
 
 
 @pytest.mark.parametrize("stage", STAGES)

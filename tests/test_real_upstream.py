@@ -208,15 +208,7 @@ async def test_smtputf8_message_reaches_postfix_with_its_utf8_envelope(
 
 # --- smtp-sink fault modes ---------------------------------------------------------------------
 
-# The commands smtp-sink faults for each stage; a refused EHLO makes clients fall back to HELO.
-STAGES: dict[str, list[str]] = {
-    "connect": ["CONNECT"],
-    "helo": ["EHLO", "HELO"],
-    "mail": ["MAIL"],
-    "rcpt": ["RCPT"],
-    "data": ["DATA"],
-    "end-of-data": [END_OF_DATA],
-}
+STAGES = mta.FAULT_STAGES
 
 
 @pytest.mark.parametrize("stage", STAGES)
