@@ -412,7 +412,37 @@ def _commands(values: Iterable[str], option: str) -> list[str]:
     return names
 
 
-class SmtpSink:
+class _Server:
+    """What a harness server shares: `with` starts and closes it; `log()` reads its log file."""
+
+    log_file: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def log(self) -> str:
+        """The server's own log (smtp-sink's -v transcript, Postfix's maillog), or ""."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class SmtpSink(_Server):
     """Postfix's smtp-sink on a loopback port: a fast upstream that records what it received.
 
     Fault options (each takes command names from SINK_COMMANDS, END_OF_DATA for the final "."):
@@ -562,24 +592,6 @@ class SmtpSink:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def log(self) -> str:
-        """smtp-sink's -v transcript: every command it read, handy when a test fails."""
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def _complete_dumps(self) -> list[Path]:
         # List first, then look at open files: whatever is still open is mid-transaction.
         paths = [p for p in self.dump_dir.iterdir() if p.is_file()]
@@ -651,7 +663,7 @@ postlog     unix-dgram n  -       n       -       1       postlogd
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
 
 
-class Postfix:
+class Postfix(_Server):
     """A private Postfix instance (own config, queue, data dir, log and port) on 127.0.0.1.
 
     Modes, by constructor argument:
@@ -868,24 +880,7 @@ class Postfix:
         finally:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- observation ----------------------------------------------------------------------
-
-    def log(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def wait_for_log(
         self, pattern: str | re.Pattern[str], *, count: int = 1, timeout: float = 20.0
