@@ -68,46 +68,25 @@ class Intake:
         found = headers.fields(tx.data)
         policy = rules.select(self.config, found, tx.sender, tx.recipients, tx.user)
         message_id = headers.get(found, "Message-ID")
-        claim: Claim | None = None
-        data = tx.data
-        dedupe = self.config.dedupe
         scope = keys.scope_value(policy.scope, tx.user, tx.sender)
-        derived: keys.Key | None = None
-        if not policy.bypass:
-            fp = await self._fingerprint(tx)
-            try:
-                derived = keys.derive(policy.keys, found, fp, dedupe, policy.window)
-            except keys.BadKey as exc:
-                return await self._refuse(tx, queue_id, now, message_id, str(exc))
-            claim = Claim(
-                scope=scope,
-                key=derived.value,
-                strategy=derived.strategy,
-                fingerprint=fp,
-                window=derived.window,
-                on_duplicate=policy.on_duplicate,
-                on_conflict=dedupe.on_conflict,
-                shadow=dedupe.mode == "shadow",
-            )
-            if dedupe.strip_key_header and derived.strategy.startswith("header:"):
-                data = headers.remove(data, found, derived.strategy.split(":", 1)[1])
-        added: list[str] = [self._received(tx, queue_id, now)]
+        try:
+            claim, derived = await self._claim(tx, found, policy, scope)
+        except keys.BadKey as exc:
+            return await self._refuse(tx, queue_id, now, message_id, str(exc))
+        data = tx.data
+        strategy = derived.strategy if derived else ""
+        if strategy.startswith("header:") and self.config.dedupe.strip_key_header:
+            data = headers.remove(data, found, strategy.partition(":")[2])
+        added = [self._received(tx, queue_id, now)]
         if message_id is None:
-            domain = headers.address_domain(headers.get(found, "From") or "") or (
-                headers.address_domain(tx.sender) or self.config.listen.hostname
-            )
-            if derived is not None:
-                message_id = keys.derived_message_id(scope, derived, domain)
-            else:
-                message_id = f"<{queue_id.lower()}@{domain}>"
+            message_id = self._new_message_id(tx, found, queue_id, scope, derived)
             added.append(f"Message-ID: {message_id}")
-        data = headers.prepend(data, added)
         submission = Submission(
             queue_id=queue_id,
             received_at=now,
             sender=tx.sender,
             recipients=tx.recipients,
-            data=data,
+            data=headers.prepend(data, added),
             message_id=keys.normalise_message_id(message_id),
             client=tx.client,
             user=tx.user,
@@ -125,6 +104,43 @@ class Intake:
         if result.forwarded and self._on_spooled is not None:
             self._on_spooled()
         return self._reply(result, claim)
+
+    async def _claim(
+        self, tx: Transaction, found: list[headers.Field], policy: rules.Policy, scope: str
+    ) -> tuple[Claim | None, keys.Key | None]:
+        """What makes this message "the same email" as another; nothing for bypassed mail."""
+        if policy.bypass:
+            return None, None
+        dedupe = self.config.dedupe
+        fp = await self._fingerprint(tx)
+        derived = keys.derive(policy.keys, found, fp, dedupe, policy.window)
+        claim = Claim(
+            scope=scope,
+            key=derived.value,
+            strategy=derived.strategy,
+            fingerprint=fp,
+            window=derived.window,
+            on_duplicate=policy.on_duplicate,
+            on_conflict=dedupe.on_conflict,
+            shadow=dedupe.mode == "shadow",
+        )
+        return claim, derived
+
+    def _new_message_id(
+        self,
+        tx: Transaction,
+        found: list[headers.Field],
+        queue_id: str,
+        scope: str,
+        derived: keys.Key | None,
+    ) -> str:
+        """Derived from the key, so every copy of the same email carries the same Message-ID."""
+        domain = headers.address_domain(headers.get(found, "From") or "") or (
+            headers.address_domain(tx.sender) or self.config.listen.hostname
+        )
+        if derived is not None:
+            return keys.derived_message_id(scope, derived, domain)
+        return f"<{queue_id.lower()}@{domain}>"
 
     async def _fingerprint(self, tx: Transaction) -> str:
         dedupe = self.config.dedupe

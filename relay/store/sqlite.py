@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ import aiosqlite
 from relay.audit import FIELDS, Event
 from relay.store import (
     Acceptance,
+    Claim,
     Lease,
     LeaseBatch,
     RecipientUpdate,
@@ -58,6 +59,20 @@ _EVENT_INSERT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * 
 def normalise_rcpt(rcpt: str) -> str:
     """Claims compare recipients case-insensitively: Bob@X and bob@x are one mailbox in practice."""
     return rcpt.strip().lower()
+
+
+def _submission_fields(sub: Submission) -> dict[str, Any]:
+    """The audit fields every event about a submission shares."""
+    return {
+        "queue_id": sub.queue_id,
+        "key": sub.claim.key if sub.claim else None,
+        "strategy": sub.claim.strategy if sub.claim else None,
+        "message_id": sub.message_id,
+        "sender": sub.sender,
+        "size": len(sub.data),
+        "client": sub.client,
+        "user": sub.user,
+    }
 
 
 def _event_row(e: Event) -> tuple[Any, ...]:
@@ -221,112 +236,112 @@ class SqliteStore:
         return await self._run(lambda db: self._accept(db, sub))
 
     def _accept(self, db: sqlite3.Connection, sub: Submission) -> Acceptance:
-        by_norm = {normalise_rcpt(r): r for r in sub.recipients}
         claim = sub.claim
-        forwarded: list[str] = list(sub.recipients)
-        duplicates: list[tuple[str, str]] = []
+        common = _submission_fields(sub)
         events: list[Event] = []
-        common: dict[str, Any] = {
-            "queue_id": sub.queue_id,
-            "key": claim.key if claim else None,
-            "strategy": claim.strategy if claim else None,
-            "message_id": sub.message_id,
-            "sender": sub.sender,
-            "size": len(sub.data),
-            "client": sub.client,
-            "user": sub.user,
-        }
+        forwarded = sub.recipients
+        duplicates: list[tuple[str, str]] = []
         duplicate_of: str | None = None
         if claim is not None:
-            now = sub.received_at
-            rows = list(by_norm)
-            placeholders = ",".join("(?,?,?,?,?,?,?,1)" for _ in rows)
-            params: list[Any] = []
-            for rcpt in rows:
-                params += [
-                    claim.scope,
-                    claim.namespaced,
-                    rcpt,
-                    sub.queue_id,
-                    claim.fingerprint,
-                    now,
-                    now + claim.window,
-                ]
-            inserted = db.execute(
-                "INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at,"
-                f" expires_at, pending) VALUES {placeholders}"
-                " ON CONFLICT (scope, key, rcpt) DO UPDATE SET queue_id = excluded.queue_id,"
-                " fingerprint = excluded.fingerprint, claimed_at = excluded.claimed_at,"
-                " expires_at = excluded.expires_at, pending = 1"
-                " WHERE claims.expires_at <= ? AND claims.pending = 0"
-                " RETURNING rcpt",
-                [*params, now],
-            ).fetchall()
-            claimed = {row[0] for row in inserted}
-            others: Iterable[sqlite3.Row] = []
-            if len(claimed) < len(rows) or claim.strategy != "fingerprint":
-                others = db.execute(
-                    "SELECT rcpt, queue_id, fingerprint FROM claims"
-                    " WHERE scope = ? AND key = ? AND queue_id <> ?"
-                    " AND (expires_at > ? OR pending = 1) ORDER BY claimed_at",
-                    (claim.scope, claim.namespaced, sub.queue_id, now),
-                ).fetchall()
-            others = list(others)
+            claimed, others = self._take_claims(db, sub, claim)
             conflicting = [o for o in others if o[2] != claim.fingerprint]
             if conflicting:
                 original = str(conflicting[0][1])
                 if claimed:
                     db.execute("DELETE FROM claims WHERE queue_id = ?", (sub.queue_id,))
-                action = claim.on_conflict
                 events.append(
                     Event(
-                        ts=now,
+                        ts=sub.received_at,
                         event="conflict",
                         rcpts=sub.recipients,
                         original=original,
-                        action=action,
+                        action=claim.on_conflict,
                         detail="same key, different content",
                         **common,
                     )
                 )
-                if action != "forward":
+                if claim.on_conflict != "forward":
                     self._insert_events(db, events)
                     return Acceptance(sub.queue_id, (), conflict_with=original)
             else:
-                for rcpt, original, _ in others:
-                    if rcpt in by_norm and rcpt not in claimed:
-                        duplicates.append((by_norm[rcpt], str(original)))
-                if duplicates:
-                    shown = "shadow" if claim.shadow else claim.on_duplicate
-                    events.append(
-                        Event(
-                            ts=now,
-                            event="duplicate",
-                            rcpts=tuple(r for r, _ in duplicates),
-                            original=duplicates[0][1],
-                            action=shown,
-                            detail=f"rule={sub.rule}" if sub.rule else None,
-                            **common,
-                        )
+                by_norm = {normalise_rcpt(r): r for r in sub.recipients}
+                duplicates = [
+                    (by_norm[rcpt], str(original))
+                    for rcpt, original, _ in others
+                    if rcpt in by_norm and rcpt not in claimed
+                ]
+            if duplicates:
+                events.append(
+                    Event(
+                        ts=sub.received_at,
+                        event="duplicate",
+                        rcpts=tuple(r for r, _ in duplicates),
+                        original=duplicates[0][1],
+                        action="shadow" if claim.shadow else claim.on_duplicate,
+                        detail=f"rule={sub.rule}" if sub.rule else None,
+                        **common,
                     )
-                    if not claim.shadow and claim.on_duplicate != "tag":
-                        forwarded = [r for r in sub.recipients if normalise_rcpt(r) in claimed]
-                    elif claim.on_duplicate == "tag" and not claim.shadow:
+                )
+                if not claim.shadow:  # shadow mode forwards to everyone and only records
+                    if claim.on_duplicate == "tag":
                         duplicate_of = duplicates[0][1]
+                    else:
+                        forwarded = tuple(r for r in sub.recipients if normalise_rcpt(r) in claimed)
         if forwarded:
-            self._spool(db, sub, tuple(forwarded), duplicate_of)
-            events.insert(
-                0,
-                Event(
-                    ts=sub.received_at,
-                    event="received",
-                    rcpts=tuple(forwarded),
-                    detail=f"rule={sub.rule}" if sub.rule else None,
-                    **common,
-                ),
+            self._spool(db, sub, forwarded, duplicate_of)
+            received = Event(
+                ts=sub.received_at,
+                event="received",
+                rcpts=forwarded,
+                detail=f"rule={sub.rule}" if sub.rule else None,
+                **common,
             )
+            events.insert(0, received)
         self._insert_events(db, events)
-        return Acceptance(sub.queue_id, tuple(forwarded), tuple(duplicates))
+        return Acceptance(sub.queue_id, forwarded, tuple(duplicates))
+
+    def _take_claims(
+        self, db: sqlite3.Connection, sub: Submission, claim: Claim
+    ) -> tuple[set[str], list[tuple[str, str, str]]]:
+        """Claim the key for every recipient; the unique index decides, not a prior read.
+
+        Returns the recipients claimed now, and the live claims of other messages on this key
+        (their recipient, queue id and content fingerprint).
+        """
+        now = sub.received_at
+        rcpts = sorted({normalise_rcpt(r) for r in sub.recipients})
+        params: list[Any] = []
+        for rcpt in rcpts:
+            params += [
+                claim.scope,
+                claim.namespaced,
+                rcpt,
+                sub.queue_id,
+                claim.fingerprint,
+                now,
+                now + claim.window,
+            ]
+        inserted = db.execute(
+            "INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at,"
+            " expires_at, pending) VALUES "
+            + ",".join("(?,?,?,?,?,?,?,1)" for _ in rcpts)
+            + " ON CONFLICT (scope, key, rcpt) DO UPDATE SET queue_id = excluded.queue_id,"
+            " fingerprint = excluded.fingerprint, claimed_at = excluded.claimed_at,"
+            " expires_at = excluded.expires_at, pending = 1"
+            " WHERE claims.expires_at <= ? AND claims.pending = 0"
+            " RETURNING rcpt",
+            [*params, now],
+        ).fetchall()
+        claimed = {row[0] for row in inserted}
+        if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
+            return claimed, []  # a fingerprint key cannot conflict with its own content
+        others = db.execute(
+            "SELECT rcpt, queue_id, fingerprint FROM claims"
+            " WHERE scope = ? AND key = ? AND queue_id <> ?"
+            " AND (expires_at > ? OR pending = 1) ORDER BY claimed_at",
+            (claim.scope, claim.namespaced, sub.queue_id, now),
+        ).fetchall()
+        return claimed, [(str(r), str(q), str(f)) for r, q, f in others]
 
     def _spool(
         self,
@@ -444,14 +459,13 @@ class SqliteStore:
         return await self._run(lambda db: self._update(db, update))
 
     def _update(self, db: sqlite3.Connection, u: Update) -> str:
-        info = db.execute(
+        row = db.execute(
             "SELECT key, strategy, message_id, sender, size, client, user, scope"
             " FROM messages WHERE queue_id = ?",
             (u.queue_id,),
-        ).fetchall()
-        if not info:
+        ).fetchone()
+        if row is None:
             raise StoreError(f"no message {u.queue_id}")
-        key, strategy, message_id, sender, size, client, user, scope = next(iter(info))
         db.executemany(
             "UPDATE recipients SET state = ?, code = ?, reply = ?, upstream_id = ?, updated_at = ?"
             " WHERE queue_id = ? AND rcpt = ?",
@@ -460,56 +474,15 @@ class SqliteStore:
                 for r in u.recipients
             ],
         )
-        settled = [r for r in u.recipients if r.state in ("delivered", "failed", "expired")]
-        released = [r for r in settled if r.release]
-        if settled:
-            db.executemany(
-                "UPDATE claims SET pending = 0 WHERE queue_id = ? AND rcpt = ?",
-                [(u.queue_id, normalise_rcpt(r.rcpt)) for r in settled if not r.release],
-            )
-            db.executemany(
-                "DELETE FROM claims WHERE queue_id = ? AND rcpt = ?",
-                [(u.queue_id, normalise_rcpt(r.rcpt)) for r in released],
-            )
-        counts: dict[str, int] = {
-            row[0]: row[1]
-            for row in db.execute(
-                "SELECT state, count(*) FROM recipients WHERE queue_id = ? GROUP BY state",
-                (u.queue_id,),
-            ).fetchall()
-        }
-        if counts.get("queued"):
-            state = "queued"
-        elif counts.get("held"):
-            state = "held"
-        else:
-            state = "done"
-        db.execute(
-            "UPDATE messages SET state = ?, next_attempt = ?, lease_owner = NULL,"
-            " lease_until = NULL, finished_at = ? WHERE queue_id = ?",
-            (
-                state,
-                u.next_attempt if state == "queued" else None,
-                u.ts if state == "done" else None,
-                u.queue_id,
-            ),
-        )
-        if state == "done" and self.keep_bodies <= 0:
-            db.execute("DELETE FROM bodies WHERE queue_id = ?", (u.queue_id,))
-        common: dict[str, Any] = {
-            "queue_id": u.queue_id,
-            "key": key,
-            "strategy": strategy,
-            "message_id": message_id,
-            "sender": sender,
-            "size": size,
-            "client": client,
-            "user": user,
-        }
+        released = self._settle_claims(db, u)
+        state = self._message_state(db, u)
+        names = ("key", "strategy", "message_id", "sender", "size", "client", "user")
+        common: dict[str, Any] = dict(zip(names, row[:7], strict=True))
         events = [
             Event(
                 ts=u.ts,
                 event=group[0].event,
+                queue_id=u.queue_id,
                 rcpts=tuple(r.rcpt for r in group),
                 upstream=u.upstream,
                 code=group[0].code,
@@ -526,12 +499,50 @@ class SqliteStore:
                 Event(
                     ts=u.ts,
                     event="released",
-                    rcpts=tuple(r.rcpt for r in released),
-                    detail=f"key released in scope {scope} after final failure",
+                    queue_id=u.queue_id,
+                    rcpts=released,
+                    detail=f"key released in scope {row[7]} after final failure",
                     **common,
                 )
             )
         self._insert_events(db, events)
+        return state
+
+    def _settle_claims(self, db: sqlite3.Connection, u: Update) -> tuple[str, ...]:
+        """A final outcome lets a claim expire with its window, or frees it (returned)."""
+        settled = [r for r in u.recipients if r.state in ("delivered", "failed", "expired")]
+        db.executemany(
+            "UPDATE claims SET pending = 0 WHERE queue_id = ? AND rcpt = ?",
+            [(u.queue_id, normalise_rcpt(r.rcpt)) for r in settled if not r.release],
+        )
+        released = [r.rcpt for r in settled if r.release]
+        db.executemany(
+            "DELETE FROM claims WHERE queue_id = ? AND rcpt = ?",
+            [(u.queue_id, normalise_rcpt(rcpt)) for rcpt in released],
+        )
+        return tuple(released)
+
+    def _message_state(self, db: sqlite3.Connection, u: Update) -> str:
+        """A message is queued while any recipient is, held while any is held, else done."""
+        states = {
+            state
+            for (state,) in db.execute(
+                "SELECT DISTINCT state FROM recipients WHERE queue_id = ?", (u.queue_id,)
+            )
+        }
+        state = "queued" if "queued" in states else "held" if "held" in states else "done"
+        db.execute(
+            "UPDATE messages SET state = ?, next_attempt = ?, lease_owner = NULL,"
+            " lease_until = NULL, finished_at = ? WHERE queue_id = ?",
+            (
+                state,
+                u.next_attempt if state == "queued" else None,
+                u.ts if state == "done" else None,
+                u.queue_id,
+            ),
+        )
+        if state == "done" and self.keep_bodies <= 0:
+            db.execute("DELETE FROM bodies WHERE queue_id = ?", (u.queue_id,))
         return state
 
     async def unlease(self, queue_id: str, next_attempt: float) -> None:
