@@ -19,7 +19,7 @@ from relay.config import Config
 from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Update
 from relay.store.sqlite import SqliteStore
 from relay.upstream import Attempt, Outgoing, RecipientResult, Transport, describe
-from relay.upstream.replies import Kind, upstream_queue_id
+from relay.upstream.replies import Kind
 
 __all__ = ["HOUSEKEEPING_INTERVAL", "POLL_INTERVAL", "Delivery", "backoff", "idempotency_value"]
 
@@ -205,7 +205,7 @@ class Delivery:
 
     async def _record(self, lease: Lease, attempt: Attempt) -> None:
         now = time.time()
-        updates = tuple(self._decide(lease, r, now) for r in attempt.results)
+        updates = tuple(self._decide(lease, r, attempt.upstream_id, now) for r in attempt.results)
         next_attempt = None
         if any(u.state == "queued" for u in updates):
             next_attempt = min(
@@ -225,14 +225,16 @@ class Delivery:
             )
         )
 
-    def _decide(self, lease: Lease, result: RecipientResult, now: float) -> RecipientUpdate:
+    def _decide(
+        self, lease: Lease, result: RecipientResult, upstream_id: str | None, now: float
+    ) -> RecipientUpdate:
         release = self.config.dedupe.release_on_failure
         too_old = now >= lease.received_at + self.config.delivery.max_age
 
         def update(state: RecipientState, event: str, *, released: bool = False) -> RecipientUpdate:
-            upstream_id = upstream_queue_id(result.reply) if state == "delivered" else None
+            delivered_as = upstream_id if state == "delivered" else None
             return RecipientUpdate(
-                result.rcpt, state, event, result.code, result.reply, upstream_id, released
+                result.rcpt, state, event, result.code, result.reply, delivered_as, released
             )
 
         if result.kind is Kind.DELIVERED:

@@ -247,6 +247,8 @@ async def test_maildir_upstream_writes_complete_files_a_reader_can_open(
     assert subjects == ["maildir 0", "maildir 1", "maildir 2"]
     assert all(m.get_all("Delivered-To") == ["a@example.org", "b@x.org"] for m in box)
     assert os.listdir(maildir / "tmp") == []
+    written = {e["upstream_id"] for e in await relay.events("delivered")}
+    assert written == set(os.listdir(maildir / "new"))
 
 
 async def test_sigterm_finishes_the_upstream_transaction_under_way(

@@ -39,7 +39,6 @@ class Attempt:
 class Transport(Protocol):
     """One worker's channel to the upstream; `payload_sent` marks the RFC 1047 window."""
 
-    name: str
     payload_sent: bool
 
     async def send(self, message: Outgoing) -> Attempt: ...

@@ -26,7 +26,6 @@ _CRLF = re.compile(rb"\r\n")
 class MaildirTransport:
     def __init__(self, path: str, instance: str) -> None:
         self.root = Path(path)
-        self.name = f"maildir:{path}"
         self.payload_sent = False
         self._host = re.sub(r"[^A-Za-z0-9.-]", "_", instance)
 

@@ -33,7 +33,6 @@ def wire_payload(data: bytes) -> bytes:
 class SmtpTransport:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
-        self.name = f"{config.scheme}://{config.host}:{config.port}"
         self.payload_sent = False
         self._stage = "session"
         self._client: aiosmtplib.SMTP | None = None
