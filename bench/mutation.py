@@ -120,7 +120,8 @@ def report(session: Path) -> int:
     if tested:
         print(f"mutation score {killed / tested:.1%}")
     for name, counts in sorted(per_file.items()):
-        print(f"  {name}: {counts[TestOutcome.KILLED]} killed, {counts[TestOutcome.SURVIVED]} survived")
+        killed_here, survived_here = counts[TestOutcome.KILLED], counts[TestOutcome.SURVIVED]
+        print(f"  {name}: {killed_here} killed, {survived_here} survived")
     if survivors:
         print("survivors:")
         print("\n".join(sorted(survivors)))
@@ -142,7 +143,9 @@ def main() -> int:
     session = folder / "session.sqlite"
     env = dict(os.environ, PYTHONPATH=str(folder))
     cosmic = [sys.executable, "-m", "cosmic_ray.cli"]
-    subprocess.run([*cosmic, "init", "cosmic-ray.toml", session.name], cwd=folder, env=env, check=True)
+    subprocess.run(
+        [*cosmic, "init", "cosmic-ray.toml", session.name], cwd=folder, env=env, check=True
+    )
     if args.sample:
         sampled, total = keep_sample(session, args.sample, args.seed)
     else:
@@ -152,7 +155,9 @@ def main() -> int:
             sampled = total = db.num_work_items
     print(f"{args.rev} in {folder}: {total} mutants, running {sampled} (seed {args.seed})")
     began = time.monotonic()
-    subprocess.run([*cosmic, "exec", "cosmic-ray.toml", session.name], cwd=folder, env=env, check=True)
+    subprocess.run(
+        [*cosmic, "exec", "cosmic-ray.toml", session.name], cwd=folder, env=env, check=True
+    )
     print(f"ran in {time.monotonic() - began:.0f}s")
     return report(session)
 

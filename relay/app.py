@@ -8,11 +8,12 @@ import signal
 from collections.abc import Callable
 
 from relay.audit import Emitter
-from relay.config import Config
+from relay.clock import SYSTEM, Clock
+from relay.config import Config, StoreConfig
 from relay.delivery import Delivery
 from relay.intake import Intake
 from relay.server import FrontDoor
-from relay.store.sqlite import SqliteStore
+from relay.store import OnCommit, Store, open_store
 from relay.upstream import Transport, describe, open_transport
 
 __all__ = ["App", "serve"]
@@ -20,20 +21,32 @@ __all__ = ["App", "serve"]
 log = logging.getLogger("relay")
 
 
+StoreFactory = Callable[[StoreConfig, OnCommit], Store]
+
+
 class App:
+    """The relay in one process; the store, the clock and the transports can be swapped.
+
+    Tests give a store that fails on cue, a clock they move by hand, or a transport
+    of their own; in service every one is the default.
+    """
+
     def __init__(
-        self, config: Config, transport_factory: Callable[[], Transport] | None = None
+        self,
+        config: Config,
+        transport_factory: Callable[[], Transport] | None = None,
+        *,
+        clock: Clock = SYSTEM,
+        store_factory: StoreFactory = open_store,
     ) -> None:
         self.config = config
         self.emitter = Emitter(config.audit.output)
-        self.store = SqliteStore(
-            config.store.path, keep_bodies=config.store.keep_bodies, on_commit=self.emitter.emit
-        )
+        self.store = store_factory(config.store, self.emitter.emit)
         factory = transport_factory or (
             lambda: open_transport(config.upstream, config.runtime.instance)
         )
-        self.delivery = Delivery(config, self.store, factory)
-        self.intake = Intake(config, self.store, on_spooled=self.delivery.wake)
+        self.delivery = Delivery(config, self.store, factory, clock=clock)
+        self.intake = Intake(config, self.store, on_spooled=self.delivery.wake, clock=clock)
         self.front = FrontDoor(config.listen, self.intake)
 
     @property

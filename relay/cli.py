@@ -17,17 +17,20 @@ from dataclasses import replace
 
 import yaml
 
-from relay import __version__
-from relay.config import Config, ConfigError, load, to_mapping
+from relay import __version__, review
+from relay.config import Config, load, to_mapping
+from relay.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    RelayError,
+    UsageError,
+)
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 DEFAULT_CONFIG = "config/relay.yaml"
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input on the command line; printed as one line, exit status 2."""
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("queue_id", metavar="QUEUE_ID")
     _config_arg(requeue)
 
-    from relay import review
-
     review.add_commands(commands, _config_arg)
     return parser
 
@@ -92,8 +93,8 @@ def _serve(config: Config) -> int:
             f"{config.listen.port}: {exc.strerror}",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _with_instance(config: Config, instance: str | None) -> Config:
@@ -107,14 +108,14 @@ def _with_instance(config: Config, instance: str | None) -> Config:
 def _check_config(config: Config, path: str) -> int:
     print(f"# {path}: valid. Effective config (secrets masked):")
     print(yaml.safe_dump(to_mapping(config), sort_keys=False, allow_unicode=True), end="")
-    return 0
+    return EXIT_OK
 
 
 def _requeue(config: Config, queue_id: str) -> int:
-    from relay.store.sqlite import SqliteStore
+    from relay.store import open_store
 
     async def run() -> int:
-        store = SqliteStore(config.store.path)
+        store = open_store(config.store)
         await store.open()
         try:
             return await store.requeue(queue_id, time.time())
@@ -124,9 +125,9 @@ def _requeue(config: Config, queue_id: str) -> int:
     count = asyncio.run(run())
     if not count:
         print(f"dedup-relay: nothing held for {queue_id}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(f"{queue_id}: {count} recipient(s) queued again")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,11 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         if args.command in handlers:
             return handlers[args.command]()
-        from relay import review
-
         return review.run(args, config)
-    except (ConfigError, UsageError) as exc:
+    except RelayError as exc:
         print(f"dedup-relay: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

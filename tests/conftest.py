@@ -377,7 +377,7 @@ async def make_relay(
 
     yield make
     for relay in running:
-        if relay.app.store._writer is not None:
+        if relay.app.store.is_open:
             await relay.stop()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 
 from relay.audit import FIELDS, Event
+from relay.errors import ReadError
 from relay.keys import normalise_message_id
 from relay.store.sqlite import connect
 
@@ -42,10 +43,6 @@ __all__ = [
 _COLUMNS = ", ".join(FIELDS)
 _RCPTS = FIELDS.index("rcpts")
 PENDING_STATES = ("queued", "sending", "held")
-
-
-class ReadError(Exception):
-    """The store cannot be read; the message names the file and why, for one line on stderr."""
 
 
 @dataclass(frozen=True)
