@@ -30,8 +30,10 @@ import pytest
 import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.app import App
+from relay.app import App, StoreFactory
+from relay.clock import SYSTEM, Clock
 from relay.config import from_mapping
+from relay.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -142,13 +144,31 @@ class Delivered:
 
 @dataclass
 class Script:
-    """How the upstream misbehaves; tests change it while the relay runs."""
+    """How the upstream misbehaves; tests change it while the relay runs.
+
+    `stall` makes the upstream stop answering at one stage ("rcpt": before the payload,
+    "data": with the whole payload received) and set `stalled`, so a test can act on the
+    relay while its worker waits there; `go_on()` lets it answer again.
+    """
 
     rcpt: dict[str, str] = field(default_factory=dict)
     mail: str | None = None
     data: list[str] = field(default_factory=list)
     drop_after_data: int = 0
     data_delay: float = 0.0
+    stall: str | None = None
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)
+    _go_on: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stall_at(self, stage: str) -> None:
+        if self.stall == stage:
+            self.stalled.set()
+            await self._go_on.wait()
+
+    def go_on(self) -> None:
+        """End the stall: sessions waiting in it carry on, later ones do not stop."""
+        self.stall = None
+        self._go_on.set()
 
 
 class Upstream:
@@ -184,6 +204,7 @@ class Upstream:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        await self.script.stall_at("rcpt")
         reply = self.script.rcpt.get(address)
         if reply:
             return reply
@@ -201,6 +222,7 @@ class Upstream:
             session.ssl is not None,
             login,
         )
+        await self.script.stall_at("data")
         if self.script.data_delay:
             await asyncio.sleep(self.script.data_delay)
         if self.script.drop_after_data > 0:
@@ -367,9 +389,11 @@ async def make_relay(
 ) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
     running: list[Relay] = []
 
-    async def make(**overrides: Any) -> Relay:
+    async def make(
+        *, clock: Clock = SYSTEM, store_factory: StoreFactory = open_store, **overrides: Any
+    ) -> Relay:
         raw = deep_merge(base_config(tmp_path, upstream.port), overrides)
-        app = App(from_mapping(raw))
+        app = App(from_mapping(raw), clock=clock, store_factory=store_factory)
         await app.start()
         relay = Relay(app)
         running.append(relay)

@@ -169,7 +169,10 @@ class SqliteStore:
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._open_writer)
+        try:
+            await loop.run_in_executor(self._thread, self._open_writer)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
         self._reader = await connect(self.path)
         self.writer.start()
 
