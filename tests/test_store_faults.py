@@ -126,7 +126,7 @@ async def test_a_refused_key_is_still_refused_when_its_audit_event_cannot_be_wri
 
 @contextlib.contextmanager
 def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` at `folder`: needs root (CAP_SYS_ADMIN); unmounted however the test ends."""
+    """A tmpfs of `size` at `folder` (needs root), unmounted however the test ends."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root")
     if shutil.which("mount") is None:
