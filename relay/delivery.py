@@ -284,7 +284,9 @@ class Delivery:
         while True:
             try:
                 now = self.clock.time()
-                await self.store.recover("", now, hold=self.config.delivery.on_ambiguous == "hold")
+                hold = self.config.delivery.on_ambiguous == "hold"
+                if await self.store.recover("", now, hold=hold):
+                    self.wake()
                 counts = await self.store.purge(now, self.config.audit.retention)
                 if any(counts.values()):
                     log.info("purged %s", ", ".join(f"{v} {k}" for k, v in counts.items() if v))
