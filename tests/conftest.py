@@ -219,7 +219,7 @@ class Upstream:
             envelope.mail_from or "",
             list(envelope.rcpt_tos),
             bytes(envelope.original_content or b""),
-            session.ssl is not None,
+            session.ssl is not None or server.transport.get_extra_info("ssl_object") is not None,
             login,
         )
         await self.script.stall_at("data")
