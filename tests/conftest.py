@@ -383,6 +383,40 @@ class Relay:
         await self.app.stop()
 
 
+async def left_mid_attempt(path: Path, owner: str, now: float, lease_for: float = 600.0) -> str:
+    """A store as a relay that died during an attempt leaves it: one message, leased by `owner`
+    at `now`, no outcome recorded. Returns its queue id."""
+    from relay.decision import Claim
+    from relay.store import Submission
+    from relay.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        sub = Submission(
+            queue_id="LEFT1",
+            received_at=now,
+            sender="shop@example.com",
+            recipients=("alice@example.org",),
+            data=make_message(message_id="<left@example.com>"),
+            message_id="left@example.com",
+            client="127.0.0.1",
+            user=None,
+            helo="test",
+            smtputf8=False,
+            body8bit=False,
+            claim=Claim(
+                "global", "left@example.com", "message-id", "f" * 64, 86400.0, "drop", "reject"
+            ),
+        )
+        assert (await store.accept(sub)).forward == sub.recipients
+        batch = await store.lease(owner, 10, now, lease_for)
+        assert [lease.queue_id for lease in batch.leases] == [sub.queue_id]
+    finally:
+        await store.close()
+    return sub.queue_id
+
+
 @pytest.fixture
 async def make_relay(
     tmp_path: Path, upstream: Upstream

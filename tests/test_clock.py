@@ -14,9 +14,7 @@ import pytest
 
 from relay.clock import ManualClock
 from relay.delivery import HOUSEKEEPING_INTERVAL as HOUSEKEEPING
-from relay.store import Submission
-from relay.store.sqlite import SqliteStore
-from tests.conftest import Relay, Upstream, eventually, make_message, send
+from tests.conftest import Relay, Upstream, eventually, left_mid_attempt, make_message, send
 
 HOUR = 3600.0
 
@@ -141,7 +139,7 @@ async def test_a_lease_abandoned_by_a_dead_replica_is_taken_back_once_it_expires
 ) -> None:
     clock = ManualClock()
     lease_for = 600.0
-    await leased_by_a_dead_replica(tmp_path / "relay.db", clock.time(), lease_for)
+    await left_mid_attempt(tmp_path / "relay.db", "dead", clock.time(), lease_for)
     relay = await started(make_relay, clock)
     assert await relay.rows("SELECT state, lease_owner FROM messages") == [("sending", "dead")]
     clock.advance(lease_for - 1)  # housekeeping looks (every minute) while the lease still runs
@@ -151,28 +149,3 @@ async def test_a_lease_abandoned_by_a_dead_replica_is_taken_back_once_it_expires
     await upstream.wait_for(1)
     await relay.idle()
     assert [e["event"] for e in await relay.events()] == ["received", "ambiguous", "delivered"]
-
-
-async def leased_by_a_dead_replica(path: Path, now: float, lease_for: float) -> None:
-    store = SqliteStore(str(path))
-    await store.open()
-    try:
-        sub = Submission(
-            queue_id="ABANDONED1",
-            received_at=now,
-            sender="shop@example.com",
-            recipients=("alice@example.org",),
-            data=make_message(),
-            message_id=None,
-            client="127.0.0.1",
-            user=None,
-            helo="test",
-            smtputf8=False,
-            body8bit=False,
-            claim=None,
-        )
-        await store.accept(sub)
-        batch = await store.lease("dead", 10, now, lease_for)
-        assert len(batch.leases) == 1
-    finally:
-        await store.close()

@@ -11,10 +11,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from relay.decision import Claim
-from relay.store import Submission
 from relay.store.sqlite import SqliteStore
-from tests.conftest import Relay, Upstream, make_message, send
+from tests.conftest import Relay, Upstream, left_mid_attempt, make_message, send
 
 INSTANCE = "test"  # runtime.instance in tests/conftest.py's base config
 
@@ -86,39 +84,10 @@ async def stored_events(relay: Relay, name: str) -> list[tuple[object, ...]]:
 # --- a crash mid-attempt -------------------------------------------------------
 
 
-async def crashed_mid_attempt(path: Path) -> str:
-    """A store as a relay killed during an attempt leaves it: the message leased, no outcome."""
-    store = SqliteStore(str(path))
-    await store.open()
-    try:
-        sub = Submission(
-            queue_id="CRASHED1",
-            received_at=time.time(),
-            sender="shop@example.com",
-            recipients=("alice@example.org",),
-            data=make_message(message_id="<crashed@example.com>"),
-            message_id="crashed@example.com",
-            client="127.0.0.1",
-            user=None,
-            helo="test",
-            smtputf8=False,
-            body8bit=False,
-            claim=Claim(
-                "global", "crashed@example.com", "message-id", "f" * 64, 86400.0, "drop", "reject"
-            ),
-        )
-        assert (await store.accept(sub)).forward == ("alice@example.org",)
-        batch = await store.lease(INSTANCE, 10, time.time(), 600.0)
-        assert [lease.queue_id for lease in batch.leases] == ["CRASHED1"]
-    finally:
-        await store.close()
-    return sub.queue_id
-
-
 async def test_after_a_crash_mid_attempt_hold_keeps_the_message_for_an_operator(
     make_relay, upstream: Upstream, tmp_path: Path
 ) -> None:
-    await crashed_mid_attempt(tmp_path / "relay.db")
+    await left_mid_attempt(tmp_path / "relay.db", INSTANCE, time.time())
     relay = await make_relay(delivery={"on_ambiguous": "hold"})
     assert await relay.rows("SELECT state FROM messages") == [("held",)]
     assert await relay.rows("SELECT state FROM recipients") == [("held",)]
@@ -131,7 +100,7 @@ async def test_after_a_crash_mid_attempt_hold_keeps_the_message_for_an_operator(
 async def test_after_a_crash_mid_attempt_the_message_is_retried_as_ambiguous(
     make_relay, upstream: Upstream, tmp_path: Path
 ) -> None:
-    await crashed_mid_attempt(tmp_path / "relay.db")
+    await left_mid_attempt(tmp_path / "relay.db", INSTANCE, time.time())
     relay = await make_relay()
     await upstream.wait_for(1)
     await relay.idle()
