@@ -94,7 +94,7 @@ class Verdict:
         return self.reply.startswith("250")
 
 
-def queued_reply(queue_id: str) -> str:
+def _queued_reply(queue_id: str) -> str:
     return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
@@ -109,7 +109,7 @@ def decide(
     Without a claim (dedupe off, a bypass rule) every recipient is forwarded.
     """
     if claim is None or result is None:
-        return Verdict("forward", queue_id, queued_reply(queue_id), forward=recipients)
+        return Verdict("forward", queue_id, _queued_reply(queue_id), forward=recipients)
     conflicting = [h for h in result.holders if h.fingerprint != claim.fingerprint]
     if conflicting:
         return _conflict(queue_id, recipients, claim, result, conflicting[0].queue_id)
@@ -120,17 +120,17 @@ def decide(
         if h.rcpt in by_norm and h.rcpt not in result.claimed
     )
     if not duplicates:
-        return Verdict("forward", queue_id, queued_reply(queue_id), forward=recipients)
+        return Verdict("forward", queue_id, _queued_reply(queue_id), forward=recipients)
     originals = ", ".join(dict.fromkeys(original for _, original in duplicates))
     if claim.shadow:  # shadow mode forwards to everyone and only records
         return Verdict(
-            "shadow", queue_id, queued_reply(queue_id), forward=recipients, duplicates=duplicates
+            "shadow", queue_id, _queued_reply(queue_id), forward=recipients, duplicates=duplicates
         )
     if claim.on_duplicate == "tag":
         return Verdict(
             "tag",
             queue_id,
-            queued_reply(queue_id),
+            _queued_reply(queue_id),
             forward=recipients,
             duplicates=duplicates,
             duplicate_of=duplicates[0][1],
@@ -159,7 +159,7 @@ def _conflict(
     """Same key, different content: never silently treated as a repeat."""
     unclaim = bool(result.claimed)
     if claim.on_conflict == "forward":
-        reply = queued_reply(queue_id)
+        reply = _queued_reply(queue_id)
         return Verdict(
             "conflict",
             queue_id,

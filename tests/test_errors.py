@@ -13,7 +13,6 @@ import yaml
 from relay import cli, config, errors, keys, units
 from relay.store import reader
 from tests.conftest import ROOT
-from tests.test_config import run_cli
 
 
 @pytest.mark.parametrize(
@@ -58,7 +57,13 @@ def test_a_store_that_cannot_be_opened_ends_a_command_with_one_line_and_status_1
     not_a_file.mkdir()
     config_path = tmp_path / "relay.yaml"
     config_path.write_text(yaml.safe_dump({"store": {"path": str(not_a_file)}}))
-    result = run_cli("requeue", "ABC123", "--config", str(config_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "requeue", "ABC123", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith(f"dedup-relay: error: cannot open the store {not_a_file}")
     assert len(result.stderr.strip().splitlines()) == 1
