@@ -76,10 +76,8 @@ class Tx:
 Job = Callable[[Tx], Any]
 
 
-def _event_row(e: Event) -> dict[str, Any]:
-    row = {name: getattr(e, name) for name in FIELDS}
-    row["rcpts"] = ",".join(e.rcpts)
-    return row
+def _event_row(e: Event) -> tuple[Any, ...]:
+    return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
 
 
 def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:

@@ -9,6 +9,7 @@ like this one; the decisions around the SQL live in `relay.decision` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,15 +47,16 @@ __all__ = [
     "queued_recipients_of",
 ]
 
-INSERT_EVENT = (
-    f"INSERT INTO events ({', '.join(FIELDS)}) VALUES ({', '.join(':' + f for f in FIELDS)})"
-)
+# Generated from the Event fields, in their order: the one statement bound by position
+# (`sqlite.event_row`), as it runs for every event and cannot drift from its columns.
+INSERT_EVENT = f"INSERT INTO events ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
 
 # --- accept ------------------------------------------------------------------
 
 _CLAIM_ROW = "(:scope, :key, :rcpt{n}, :queue_id, :fingerprint, :now, :expires_at, 1)"
 
 
+@functools.lru_cache(maxsize=64)
 def claim(recipients: int) -> str:
     """One upsert for every recipient: an expired, settled claim is taken over in place.
 
@@ -106,6 +108,7 @@ NEXT_DUE = "SELECT min(next_attempt) AS next_due FROM messages WHERE state = 'qu
 SELECT_BODY = "SELECT data FROM bodies WHERE queue_id = :queue_id"
 
 
+@functools.lru_cache(maxsize=256)
 def in_list(column: str, count: int, prefix: str = "id") -> str:
     """`column IN (:id0, :id1, ...)` for `count` values."""
     return f"{column} IN ({', '.join(f':{prefix}{n}' for n in range(count))})"
