@@ -18,6 +18,7 @@ prints figures.
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import os
 import random
@@ -28,6 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SCOPE = (
@@ -72,15 +74,45 @@ def config_text(folder: Path, timeout: float) -> str:
     )
 
 
+def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Where the type annotations are: under `from __future__ import annotations` they are
+    never evaluated, so a mutant inside one is equivalent and no test can kill it."""
+    spans = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        found: list[ast.expr | None] = []
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            found.append(node.returns)
+            found += [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+            found += [x.annotation for x in (a.vararg, a.kwarg) if x is not None]
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+        for n in found:
+            if n is not None and n.end_lineno is not None and n.end_col_offset is not None:
+                spans.append(((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)))
+    return spans
+
+
+def in_annotation(root: Path, mutation: object, cache: dict[str, list[Any]]) -> bool:
+    name = str(mutation.module_path)  # type: ignore[attr-defined]
+    if name not in cache:
+        cache[name] = annotation_spans(root / name)
+    at = tuple(mutation.start_pos)  # type: ignore[attr-defined]
+    return any(start <= at < end for start, end in cache[name])
+
+
 def keep_sample(session: Path, size: int, seed: int) -> tuple[int, int]:
-    """Mark all but a seeded sample as skipped; returns (sampled, total)."""
+    """Mark all but a seeded sample as skipped; returns (sampled, total).
+
+    Mutants inside annotations are left out before sampling (see annotation_spans)."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     with use_db(str(session), WorkDB.Mode.open) as db:
         items = sorted(db.work_items, key=lambda w: w.job_id)
+        spans: dict[str, list[Any]] = {}
         keys = sorted(
-            items,
+            (w for w in items if not in_annotation(session.parent, w.mutations[0], spans)),
             key=lambda w: (
                 str(w.mutations[0].module_path),
                 w.mutations[0].operator_name,
@@ -89,7 +121,8 @@ def keep_sample(session: Path, size: int, seed: int) -> tuple[int, int]:
             ),
         )
         chosen = set(random.Random(seed).sample(range(len(keys)), min(size, len(keys))))
-        skipped = [w.job_id for i, w in enumerate(keys) if i not in chosen]
+        kept = {w.job_id for i, w in enumerate(keys) if i in chosen}
+        skipped = [w.job_id for w in items if w.job_id not in kept]
         db.set_multiple_results(skipped, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
         return len(items) - len(skipped), len(items)
 
@@ -101,26 +134,38 @@ def report(session: Path) -> int:
     outcomes: Counter[str] = Counter()
     per_file: dict[str, Counter[str]] = {}
     survivors: list[str] = []
+    spans: dict[str, list[Any]] = {}
     with use_db(str(session), WorkDB.Mode.open) as db:
         for item, result in db.completed_work_items:
             if result.worker_outcome is WorkerOutcome.SKIPPED:
                 continue
             mutation = item.mutations[0]
             name = str(mutation.module_path)
-            outcome = str(result.test_outcome or result.worker_outcome)
+            if in_annotation(session.parent, mutation, spans):
+                outcomes["in an annotation (equivalent)"] += 1
+                continue
+            outcome = (result.test_outcome or result.worker_outcome).value
             outcomes[outcome] += 1
             per_file.setdefault(name, Counter())[outcome] += 1
             if result.test_outcome is TestOutcome.SURVIVED:
                 line = mutation.start_pos[0]
-                survivors.append(f"  {name}:{line}  {mutation.operator_name}")
-    killed, survived = outcomes[TestOutcome.KILLED], outcomes[TestOutcome.SURVIVED]
+                changed = [
+                    d[1:].strip()
+                    for d in (result.diff or "").splitlines()
+                    if d.startswith("+") and not d.startswith("+++")
+                ]
+                survivors.append(
+                    f"  {name}:{line}  {mutation.operator_name}  -> {' / '.join(changed)[:90]}"
+                )
+    killed, survived = outcomes["killed"], outcomes["survived"]
     tested = killed + survived
     print(f"mutants tested {tested}: killed {killed}, survived {survived}", end="")
-    print(f", incompetent {outcomes[TestOutcome.INCOMPETENT]}")
+    print(f", incompetent {outcomes['incompetent']}", end="")
+    print(f"; left out, in an annotation: {outcomes['in an annotation (equivalent)']}")
     if tested:
         print(f"mutation score {killed / tested:.1%}")
     for name, counts in sorted(per_file.items()):
-        killed_here, survived_here = counts[TestOutcome.KILLED], counts[TestOutcome.SURVIVED]
+        killed_here, survived_here = counts["killed"], counts["survived"]
         print(f"  {name}: {killed_here} killed, {survived_here} survived")
     if survivors:
         print("survivors:")
@@ -135,7 +180,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's run")
     parser.add_argument("--keep", metavar="DIR", help="work here and keep it (default: temp)")
+    parser.add_argument("--report", metavar="DIR", help="only print the report of a kept run")
     args = parser.parse_args()
+    if args.report:
+        return report(Path(args.report) / "session.sqlite")
     folder = Path(args.keep or tempfile.mkdtemp(prefix="mutation-"))
     folder.mkdir(parents=True, exist_ok=True)
     snapshot(args.rev, folder)
