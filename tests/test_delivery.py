@@ -286,3 +286,17 @@ async def test_wrong_upstream_password_defers_and_never_fails_the_mail(
         assert deferred["code"] == 535
         assert await relay.events("failed") == []
         assert await relay.rows("SELECT state FROM recipients") == [("queued",)]
+
+
+async def test_a_message_too_big_to_ride_with_its_lease_is_read_apart_and_delivered_whole(
+    relay: Relay, upstream: Upstream
+) -> None:
+    from relay.store.sqlite import INLINE_BODY_LIMIT
+
+    body = "".join(f"line {n:07d} of a long statement\n" for n in range(INLINE_BODY_LIMIT // 20))
+    message = make_message("big", body)
+    assert len(message) > INLINE_BODY_LIMIT
+    assert (await send(relay.port, message)).code == 250
+    [delivered] = await upstream.wait_for(1)
+    assert delivered.data.endswith(message.split(b"\r\n\r\n", 1)[1])
+    assert delivered.data.count(b" of a long statement") == INLINE_BODY_LIMIT // 20
