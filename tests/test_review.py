@@ -584,3 +584,22 @@ async def test_stats_tells_forwarded_repeats_from_suppressed_ones(
     text = await cli(cli_config(tmp_path, upstream), "stats")
     assert len(lines_with(text.out, "shadow")) == 1
     assert "DUPLICATES BY ACTION" in text.out
+
+
+@pytest.mark.parametrize(
+    ("values", "fraction", "expected"),
+    [
+        ([], 0.5, None),
+        ([7.0], 0.99, 7.0),
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 0.5, 5.0),
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 0.9, 9.0),
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 0.99, 10.0),
+        ([1.0, 2.0, 3.0, 4.0], 0.0, 1.0),  # the lowest rank is the first, never an index of -1
+    ],
+)
+def test_latency_percentiles_are_nearest_rank(
+    values: list[float], fraction: float, expected: float | None
+) -> None:
+    from relay.store.reader import percentile
+
+    assert percentile(values, fraction) == expected
