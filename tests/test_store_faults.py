@@ -121,6 +121,23 @@ async def test_a_refused_key_is_still_refused_when_its_audit_event_cannot_be_wri
     assert upstream.messages == []
 
 
+async def test_a_failed_lease_is_tried_again_at_the_next_poll(
+    make_relay, upstream: Upstream
+) -> None:
+    faults = Faults()
+    clock = ManualClock()
+    relay = await make_relay(clock=clock, store_factory=faults.store_factory())
+    await eventually(lambda: clock.sleepers >= 2, what="delivery to settle")
+    faults.fail("UPDATE messages SET state = 'sending'", "database is locked")
+    assert (await send(relay.port, make_message())).code == 250
+    await eventually(lambda: faults.fired, what="the lease to fail")
+    await eventually(lambda: clock.sleepers >= 2, what="the dispatcher to wait for the next poll")
+    assert upstream.messages == []
+    clock.advance(1.0)
+    await upstream.wait_for(1)
+    await relay.idle()
+
+
 # --- a real full disk ----------------------------------------------------------
 
 
