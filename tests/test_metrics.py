@@ -78,6 +78,8 @@ async def mixed_traffic(relay: Relay, upstream: Upstream) -> None:
     for n in range(2):
         message = make_message(f"receipt {n}", message_id=f"<m-{n}@example.com>")
         assert "duplicate" in (await send(relay.port, message)).text
+    pair = ("alice@example.org", "bob@example.org")
+    assert (await send(relay.port, make_message("for two"), rcpts=pair)).code == 250
     keyed = {"Idempotency-Key": "order-1"}
     assert (await send(relay.port, make_message("order", extra=keyed))).code == 250
     assert (await send(relay.port, make_message("other", extra=keyed))).code == 554
@@ -173,6 +175,8 @@ async def test_counters_agree_with_relay_stats_on_the_same_store(
     )
     queue = {k: v for k, v in report["queue"].items() if v}
     assert samples.by("dedup_relay_queue_messages", "state") == queue
+    outcomes = await relay.rows("SELECT state, count(*) FROM recipients GROUP BY state")
+    assert samples.by("dedup_relay_recipients_total", "outcome") == dict(outcomes)
     assert set(samples.by("dedup_relay_events_total", "event")) <= set(EVENTS)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import (
+    DEADLINE,
     Relay,
     Upstream,
     base_config,
@@ -142,3 +143,31 @@ async def test_sigterm_turns_readiness_off_before_the_smtp_port_closes(
     assert reply.code == 250, reply.text
     await upstream.wait_for(1)
     assert await asyncio.to_thread(relay.proc.wait, 8 + 5) == 0
+
+
+async def test_probes_answer_503_until_open_work_has_finished(make_relay: Any) -> None:
+    relay: Relay = await make_relay(**HTTP)
+    port = relay.app.http_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    for command in (b"EHLO client.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.org>"):
+        writer.write(command + b"\r\n")
+    writer.write(b"DATA\r\n")
+    while not (await reader.readline()).startswith(b"354"):
+        pass
+    writer.write(make_message("half sent").split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    await writer.drain()
+    stopping = asyncio.create_task(relay.app.stop(grace=DEADLINE))
+
+    async def draining() -> bool:
+        return (await http_get(port, "/readyz")).status == 503
+
+    # A session is still in DATA, so the relay is stopping but not stopped: probes say so.
+    await eventually(draining, what="readiness to fail once stopping began")
+    assert (await http_get(port, "/healthz")).json()["status"] == "not alive"
+    assert not stopping.done()
+    writer.write(b"the rest of the body\r\n.\r\n")
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"250")
+    await stopping
+    writer.close()
+    await writer.wait_closed()
