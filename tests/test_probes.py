@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from relay.health import WRITE_DEADLINE
 from tests.conftest import (
     DEADLINE,
     Relay,
@@ -78,6 +80,8 @@ async def test_readiness_fails_naming_the_store_while_it_cannot_commit(
             f"unhealthy: not ready: store: no write committed within 0.3s"
             f" (http://127.0.0.1:{port}/readyz)"
         ]
+
+    relay.app.health.write_deadline = WRITE_DEADLINE
 
     async def ready_again() -> bool:
         return (await http_get(port, "/readyz")).status == 200
@@ -171,3 +175,17 @@ async def test_probes_answer_503_until_open_work_has_finished(make_relay: Any) -
     await stopping
     writer.close()
     await writer.wait_closed()
+
+
+def test_side_port_already_taken_exits_1_naming_http_listen(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"RELAY_LISTEN__PORT": str(free_port()), "RELAY_HTTP__LISTEN": f"127.0.0.1:{port}"}
+        result = relay_cli("serve", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"dedup-relay: error: cannot listen on 127.0.0.1:{port} (http.listen):"
+        " Address already in use"
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
@@ -67,8 +68,9 @@ class SidePort:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(
-                f"cannot listen on {self.config.listen} (http.listen): {exc.strerror}"
+                f"cannot listen on {self.config.listen} (http.listen): {reason}"
             ) from None
 
     async def stop(self) -> None:
