@@ -76,14 +76,21 @@ def test_a_value_yaml_reads_as_a_number_stays_text_where_the_key_wants_text() ->
         ({"RELAY_LISTEN": "oops", "RELAY_LISTEN__PORT": "1"}, "RELAY_LISTEN__PORT: listen is"),
     ],
 )
-def test_unknown_or_bad_variable_exits_2_with_one_line_naming_it(
-    env: dict[str, str], line: str, tmp_path: Path
-) -> None:
-    result = relay_cli("check-config", env=env, cwd=tmp_path)
-    assert result.returncode == 2, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"dedup-relay: error: {line}"), lines[0]
+def test_unknown_or_bad_variable_is_one_error_naming_it(env: dict[str, str], line: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load(None, check_paths=False, environ=env)
+    assert str(error.value).startswith(line), error.value
+    assert "\n" not in str(error.value)
+
+
+def test_bad_variable_stops_every_command_with_exit_2_and_one_line(tmp_path: Path) -> None:
+    for command in ("serve", "check-config", "stats"):
+        result = relay_cli(command, env={"RELAY_LISTEN__PROT": "1"}, cwd=tmp_path)
+        assert result.returncode == 2, result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "dedup-relay: error: RELAY_LISTEN__PROT: listen.prot: unknown key"
+        ), result.stderr
 
 
 def test_secret_in_a_variable_is_refused_without_echoing_it(tmp_path: Path) -> None:
