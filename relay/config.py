@@ -6,10 +6,12 @@ person reading it is an operator at a terminal, not a Python developer.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
+import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -22,12 +24,15 @@ from relay.units import UnitError, format_duration, format_size, parse_duration,
 __all__ = [
     "DEFAULT_KEYS",
     "DEFAULT_WINDOWS",
+    "ENV_PREFIX",
     "AuditConfig",
     "Config",
     "ConfigError",
     "DedupeConfig",
     "DeliveryConfig",
+    "HttpConfig",
     "KeySpec",
+    "Layers",
     "ListenConfig",
     "RuleConfig",
     "RuleMatch",
@@ -37,7 +42,9 @@ __all__ = [
     "UpstreamConfig",
     "from_mapping",
     "load",
+    "read_layers",
     "to_mapping",
+    "to_yaml_with_sources",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -190,10 +197,21 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP side port (probes, metrics); `listen` is None when it is off."""
+
+    listen: str | None = None
+    host: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     instance: str = ""
     shutdown_grace: float = 5.0
+    drain_delay: float = 0.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True)
@@ -206,6 +224,7 @@ class Config:
     rules: tuple[RuleConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    http: HttpConfig = HttpConfig()
 
 
 # --- reading ---------------------------------------------------------------
@@ -582,12 +601,44 @@ def _runtime(raw: object, listen: ListenConfig) -> RuntimeConfig:
     config = RuntimeConfig(
         instance=s.get("instance", _text, "") or f"{socket.gethostname()}:{listen.port}",
         shutdown_grace=s.get("shutdown_grace", _duration, RuntimeConfig.shutdown_grace),
+        drain_delay=s.get("drain_delay", _duration, 0.0),
         log_level=s.get(
             "log_level", _choice("debug", "info", "warning", "error"), RuntimeConfig.log_level
         ),
+        log_format=s.get("log_format", _choice("text", "json"), RuntimeConfig.log_format),
     )
     s.finish()
+    if config.drain_delay and config.drain_delay >= config.shutdown_grace:
+        raise ConfigError("runtime.drain_delay: must be shorter than runtime.shutdown_grace")
     return config
+
+
+def _http(raw: object) -> HttpConfig:
+    s = _Section(raw, "http")
+    listen = s.get("listen", _opt_listen, None)
+    s.finish()
+    if listen is None:
+        return HttpConfig()
+    host, port = listen
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return HttpConfig(listen=shown, host=host, port=port)
+
+
+def _opt_listen(value: object, key: str) -> tuple[str, int] | None:
+    """HOST:PORT, with IPv6 hosts in brackets; empty or null turns the listener off."""
+    if value is None or value == "":
+        return None
+    hint = "use HOST:PORT, e.g. 127.0.0.1:9025"
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r} ({hint})")
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", value.strip())
+    if match is None:
+        raise ConfigError(f"{key}: {value!r} is not HOST:PORT ({hint})")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigError(f"{key}: port {port} is out of range (must be between 0 and 65535)")
+    return host, port
 
 
 def _check_writable_dir(path: Path, key: str) -> None:
@@ -612,6 +663,7 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
         rules=_rules(top.raw.get("rules")),
         audit=_audit(top.raw.get("audit")),
         runtime=_runtime(top.raw.get("runtime"), listen),
+        http=_http(top.raw.get("http")),
     )
     top.seen.update(f.name for f in fields(Config))
     top.finish()
@@ -624,19 +676,182 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     return config
 
 
-def load(path: str | Path, *, check_paths: bool = True) -> Config:
-    """`check_paths=False` for commands that only read: they must not create directories."""
+def load(
+    path: str | Path | None,
+    *,
+    check_paths: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """The file (if any) with `RELAY_*` variables on top, validated.
+
+    `check_paths=False` for commands that only read: they must not create directories.
+    """
+    return read_layers(path, os.environ if environ is None else environ).config(
+        check_paths=check_paths
+    )
+
+
+# --- layers: the file, then the environment ---------------------------------
+
+ENV_PREFIX = "RELAY_"
+# Variables with the prefix that are not config keys.
+_ENV_RESERVED = frozenset({"RELAY_CONFIG"})
+_ENV_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One `RELAY_<SECTION>__<KEY>` variable: the key path it sets and its value."""
+
+    var: str
+    path: tuple[str, ...]
+    text: str
+    value: object
+    yaml_problem: str | None = None
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The raw config as read, and where each key came from.
+
+    The environment is applied to the raw mapping before validation, key by key, so a
+    section added to the config later is settable from the environment with no extra code.
+    """
+
+    file: str | None
+    raw: dict[str, Any]
+    settings: tuple[_Setting, ...]
+    sources: Mapping[str, str]
+
+    def source(self, dotted: str) -> str:
+        """`default`, `file` or `env NAME` for a dotted key (a value set whole covers its keys)."""
+        parts = dotted.split(".")
+        for n in range(len(parts), 0, -1):
+            found = self.sources.get(".".join(parts[:n]))
+            if found is not None:
+                return found
+        return "default"
+
+    def config(self, *, check_paths: bool = True) -> Config:
+        raw = self.raw
+        retried: set[str] = set()
+        while True:
+            try:
+                return from_mapping(copy.deepcopy(raw), check_paths=check_paths)
+            except ConfigError as exc:
+                setting = self._blame(str(exc))
+                if setting is None:
+                    raise
+                if setting.var not in retried and _plain_scalar(setting.value):
+                    # YAML read it as a number, boolean or null; the key may want the text.
+                    retried.add(setting.var)
+                    raw = copy.deepcopy(raw)
+                    _set(raw, setting.path, setting.text, setting.var)
+                    continue
+                message = f"{setting.var}: {exc}"
+                if ": unknown key" in message:
+                    message += "; the form is RELAY_<SECTION>__<KEY>, e.g. RELAY_LISTEN__PORT"
+                if setting.yaml_problem:
+                    message += (
+                        f" (read as text: it is not valid YAML, {setting.yaml_problem};"
+                        " quote list items that contain ':' or start with '*')"
+                    )
+                raise ConfigError(message) from None
+
+    def _blame(self, message: str) -> _Setting | None:
+        """The variable a validation error is about: by the key it names, else any it mentions."""
+        key = message.split(": ", 1)[0]
+        by_depth = sorted(self.settings, key=lambda s: -len(s.path))
+        for setting in by_depth:
+            path = setting.dotted
+            inside = key.startswith((path + ".", path + "["))
+            if key == path or inside or path.startswith(key + "."):
+                return setting
+        for setting in by_depth:
+            if re.search(rf"(?<![\w.]){re.escape(setting.dotted)}(?![\w])", message):
+                return setting
+        return None
+
+
+def read_layers(path: str | Path | None, environ: Mapping[str, str]) -> Layers:
+    """Read the file (None: there is none, defaults only) and apply the environment on top."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        document = _read_yaml(path)
+        if document is not None and not isinstance(document, dict):
+            raise ConfigError(f"expected a mapping of keys, got {_kind(document)}")
+        raw = document or {}
+    sources = dict.fromkeys(_leaf_keys(raw), "file")
+    settings = tuple(sorted(_env_settings(environ), key=lambda s: (len(s.path), s.var)))
+    for setting in settings:
+        _set(raw, setting.path, setting.value, setting.var)
+        inside = setting.dotted + "."
+        for key in [k for k in sources if k.startswith(inside)]:
+            del sources[key]
+        sources[setting.dotted] = f"env {setting.var}"
+    return Layers(None if path is None else str(path), raw, settings, sources)
+
+
+def _read_yaml(path: str | Path) -> object:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
-    return from_mapping(raw, check_paths=check_paths)
+
+
+def _leaf_keys(raw: Mapping[Any, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, dotted + ".")
+        else:
+            yield dotted
+
+
+def _env_settings(environ: Mapping[str, str]) -> Iterator[_Setting]:
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in _ENV_RESERVED:
+            continue
+        parts = var[len(ENV_PREFIX) :].split("__")
+        if not all(parts) or not all(_ENV_NAME.fullmatch(p) for p in parts):
+            raise ConfigError(
+                f"{var}: not a config variable (the form is RELAY_<SECTION>__<KEY>,"
+                " e.g. RELAY_LISTEN__PORT)"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "unreadable"
+            yield _Setting(var, tuple(p.lower() for p in parts), text, text, problem)
+            continue
+        yield _Setting(var, tuple(p.lower() for p in parts), text, value)
+
+
+def _set(raw: dict[str, Any], path: tuple[str, ...], value: object, var: str) -> None:
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"{var}: {where} is {_kind(child)}, not a section with keys")
+        node = child
+    node[path[-1]] = value
+
+
+def _plain_scalar(value: object) -> bool:
+    return value is None or isinstance(value, bool | int | float)
 
 
 def _replace(obj: T, **changes: Any) -> T:
@@ -659,6 +874,7 @@ _DURATION_FIELDS = {
     "window",
     "retention",
     "shutdown_grace",
+    "drain_delay",
 }
 _INTERNAL_FIELDS = {"scheme", "host", "port", "path"}
 
@@ -691,7 +907,7 @@ def _plain(value: object, name: str, section: str = "") -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         result: dict[str, Any] = {}
         for f in fields(value):
-            if isinstance(value, UpstreamConfig) and f.name in _INTERNAL_FIELDS:
+            if isinstance(value, UpstreamConfig | HttpConfig) and f.name in _INTERNAL_FIELDS:
                 continue
             if isinstance(value, DedupeConfig) and f.name in (
                 "fingerprint_headers",
@@ -714,3 +930,49 @@ def _plain(value: object, name: str, section: str = "") -> Any:
     if isinstance(value, int) and name == "max_message_size":
         return format_size(value)
     return value
+
+
+def to_yaml_with_sources(config: Config, layers: Layers) -> str:
+    """The effective config as YAML, each key followed by where its value came from.
+
+    A key that is not set but read through `KEY_env` or `KEY_file` (a username, a password)
+    is credited to that key.
+    """
+    lines: list[tuple[str, str]] = []
+
+    def source(dotted: str) -> str:
+        found = layers.source(dotted)
+        if found != "default":
+            return found
+        for suffix in ("_env", "_file"):
+            via = layers.source(dotted + suffix)
+            if via != "default":
+                return f"{via} (via {dotted.rsplit('.', 1)[-1]}{suffix})"
+        return found
+
+    def walk(mapping: Mapping[str, Any], prefix: str, indent: str) -> None:
+        for key, value in mapping.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                lines.append((f"{indent}{key}:", ""))
+                walk(value, dotted + ".", indent + "  ")
+            elif isinstance(value, list) and any(isinstance(v, dict) for v in value) and not prefix:
+                block = yaml.safe_dump({key: value}, sort_keys=False, allow_unicode=True)
+                head, _, rest = block.partition("\n")
+                lines.append((head, source(dotted)))
+                lines.extend((line, "") for line in rest.rstrip("\n").split("\n"))
+            else:
+                lines.append((f"{indent}{key}: {_flow(value)}", source(dotted)))
+
+    walk(to_mapping(config), "", "")
+    width = max(len(text) for text, note in lines if note)
+    return "".join(
+        f"{text.ljust(width)}  # {note}\n" if note else f"{text}\n" for text, note in lines
+    )
+
+
+def _flow(value: object) -> str:
+    text = yaml.safe_dump(
+        value, default_flow_style=True, width=1 << 30, allow_unicode=True, sort_keys=False
+    ).strip()
+    return text.removesuffix("...").strip()

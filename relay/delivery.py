@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable
 
-from relay import headers
+from relay import headers, logs
 from relay.config import Config
 from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Update
 from relay.store.sqlite import SqliteStore
@@ -162,10 +162,12 @@ class Delivery:
                 with contextlib.suppress(Exception):
                     await self.store.unlease(lease.queue_id, time.time() + backoff(self.config, 1))
             finally:
+                logs.bind(queue_id=None)
                 self._in_flight -= 1
                 self._wake.set()
 
     async def _attempt(self, lease: Lease, transport: Transport) -> None:
+        logs.bind(queue_id=lease.queue_id)
         body = lease.data if lease.data is not None else await self.store.body(lease.queue_id)
         if body is None or not lease.recipients:
             results = tuple(

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relay import logs
 from relay.config import ListenConfig, Network
 from relay.intake import Intake, Transaction, unique_recipients
 
@@ -129,6 +130,7 @@ class RelaySMTP(SMTP):
     async def _handle_client(self) -> None:
         front = self.front
         assert self.session is not None and self.transport is not None
+        logs.bind(client=str(self.session.peer[0]) if self.session.peer else None)
         refusal = None
         if not allowed(self.session.peer, front.config.networks):
             log.warning("refused connection from %s: not in listen.networks", self.session.peer)
@@ -194,6 +196,10 @@ class FrontDoor:
 
     def wake(self) -> None:
         self._changed.set()
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving() and not self.closing
 
     @property
     def port(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiosmtplib
 import pytest
 import yaml
@@ -387,21 +389,29 @@ async def relay(make_relay: Callable[..., Awaitable[Relay]]) -> Relay:
 
 
 class RelayProcess:
-    """`python -m relay serve` as a child process, as a user would run it."""
+    """`python -m relay serve` as a child process, as a user would run it.
 
-    def __init__(self, config_path: Path, cwd: Path) -> None:
+    Without a config path it runs on defaults and `env` alone, as in a container.
+    """
+
+    def __init__(
+        self, config_path: Path | None, cwd: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.config_path = config_path
         self.cwd = cwd
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.instance: str | None = None
         self.port = 0
         self.stderr_lines: list[str] = []
 
     def start(self, timeout: float = DEADLINE) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         extra = ["--instance", self.instance] if self.instance else []
+        if self.config_path is not None:
+            extra += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path), *extra],
+            [sys.executable, "-m", "relay", "serve", *extra],
             cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -439,13 +449,15 @@ class RelayProcess:
 
 
 @pytest.fixture
-def relay_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RelayProcess]]:
+def relay_process(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []
 
-    def make(config: dict[str, Any]) -> RelayProcess:
-        path = tmp_path / f"relay-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        process = RelayProcess(path, tmp_path)
+    def make(config: dict[str, Any] | None, env: dict[str, str] | None = None) -> RelayProcess:
+        path = None
+        if config is not None:
+            path = tmp_path / f"relay-{len(started)}.yaml"
+            path.write_text(yaml.safe_dump(config))
+        process = RelayProcess(path, tmp_path, env)
         started.append(process)
         return process
 
@@ -454,10 +466,45 @@ def relay_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RelayPr
         process.close()
 
 
+def relay_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`python -m relay ARGS` with only the RELAY_* variables given here, none inherited."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+        timeout=60,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- the HTTP side port -----------------------------------------------------
+
+
+@dataclass
+class HttpReply:
+    status: int
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+async def http_get(port: int, path: str, host: str = "127.0.0.1") -> HttpReply:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session,
+        session.get(f"http://{host}:{port}{path}") as response,
+    ):
+        return HttpReply(response.status, await response.text())
 
 
 # --- TLS material ----------------------------------------------------------

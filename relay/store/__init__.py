@@ -13,6 +13,8 @@ from typing import Literal
 from relay.audit import Event
 
 RecipientState = Literal["queued", "delivered", "failed", "expired", "held"]
+# Message states that still owe an outcome.
+PENDING_STATES = ("queued", "sending", "held")
 
 
 @dataclass(frozen=True)
@@ -117,16 +119,27 @@ class Update:
     detail: str | None = None
 
 
+@dataclass(frozen=True)
+class QueueDepth:
+    """Messages in one pending state, and when the oldest of them was received."""
+
+    state: str
+    messages: int
+    oldest: float | None
+
+
 class StoreError(RuntimeError):
     """The store could not commit; the client gets a 4xx and keeps the message."""
 
 
 __all__ = [
+    "PENDING_STATES",
     "Acceptance",
     "Claim",
     "Event",
     "Lease",
     "LeaseBatch",
+    "QueueDepth",
     "RecipientUpdate",
     "StoreError",
     "Submission",

@@ -20,6 +20,7 @@ import aiosqlite
 
 from relay.audit import FIELDS, Event
 from relay.keys import normalise_message_id
+from relay.store import PENDING_STATES, QueueDepth
 from relay.store.sqlite import connect
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
 
 _COLUMNS = ", ".join(FIELDS)
 _RCPTS = FIELDS.index("rcpts")
-PENDING_STATES = ("queued", "sending", "held")
 
 
 class ReadError(Exception):
@@ -114,13 +114,6 @@ class Timeline:
 class Count:
     name: str
     count: int
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    state: str
-    messages: int
-    oldest: float | None
 
 
 @dataclass(frozen=True)
@@ -305,15 +298,19 @@ class Reader:
     async def _counts(self, sql: str, params: Sequence[Any]) -> tuple[Count, ...]:
         return tuple(Count(str(name), int(n)) for name, n in await self._rows(sql, params))
 
-    async def stats(self, since: float, until: float) -> Stats:
-        window = (since, until)
-        by = " FROM events WHERE ts >= ? AND ts <= ? AND event = 'duplicate'"
+    async def queue(self) -> tuple[QueueDepth, ...]:
+        """Messages not yet finished, per state, and when the oldest of each was received."""
         queue = await self._rows(
             "SELECT state, count(*), min(received_at) FROM messages"
             f" WHERE state IN ({','.join('?' * len(PENDING_STATES))}) GROUP BY state",
             PENDING_STATES,
         )
         depth = {str(r[0]): QueueDepth(str(r[0]), int(r[1]), r[2]) for r in queue}
+        return tuple(depth.get(s, QueueDepth(s, 0, None)) for s in PENDING_STATES)
+
+    async def stats(self, since: float, until: float) -> Stats:
+        window = (since, until)
+        by = " FROM events WHERE ts >= ? AND ts <= ? AND event = 'duplicate'"
         latencies = sorted(
             float(r[0])
             for r in await self._rows(
@@ -344,7 +341,7 @@ class Reader:
                 f"SELECT coalesce(client, '-'), count(*){by} GROUP BY 1 ORDER BY 2 DESC, 1",
                 window,
             ),
-            queue=tuple(depth.get(s, QueueDepth(s, 0, None)) for s in PENDING_STATES),
+            queue=await self.queue(),
             latency=Latency(
                 count=len(latencies),
                 p50=percentile(latencies, 0.50),

@@ -14,7 +14,9 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,10 +24,12 @@ import aiosqlite
 
 from relay.audit import FIELDS, Event
 from relay.store import (
+    PENDING_STATES,
     Acceptance,
     Claim,
     Lease,
     LeaseBatch,
+    QueueDepth,
     RecipientUpdate,
     StoreError,
     Submission,
@@ -37,7 +41,9 @@ __all__ = [
     "BATCH_LIMIT",
     "INLINE_BODY_LIMIT",
     "PURGE_CHUNK",
+    "Backup",
     "SqliteStore",
+    "backup",
     "connect",
     "normalise_rcpt",
 ]
@@ -95,10 +101,12 @@ class SqliteStore:
         *,
         keep_bodies: float = 0.0,
         on_commit: Callable[[list[Event]], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.path = path
         self.keep_bodies = keep_bodies
         self._on_commit = on_commit
+        self._on_batch = on_batch
         self._db: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
@@ -146,6 +154,11 @@ class SqliteStore:
             raise StoreError("store is not open")
         return self._reader
 
+    @property
+    def running(self) -> bool:
+        """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
+        return self._writer is not None and not self._writer.done()
+
     # --- the writer --------------------------------------------------------
 
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
@@ -172,6 +185,7 @@ class SqliteStore:
             if not batch:
                 continue
             jobs = [job for job, _ in batch]
+            started = time.perf_counter()
             try:
                 outcomes, events = await loop.run_in_executor(self._thread, self._run_batch, jobs)
             except sqlite3.Error as exc:
@@ -182,6 +196,8 @@ class SqliteStore:
                 continue
             self.batches += 1
             self.jobs_run += len(batch)
+            if self._on_batch is not None:
+                self._on_batch(len(batch), time.perf_counter() - started)
             for (_, future), (result, error) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue
@@ -625,6 +641,24 @@ class SqliteStore:
 
         return await self._run(job)
 
+    async def probe(self, now: float) -> None:
+        """Commit one tiny write: ready means the store takes writes, not only that it opened."""
+
+        def job(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO meta (name, value) VALUES ('ready-probe', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (repr(now),),
+            )
+
+        await self._run(job)
+
+    async def queue_depth(self) -> tuple[QueueDepth, ...]:
+        """What is still to be delivered, per state, with the oldest receipt time of each."""
+        from relay.store.reader import Reader  # the reader module imports this one
+
+        return await Reader(self.reader).queue()
+
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
         """Drop expired claims, kept bodies and old audit rows, a chunk per transaction."""
         totals = {"claims": 0, "bodies": 0, "events": 0, "messages": 0}
@@ -684,3 +718,51 @@ def _group(updates: Sequence[RecipientUpdate]) -> list[list[RecipientUpdate]]:
     for r in updates:
         groups.setdefault((r.event, r.code, r.reply, r.upstream_id), []).append(r)
     return list(groups.values())
+
+
+@dataclass(frozen=True)
+class Backup:
+    size: int
+    pending: int
+
+
+def backup(path: str, target: str) -> Backup:
+    """A consistent copy of a live store, by SQLite's online backup API, written atomically.
+
+    One backup step copies every page inside one read transaction, so the copy is a single
+    snapshot even while the relay commits; in WAL mode that read never blocks the writer.
+    The copy is written beside the target and renamed over it only once it checks out.
+    """
+    source = sqlite3.connect(
+        Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True, timeout=10.0
+    )
+    final = Path(target)
+    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        source.execute("PRAGMA busy_timeout=10000")
+        copy = sqlite3.connect(partial, isolation_level=None)
+        try:
+            source.backup(copy)
+            # One self-contained file: the relay turns WAL back on when it opens a restored copy.
+            copy.execute("PRAGMA journal_mode=DELETE")
+            (verdict,) = copy.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"the copy failed its check: {verdict}")
+            marks = ",".join("?" * len(PENDING_STATES))
+            (pending,) = copy.execute(
+                f"SELECT count(*) FROM messages WHERE state IN ({marks})", PENDING_STATES
+            ).fetchone()
+        finally:
+            copy.close()
+        with partial.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, final)
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    finally:
+        source.close()
+        partial.unlink(missing_ok=True)
+    return Backup(final.stat().st_size, int(pending))
