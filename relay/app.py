@@ -34,7 +34,9 @@ class App:
         )
         self.delivery = Delivery(config, self.store, factory)
         self.intake = Intake(config, self.store, on_spooled=self.delivery.wake)
-        self.front = FrontDoor(config.listen, self.intake)
+        self.front = FrontDoor(
+            config.listen, self.intake, auth=config.auth, record=self.store.record
+        )
 
     @property
     def port(self) -> int:
@@ -52,6 +54,10 @@ class App:
             self.config.store.path,
         )
 
+    def reload(self) -> None:
+        """SIGHUP: the TLS certificate and the users file, without dropping a session."""
+        self.front.reload()
+
     async def stop(self) -> None:
         """Stop taking mail, let open work finish within the grace period, then close the store."""
         grace = self.config.runtime.shutdown_grace
@@ -67,6 +73,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
     await app.start()
     try:
         await stop.wait()

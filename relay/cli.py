@@ -19,6 +19,7 @@ import yaml
 
 from relay import __version__
 from relay.config import Config, ConfigError, load, to_mapping
+from relay.escape import LogEscaper
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
@@ -64,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("queue_id", metavar="QUEUE_ID")
     _config_arg(requeue)
 
+    passwd = commands.add_parser(
+        "passwd",
+        help="add a user to the AUTH users file or change their password (argon2id)",
+        description="Reads the password from a prompt, or from the first line of stdin when it is"
+        " not a terminal; never from the command line.",
+    )
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument("--users-file", required=True, metavar="FILE", help="the auth.users_file")
+
     from relay import review
 
     review.add_commands(commands, _config_arg)
@@ -76,6 +86,8 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LogEscaper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
@@ -133,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "passwd":
+            from relay.auth import passwd
+
+            return passwd(args.user, args.users_file)
         config = load(args.config, check_paths=args.command in ("serve", "check-config"))
         handlers: dict[str, Callable[[], int]] = {
             "serve": lambda: _serve(_with_instance(config, args.instance)),
