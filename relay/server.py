@@ -259,6 +259,29 @@ class RelaySMTP(SMTP):
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
 
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd echoes some arguments; one with invalid UTF-8 (kept as surrogates)
+        # must not turn a reply into an internal error.
+        if isinstance(status, str):
+            status = status.encode("utf-8", "replace")
+        await super().push(status)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        # A relay knows no mailboxes; Postfix's answer, without echoing the argument.
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The stdlib parser aiosmtpd uses raises IndexError on "MAIL FROM:<" (found by
+        # fuzzing): a malformed address (553), not an internal error (451, retried forever).
+        try:
+            address, rest = super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
+        return address, rest
+
     def offers_auth(self) -> bool:
         """AUTH is offered when configured, and only over TLS unless the client is trusted."""
         return self.front.authenticator is not None and not (
