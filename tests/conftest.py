@@ -420,6 +420,19 @@ class RelayProcess:
                 return
         raise AssertionError("relay did not start:\n" + "".join(self.stderr_lines))
 
+    def drain_stderr(self) -> None:
+        """Keep reading stderr into `stderr_lines`: a full pipe would block the relay's logging."""
+        import threading
+
+        assert self.proc is not None and self.proc.stderr is not None
+        stream = self.proc.stderr
+
+        def read() -> None:
+            for line in iter(stream.readline, b""):
+                self.stderr_lines.append(line.decode("utf-8", "replace"))
+
+        threading.Thread(target=read, name="relay-stderr", daemon=True).start()
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
