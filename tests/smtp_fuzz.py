@@ -99,7 +99,7 @@ def _multipart(children: st.SearchStrategy[Message]) -> st.SearchStrategy[Messag
     )
 
 
-_mime = st.recursive(_mime_leaf(), _multipart, max_leaves=8)
+_mime = st.recursive(_mime_leaf(), lambda children: _multipart(children), max_leaves=8)
 
 
 @st.composite
