@@ -535,7 +535,8 @@ def _listen(raw: object) -> ListenConfig:
     if config.max_header_size < 1024:
         raise ConfigError("listen.max_header_size: must be at least 1KB")
     for i, network in enumerate(config.networks):
-        if network.prefixlen < 8:
+        # Wider than 10.0.0.0/8 (IPv4) or fc00::/7 (IPv6) is no private network.
+        if network.prefixlen < (8 if network.version == 4 else 7):
             raise ConfigError(
                 f"listen.networks[{i}]: {network} would let most of the internet relay through"
                 " this server; list only your own networks (clients elsewhere can use auth)"

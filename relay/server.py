@@ -461,7 +461,7 @@ class RelaySMTP(SMTP):
         if await authenticator.verify(user, credentials.password):
             log.info("%s: authenticated as %s (%s)", self.client, user, mechanism)
             return AuthResult(success=True, auth_data=user)
-        locked = await self.front.auth_failed(self.client, user, mechanism)
+        locked = await self.front.auth_failed(self.client, user, mechanism, count=not self.trusted)
         await asyncio.sleep(self.front.auth_config.failure_delay)
         if locked:
             await self.push(LOCKED_OUT)
@@ -592,16 +592,21 @@ class FrontDoor:
         except Exception as exc:  # an audit write must never end a session
             log.error("could not record a %s event: %s", event.event, exc)
 
-    async def auth_failed(self, client: str, user: str, mechanism: str) -> bool:
-        """Count and record one failed AUTH; True when it locks the client out."""
-        failures = self.guard.failed(client)
-        locked = self.guard.locked(client)
-        log.warning(
-            "%s: AUTH %s failed for user %s (%d in window)", client, mechanism, user, failures
-        )
-        detail = f"AUTH {mechanism} failed; {failures} failure(s) from this address in the window"
+    async def auth_failed(self, client: str, user: str, mechanism: str, *, count: bool) -> bool:
+        """Record one failed AUTH and count it; True when it locks the client out.
+
+        Clients on listen.networks are recorded but not counted, as Postfix exempts
+        mynetworks from its anvil limits: they may send without AUTH anyway, and locking
+        out a sidecar's loopback for a wrong password would stop all of its mail.
+        """
+        failures = self.guard.failed(client) if count else 0
+        locked = count and self.guard.locked(client)
+        detail = f"AUTH {mechanism} failed"
+        if count:
+            detail += f"; {failures} failure(s) from this address in the window"
         if locked:
             detail += f"; locked out for {self.auth_config.lockout:g}s"
+        log.warning("%s: %s, user %s", client, detail, user)
         await self.record(
             Event(
                 ts=time.time(),
@@ -622,35 +627,36 @@ class FrontDoor:
         if limits is None:
             return None
         shown = sender or "<>"
-        if limits.senders and not any(
-            fnmatchcase(shown.lower(), p.lower()) for p in limits.senders
-        ):
+
+        async def refuse(event: str, reply: str, detail: str) -> str:
             await self.record(
                 Event(
                     ts=time.time(),
-                    event="rejected",
+                    event=event,
                     sender=sender,
                     client=server.client,
                     user=user,
-                    code=553,
-                    detail="sender not in auth.users senders",
+                    code=int(reply[:3]),
+                    detail=detail,
                 )
             )
-            return f"553 5.7.1 Sender address not allowed for user {user}"
+            return reply
+
+        if limits.senders and not any(
+            fnmatchcase(shown.lower(), p.lower()) for p in limits.senders
+        ):
+            return await refuse(
+                "rejected",
+                f"553 5.7.1 Sender address not allowed for user {user}",
+                "sender not in auth.users senders",
+            )
         if limits.rate is not None:
             if self.sent.count(user) >= limits.rate:
-                await self.record(
-                    Event(
-                        ts=time.time(),
-                        event="rate_limited",
-                        sender=sender,
-                        client=server.client,
-                        user=user,
-                        code=451,
-                        detail=f"more than {limits.rate} messages per minute",
-                    )
+                return await refuse(
+                    "rate_limited",
+                    f"451 4.7.1 Rate limit: at most {limits.rate} messages per minute, try later",
+                    f"more than {limits.rate} messages per minute",
                 )
-                return f"451 4.7.1 Rate limit: at most {limits.rate} messages per minute, try later"
             self.sent.add(user, keep=limits.rate)
         return None
 

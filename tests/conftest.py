@@ -115,17 +115,24 @@ async def send(
     await client.connect()
     try:
         await client.ehlo()
-        try:
-            await client.mail(sender)
-            for rcpt in rcpts:
-                await client.rcpt(rcpt)
-            response = await client.data(data)
-        except aiosmtplib.SMTPResponseException as exc:
-            return Reply(exc.code, exc.message)
-        return Reply(response.code, response.message)
+        return await transact(client, data, sender, rcpts)
     finally:
         with contextlib.suppress(Exception):
             await client.quit()
+
+
+async def transact(
+    client: aiosmtplib.SMTP, data: bytes, sender: str, rcpts: tuple[str, ...]
+) -> Reply:
+    """MAIL, RCPTs and DATA on a connected client; the last reply, or the first refusal."""
+    try:
+        await client.mail(sender)
+        for rcpt in rcpts:
+            await client.rcpt(rcpt)
+        response = await client.data(data)
+    except aiosmtplib.SMTPResponseException as exc:
+        return Reply(exc.code, exc.message)
+    return Reply(response.code, response.message)
 
 
 # --- the upstream ----------------------------------------------------------
@@ -673,13 +680,9 @@ async def send_authenticated(
     try:
         try:
             await client.login(user, password)
-            await client.mail(sender)
-            for rcpt in rcpts:
-                await client.rcpt(rcpt)
-            response = await client.data(data)
         except aiosmtplib.SMTPResponseException as exc:
             return Reply(exc.code, exc.message)
-        return Reply(response.code, response.message)
+        return await transact(client, data, sender, rcpts)
     finally:
         with contextlib.suppress(Exception):
             await client.quit()

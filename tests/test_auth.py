@@ -243,6 +243,23 @@ async def test_too_many_failures_lock_the_address_out_until_the_lockout_ends(
     await back.close()
 
 
+async def test_a_trusted_client_is_never_locked_out_but_its_failures_are_recorded(
+    make_relay: RelayFactory, tmp_path: Path, certificates: Certificates
+) -> None:
+    # As Postfix exempts mynetworks from anvil: a sidecar with a wrong password keeps sending.
+    relay = await make_relay(**secure_config(tmp_path, certificates, max_failures=1))
+    dialog, _ = await Dialog.open(relay.port)
+    await dialog.command("EHLO client.test")
+    for attempt in range(3):
+        assert (await dialog.command(plain(password=f"wrong{attempt}"))).startswith("535")
+    assert (await dialog.command("MAIL FROM:<app@example.com>")).startswith("250")
+    await dialog.close()
+    again, greeting = await Dialog.open(relay.port)
+    assert greeting.startswith("220")
+    await again.close()
+    assert len(await relay.events("auth_failed")) == 3
+
+
 def test_failures_older_than_the_window_do_not_count() -> None:
     clock = FakeClock()
     guard = Guard(AuthConfig(max_failures=2, failure_window=300.0, lockout=60.0), clock)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from tests.conftest import (
     send,
 )
 from tests.mta import Postfix
+from tests.test_review import cli
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 postfix_factory = mta.postfix_factory
@@ -281,23 +280,6 @@ async def test_a_fake_end_of_data_never_becomes_a_second_message_at_postfix(
 # --- what people read: terminal, log, spreadsheet (issue 14 item 11) -----------------------
 
 
-async def cli(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=dict(os.environ),
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 def review_config(tmp_path: Path) -> Path:
     path = tmp_path / "review.yaml"
     path.write_text(f"store: {{path: {tmp_path / 'relay.db'}}}\n")
@@ -329,10 +311,10 @@ async def test_show_and_log_escape_control_characters_from_any_field(
     runs = await asyncio.gather(
         cli(config, "log"), cli(config, "show", "ESCAPEDMESSAGE001"), cli(config, "stats")
     )
-    for code, out, _ in runs:
-        assert code == 0
-        assert "\x1b" not in out and "\x07" not in out
-    assert "]0;pwned" in runs[1][1]  # shown, defanged
+    for run in runs:
+        assert run.code == 0
+        assert "\x1b" not in run.out and "\x07" not in run.out
+    assert "]0;pwned" in runs[1].out  # shown, defanged
 
 
 async def test_csv_export_neutralises_formula_prefixes(
@@ -346,9 +328,9 @@ async def test_csv_export_neutralises_formula_prefixes(
     )
     assert reply.code == 250
     await relay.idle()
-    code, out, _ = await cli(review_config(tmp_path), "log", "--csv")
-    assert code == 0
-    rows = list(csv.DictReader(io.StringIO(out)))
+    run = await cli(review_config(tmp_path), "log", "--csv")
+    assert run.code == 0
+    rows = list(csv.DictReader(io.StringIO(run.out)))
     received = next(r for r in rows if r["event"] == "received")
     assert received["sender"] == "'=cmd@example.com"
     assert received["rcpts"] == "'+1@example.org -x@example.org"

@@ -84,11 +84,16 @@ async def test_with_auth_a_stranger_sends_only_after_a_successful_login(
 
 
 def test_a_network_as_wide_as_the_internet_is_refused(tmp_path: Path) -> None:
-    for network in ("0.0.0.0/0", "::/0", "0.0.0.0/1"):
+    def load(network: str) -> object:
+        return from_mapping(
+            {"listen": {"networks": [network]}, "store": {"path": str(tmp_path / "r.db")}}
+        )
+
+    for network in ("0.0.0.0/0", "::/0", "0.0.0.0/1", "2000::/3"):
         with pytest.raises(ConfigError, match=re.escape("listen.networks[0]")):
-            from_mapping(
-                {"listen": {"networks": [network]}, "store": {"path": str(tmp_path / "r.db")}}
-            )
+            load(network)
+    for private in ("10.0.0.0/8", "fc00::/7", "172.16.0.0/12"):
+        load(private)
 
 
 # --- the example configs ---------------------------------------------------------------------
