@@ -101,7 +101,7 @@ class ListenConfig:
     reuse_port: bool = False
     command_timeout: float = 300.0
     data_timeout: float = 300.0
-    max_connections_per_client: int = 20
+    max_connections_per_client: int = 50
     max_data_time: float = 600.0
     min_data_rate: int = 500
     max_bytes_in_flight: int = 256_000_000
