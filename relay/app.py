@@ -42,7 +42,9 @@ class App:
         )
         self.delivery = Delivery(config, self.store, factory)
         self.intake = Intake(config, self.store, on_spooled=self.delivery.wake)
-        self.front = FrontDoor(config.listen, self.intake)
+        self.front = FrontDoor(
+            config.listen, self.intake, auth=config.auth, record=self.store.record
+        )
         self.metrics.watch_sessions(lambda: len(self.front.sessions))
         self.health = Health(listening=lambda: self.front.listening, store=self.store)
         # Pages that live on the side port next to the probes add themselves here.
@@ -97,6 +99,10 @@ class App:
             await self.delivery.stop(0.0)
             await self.store.close()
 
+    def reload(self) -> None:
+        """SIGHUP: the TLS certificate and the users file, without dropping a session."""
+        self.front.reload()
+
     def drain(self) -> None:
         """Fail readiness now, so the orchestrator routes elsewhere before the port closes."""
         self.health.draining = True
@@ -123,6 +129,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
     await app.start()
     grace = config.runtime.shutdown_grace
     try:

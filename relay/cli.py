@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("queue_id", metavar="QUEUE_ID")
     _config_arg(requeue)
 
+    passwd = commands.add_parser(
+        "passwd",
+        help="add a user to the AUTH users file or change their password (argon2id)",
+        description="Reads the password from a prompt, or from the first line of stdin when it is"
+        " not a terminal; never from the command line.",
+    )
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument("--users-file", required=True, metavar="FILE", help="the auth.users_file")
+
     from relay import review
 
     review.add_commands(commands, _config_arg)
@@ -185,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "passwd":
+            from relay.auth import passwd
+
+            return passwd(args.user, args.users_file)
         layers = read_layers(config_path(args.config), os.environ)
         config = layers.config(check_paths=args.command in ("serve", "check-config"))
         handlers: dict[str, Callable[[], int]] = {

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_WINDOWS",
     "ENV_PREFIX",
     "AuditConfig",
+    "AuthConfig",
     "Config",
     "ConfigError",
     "DedupeConfig",
@@ -39,7 +40,9 @@ __all__ = [
     "RuntimeConfig",
     "Secret",
     "StoreConfig",
+    "TlsConfig",
     "UpstreamConfig",
+    "UserLimits",
     "from_mapping",
     "load",
     "read_layers",
@@ -77,6 +80,20 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """STARTTLS on the listening port, and optionally a second port with TLS from the first byte."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    implicit_port: int | None = None
+    required: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 2525
@@ -91,6 +108,38 @@ class ListenConfig:
     reuse_port: bool = False
     command_timeout: float = 300.0
     data_timeout: float = 300.0
+    max_connections_per_client: int = 50
+    max_data_time: float = 600.0
+    min_data_rate: int = 500
+    max_bytes_in_flight: int = 256_000_000
+    max_header_size: int = 100_000
+    max_header_fields: int = 1000
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """What one authenticated user may do: envelope sender globs, messages per minute."""
+
+    senders: tuple[str, ...] = ()
+    rate: int | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """SMTP AUTH for clients outside listen.networks (Postfix's permit_sasl_authenticated)."""
+
+    users_file: str | None = None
+    allow_plaintext: bool = False
+    max_failures: int = 5
+    failure_window: float = 300.0
+    lockout: float = 300.0
+    failure_delay: float = 1.0
+    users: Mapping[str, UserLimits] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.users_file is not None
 
 
 @dataclass(frozen=True)
@@ -217,6 +266,7 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class Config:
     listen: ListenConfig = ListenConfig()
+    auth: AuthConfig = AuthConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     store: StoreConfig = StoreConfig()
     delivery: DeliveryConfig = DeliveryConfig()
@@ -480,13 +530,93 @@ def _listen(raw: object) -> ListenConfig:
         reuse_port=s.get("reuse_port", _bool, False),
         command_timeout=s.get("command_timeout", _duration, d.command_timeout),
         data_timeout=s.get("data_timeout", _duration, d.data_timeout),
+        max_connections_per_client=s.get(
+            "max_connections_per_client", _int_at_least(1), d.max_connections_per_client
+        ),
+        max_data_time=s.get("max_data_time", _duration, d.max_data_time),
+        min_data_rate=s.get("min_data_rate", _size, d.min_data_rate),
+        max_bytes_in_flight=s.get("max_bytes_in_flight", _size, d.max_bytes_in_flight),
+        max_header_size=s.get("max_header_size", _size, d.max_header_size),
+        max_header_fields=s.get("max_header_fields", _int_at_least(1), d.max_header_fields),
+        tls=s.get("tls", _tls, d.tls),
     )
     s.finish()
     if config.max_message_size < 1024:
         raise ConfigError("listen.max_message_size: must be at least 1KB")
-    for name in ("command_timeout", "data_timeout"):
+    for name in ("command_timeout", "data_timeout", "max_data_time"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"listen.{name}: must be more than 0s")
+    if config.max_bytes_in_flight < config.max_message_size:
+        raise ConfigError(
+            "listen.max_bytes_in_flight: must be at least listen.max_message_size"
+            f" ({format_size(config.max_message_size)}), or no message could ever be taken"
+        )
+    if config.max_header_size < 1024:
+        raise ConfigError("listen.max_header_size: must be at least 1KB")
+    for i, network in enumerate(config.networks):
+        # Wider than 10.0.0.0/8 (IPv4) or fc00::/7 (IPv6) is no private network.
+        if network.prefixlen < (8 if network.version == 4 else 7):
+            raise ConfigError(
+                f"listen.networks[{i}]: {network} would let most of the internet relay through"
+                " this server; list only your own networks (clients elsewhere can use auth)"
+            )
+    return config
+
+
+def _tls(raw: object, key: str) -> TlsConfig:
+    s = _Section(raw, key)
+    config = TlsConfig(
+        cert_file=s.get("cert_file", _opt_str, None),
+        key_file=s.get("key_file", _opt_str, None),
+        implicit_port=s.get("implicit_port", _opt_port, None),
+        required=s.get("required", _bool, False),
+    )
+    s.finish()
+    if (config.cert_file is None) != (config.key_file is None):
+        missing = "key_file" if config.key_file is None else "cert_file"
+        raise ConfigError(f"{key}.{missing}: cert_file and key_file go together (PEM files)")
+    if not config.enabled:
+        for name in ("implicit_port", "required"):
+            if getattr(config, name):
+                raise ConfigError(f"{key}.{name}: needs {key}.cert_file and {key}.key_file")
+    return config
+
+
+def _opt_port(value: object, key: str) -> int | None:
+    return None if value is None else _int_at_least(0, 65535)(value, key)
+
+
+def _user_limits(raw: object, key: str) -> UserLimits:
+    s = _Section(raw, key)
+    limits = UserLimits(
+        senders=s.get("senders", _patterns, ()),
+        rate=s.get("rate", _int_at_least(1), None),
+    )
+    s.finish()
+    return limits
+
+
+def _users(raw: object, key: str) -> Mapping[str, UserLimits]:
+    s = _Section(raw, key)
+    s.seen.update(str(name) for name in s.raw)
+    return {str(name): _user_limits(value, s.key(str(name))) for name, value in s.raw.items()}
+
+
+def _auth(raw: object) -> AuthConfig:
+    s = _Section(raw, "auth")
+    d = AuthConfig()
+    config = AuthConfig(
+        users_file=s.get("users_file", _opt_str, None),
+        allow_plaintext=s.get("allow_plaintext", _bool, False),
+        max_failures=s.get("max_failures", _int_at_least(1), d.max_failures),
+        failure_window=s.get("failure_window", _duration, d.failure_window),
+        lockout=s.get("lockout", _duration, d.lockout),
+        failure_delay=s.get("failure_delay", _duration, d.failure_delay),
+        users=s.get("users", _users, {}),
+    )
+    s.finish()
+    if config.users and not config.enabled:
+        raise ConfigError("auth.users: limits for users need auth.users_file")
     return config
 
 
@@ -656,6 +786,7 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     listen = _listen(top.raw.get("listen"))
     config = Config(
         listen=listen,
+        auth=_auth(top.raw.get("auth")),
         upstream=_upstream(top.raw.get("upstream")),
         store=_store(top.raw.get("store")),
         delivery=_delivery(top.raw.get("delivery")),
@@ -673,7 +804,20 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
             _check_writable_dir(Path(config.upstream.path), "upstream.url")
         if config.audit.output not in ("stdout", "none"):
             _check_writable_dir(Path(config.audit.output).parent, "audit.output")
+        _check_front_door(config)
     return config
+
+
+def _check_front_door(config: Config) -> None:
+    """Certificates and the users file are read now, so check-config finds what serve would."""
+    if config.listen.tls.enabled:
+        from relay.tls import server_context
+
+        server_context(config.listen.tls)
+    if config.auth.enabled:
+        from relay.auth import Users
+
+        Users.load(config.auth)
 
 
 def load(
@@ -875,7 +1019,12 @@ _DURATION_FIELDS = {
     "retention",
     "shutdown_grace",
     "drain_delay",
+    "max_data_time",
+    "failure_window",
+    "lockout",
+    "failure_delay",
 }
+_SIZE_FIELDS = {"max_message_size", "max_bytes_in_flight", "max_header_size"}
 _INTERNAL_FIELDS = {"scheme", "host", "port", "path"}
 
 
@@ -927,8 +1076,10 @@ def _plain(value: object, name: str, section: str = "") -> Any:
         return str(value)
     if isinstance(value, float) and name in _DURATION_FIELDS:
         return format_duration(value)
-    if isinstance(value, int) and name == "max_message_size":
+    if isinstance(value, int) and name in _SIZE_FIELDS:
         return format_size(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, str(k)) for k, v in value.items()}
     return value
 
 

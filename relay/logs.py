@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from types import MappingProxyType
 
 from relay.audit import iso_time
+from relay.escape import LogEscaper
 
 __all__ = ["CONTEXT_FIELDS", "JsonFormatter", "bind", "context", "setup"]
 
@@ -63,6 +64,7 @@ class JsonFormatter(logging.Formatter):
 def setup(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(LogEscaper())
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)

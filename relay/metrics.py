@@ -102,6 +102,11 @@ class Metrics:
             ["strategy", "action"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "dedup_relay_auth_failures",
+            "Failed SMTP AUTH attempts at the front door (audit event `auth_failed`)",
+            registry=r,
+        )
         self.recipients = Counter(
             "dedup_relay_recipients",
             "Recipients per outcome of a delivery attempt",
@@ -180,6 +185,8 @@ class Metrics:
                 self.duplicates.labels(_label(e.strategy), _label(e.action)).inc()
             elif e.event == "conflict":
                 self.conflicts.labels(_label(e.strategy), _label(e.action)).inc()
+            elif e.event == "auth_failed":
+                self.auth_failures.inc()
             if e.event not in OUTCOMES:
                 continue
             self.recipients.labels(e.event).inc(len(e.rcpts))

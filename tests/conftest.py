@@ -117,17 +117,24 @@ async def send(
     await client.connect()
     try:
         await client.ehlo()
-        try:
-            await client.mail(sender)
-            for rcpt in rcpts:
-                await client.rcpt(rcpt)
-            response = await client.data(data)
-        except aiosmtplib.SMTPResponseException as exc:
-            return Reply(exc.code, exc.message)
-        return Reply(response.code, response.message)
+        return await transact(client, data, sender, rcpts)
     finally:
         with contextlib.suppress(Exception):
             await client.quit()
+
+
+async def transact(
+    client: aiosmtplib.SMTP, data: bytes, sender: str, rcpts: tuple[str, ...]
+) -> Reply:
+    """MAIL, RCPTs and DATA on a connected client; the last reply, or the first refusal."""
+    try:
+        await client.mail(sender)
+        for rcpt in rcpts:
+            await client.rcpt(rcpt)
+        response = await client.data(data)
+    except aiosmtplib.SMTPResponseException as exc:
+        return Reply(exc.code, exc.message)
+    return Reply(response.code, response.message)
 
 
 # --- the upstream ----------------------------------------------------------
@@ -430,6 +437,19 @@ class RelayProcess:
                 return
         raise AssertionError("relay did not start:\n" + "".join(self.stderr_lines))
 
+    def drain_stderr(self) -> None:
+        """Keep reading stderr into `stderr_lines`: a full pipe would block the relay's logging."""
+        import threading
+
+        assert self.proc is not None and self.proc.stderr is not None
+        stream = self.proc.stderr
+
+        def read() -> None:
+            for line in iter(stream.readline, b""):
+                self.stderr_lines.append(line.decode("utf-8", "replace"))
+
+        threading.Thread(target=read, name="relay-stderr", daemon=True).start()
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -584,3 +604,132 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         cwd=folder,
     )
     return Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+
+
+# --- the front door: a raw SMTP dialog, users, TLS and AUTH ----------------
+
+PASSWORD = "correct horse battery staple"
+
+
+class Dialog:
+    """One SMTP session spoken line by line, for tests that must see every reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(
+        cls,
+        port: int,
+        *,
+        source: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> tuple[Dialog, str]:
+        """Connect (with TLS from the first byte when `tls` is given); returns the greeting."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            local_addr=(source, 0) if source else None,
+            ssl=tls,
+            server_hostname="127.0.0.1" if tls else None,
+        )
+        dialog = cls(reader, writer)
+        return dialog, await dialog.reply()
+
+    async def reply(self, timeout: float = DEADLINE) -> str:
+        """One whole reply, its lines joined with newlines ('' when the server hung up)."""
+        lines: list[str] = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                return "\n".join(lines)
+            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return "\n".join(lines)
+
+    async def send(self, line: str | bytes) -> None:
+        raw = line.encode() if isinstance(line, str) else line
+        self.writer.write(raw if raw.endswith(b"\n") else raw + b"\r\n")
+        await self.writer.drain()
+
+    async def command(self, line: str | bytes) -> str:
+        await self.send(line)
+        return await self.reply()
+
+    async def starttls(self, context: ssl.SSLContext) -> str:
+        reply = await self.command("STARTTLS")
+        if reply.startswith("220"):
+            await self.writer.start_tls(context, server_hostname="127.0.0.1")
+        return reply
+
+    async def closed(self, timeout: float = DEADLINE) -> bytes:
+        """Everything the server still sends until it hangs up."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def write_users(path: Path, users: dict[str, str]) -> Path:
+    """A users file of argon2id hashes (cheap parameters: the tests check logic, not cost)."""
+    import argon2
+
+    hasher = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    path.write_text("".join(f"{name}:{hasher.hash(pw)}\n" for name, pw in users.items()))
+    return path
+
+
+def client_context(certificates: Certificates) -> ssl.SSLContext:
+    """What a careful client does: trust the test CA only and check the name."""
+    return ssl.create_default_context(cafile=str(certificates.ca_file))
+
+
+def secure_config(tmp: Path, certificates: Certificates, **auth: Any) -> dict[str, Any]:
+    """Overrides for make_relay: only 127.0.0.1 is trusted; STARTTLS, implicit TLS and AUTH."""
+    users = write_users(tmp / "users", {"alice": PASSWORD, "bob": PASSWORD})
+    return {
+        "listen": {
+            "networks": ["127.0.0.1/32"],
+            "tls": {
+                "cert_file": str(certificates.cert_file),
+                "key_file": str(certificates.key_file),
+                "implicit_port": 0,
+            },
+        },
+        "auth": {"users_file": str(users), "failure_delay": "10ms", **auth},
+    }
+
+
+async def send_authenticated(
+    port: int,
+    data: bytes,
+    certificates: Certificates,
+    *,
+    user: str = "alice",
+    password: str = PASSWORD,
+    sender: str = "shop@example.com",
+    rcpts: tuple[str, ...] = ("alice@example.org",),
+    source: str = "127.0.0.2",
+) -> Reply:
+    """STARTTLS, AUTH, one transaction, as an app outside listen.networks would send."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=port,
+        start_tls=True,
+        tls_context=client_context(certificates),
+        timeout=DEADLINE,
+        source_address=(source, 0),
+    )
+    await client.connect()
+    try:
+        try:
+            await client.login(user, password)
+        except aiosmtplib.SMTPResponseException as exc:
+            return Reply(exc.code, exc.message)
+        return await transact(client, data, sender, rcpts)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.quit()

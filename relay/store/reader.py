@@ -60,6 +60,7 @@ class EventFilter:
     rcpt: str | None = None
     sender: str | None = None
     client: str | None = None
+    user: str | None = None
     limit: int = 1000
 
 
@@ -193,6 +194,9 @@ def _where(f: EventFilter) -> tuple[str, list[Any]]:
     if f.client is not None:
         clauses.append("client = ?")
         params.append(f.client.strip())
+    if f.user is not None:
+        clauses.append("user = ?")
+        params.append(f.user.strip())
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
