@@ -187,7 +187,8 @@ async def test_recipient_search_covers_events_from_before_the_index_and_forgets_
     # A store written by a relay from before the recipient index: no table, no triggers.
     with sqlite3.connect(path) as db:
         db.executescript(
-            "DROP TRIGGER events_rcpts_insert; DROP TRIGGER events_rcpts_delete;"
+            "DROP TRIGGER events_rcpt_insert; DROP TRIGGER events_rcpts_insert;"
+            " DROP TRIGGER events_rcpts_delete;"
             " DROP TABLE event_rcpts; DELETE FROM meta WHERE name = 'event_rcpts';"
             " INSERT INTO events (ts, event, queue_id, rcpts)"
             " VALUES (200.0, 'received', 'OLDER', 'bo@x.test,ann@X.test');"

@@ -116,12 +116,13 @@ def _split(rcpts: str) -> str:
 # Review searches page through an index in (value, ts) order (keyset paging), so a search costs
 # the page it shows, not a scan of the whole audit trail. `rcpts` is a comma-joined list no index
 # can search, so `event_rcpts` holds one row per recipient of each event; triggers keep it in
-# step with every insert and purge, whoever writes the event.
+# step with every insert and purge, whoever writes the event (a one-recipient event, the common
+# case, skips the JSON split).
 TABLES += f"""
 CREATE INDEX IF NOT EXISTS events_event ON events (event, ts);
 CREATE INDEX IF NOT EXISTS events_sender ON events (sender COLLATE NOCASE, ts);
 CREATE INDEX IF NOT EXISTS events_client ON events (client, ts);
-CREATE INDEX IF NOT EXISTS events_user ON events (user, ts);
+CREATE INDEX IF NOT EXISTS events_user ON events (user, ts) WHERE user IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS event_rcpts (
     rcpt     TEXT NOT NULL,
@@ -129,8 +130,13 @@ CREATE TABLE IF NOT EXISTS event_rcpts (
     event_id INTEGER NOT NULL,
     PRIMARY KEY (rcpt, event_ts, event_id)
 ) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS events_rcpt_insert AFTER INSERT ON events
+WHEN NEW.rcpts <> '' AND instr(NEW.rcpts, ',') = 0 BEGIN
+    INSERT OR IGNORE INTO event_rcpts (rcpt, event_ts, event_id)
+    VALUES (lower(NEW.rcpts), NEW.ts, NEW.id);
+END;
 CREATE TRIGGER IF NOT EXISTS events_rcpts_insert AFTER INSERT ON events
-WHEN NEW.rcpts <> '' BEGIN
+WHEN instr(NEW.rcpts, ',') > 0 BEGIN
     INSERT OR IGNORE INTO event_rcpts (rcpt, event_ts, event_id)
     SELECT lower(value), NEW.ts, NEW.id FROM json_each({_split("NEW.rcpts")}) WHERE value <> '';
 END;
