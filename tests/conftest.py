@@ -568,8 +568,12 @@ class WebServer:
         return f"http://127.0.0.1:{self.port}"
 
 
+MakeRelay = Callable[..., Awaitable[Relay]]
+MakeWeb = Callable[..., Awaitable[WebServer]]
+
+
 @pytest.fixture
-async def make_web() -> AsyncIterator[Callable[..., Awaitable[WebServer]]]:
+async def make_web() -> AsyncIterator[MakeWeb]:
     """Start `relay.web.create_app` for a relay with aiohttp's AppRunner on 127.0.0.1, port 0."""
     from aiohttp import web
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -22,6 +21,8 @@ from relay.config import ConfigError
 from relay.web import create_app, load_users, routes
 from tests.conftest import (
     WEB_USERS,
+    MakeRelay,
+    MakeWeb,
     Relay,
     Upstream,
     WebServer,
@@ -30,9 +31,6 @@ from tests.conftest import (
     running,
     send,
 )
-
-MakeRelay = Callable[..., Awaitable[Relay]]
-MakeWeb = Callable[..., Awaitable[WebServer]]
 
 BODY = "BODY-CANARY-7731: the order total is 99 EUR\n"
 UPSTREAM_SECRET = "s3cret-upstream-pass"

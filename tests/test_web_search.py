@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import io
 import json
+import re
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -23,6 +24,8 @@ from relay.cli import main
 from relay.store.reader import Cursor, EventFilter, open_reader
 from relay.store.sqlite import SqliteStore
 from tests.conftest import (
+    MakeRelay,
+    MakeWeb,
     Relay,
     Upstream,
     WebServer,
@@ -31,9 +34,6 @@ from tests.conftest import (
     send,
 )
 from tests.test_review import cli, cli_config
-
-MakeRelay = Callable[..., Awaitable[Relay]]
-MakeWeb = Callable[..., Awaitable[WebServer]]
 
 
 async def fetch(server: WebServer, path: str) -> tuple[int, str, str]:
@@ -256,3 +256,61 @@ async def test_a_message_id_with_a_slash_opens_its_timeline_and_an_unknown_id_is
     assert status == 200 and queue_id in page
     status, _, page = await fetch(server, "/message/nothing-like-this")
     assert status == 404 and "Nothing in the store matches <code>nothing-like-this</code>" in page
+
+
+SOURCE_ROW = re.compile(
+    r'<th scope="row">(?:<a href="(?P<url>[^"]+)">)?(?P<name>[^<]+)(?:</a>)?</th>\s*'
+    r"<td>(?P<suppressed>\d+)</td>\s*<td>(?P<repeats>\d+)</td>"
+)
+
+
+async def test_where_duplicates_come_from_counts_each_source_and_links_to_just_those_repeats(
+    make_relay: MakeRelay, upstream: Upstream, make_web: MakeWeb
+) -> None:
+    relay = await make_relay(
+        rules=[
+            {"name": "receipts", "match": {"header": {"Subject": "*receipt*"}}},
+            {"name": "news", "match": {"sender": "news@*"}, "on_duplicate": "tag"},
+        ]
+    )
+    receipt = make_message("Your receipt")
+    queued_id(await send(relay.port, receipt))
+    for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3"):
+        await send(relay.port, receipt, source=source)
+    news = make_message("Weekly news", sender="news@example.com")
+    for _ in range(2):  # the repeat is tagged and forwarded, not suppressed
+        queued_id(await send(relay.port, news, sender="news@example.com"))
+    await relay.idle()
+    server = await make_web(relay)
+
+    status, _, page = await fetch(server, "/?since=1h")
+    assert status == 200
+    tables = {
+        name: {m["name"]: m.groupdict() for m in SOURCE_ROW.finditer(table)}
+        for name, table in re.findall(
+            r'<table class="source" id="source-(\w+)">(.*?)</table>', page, re.S
+        )
+    }
+    counts = {
+        name: {row: (int(r["suppressed"]), int(r["repeats"])) for row, r in rows.items()}
+        for name, rows in tables.items()
+    }
+    assert counts == {
+        "client": {"127.0.0.2": (2, 2), "127.0.0.1": (0, 1), "127.0.0.3": (1, 1)},
+        "user": {"(no user)": (3, 4)},
+        "rule": {"receipts": (3, 3), "news": (0, 1)},
+        "strategy": {"message-id": (3, 4)},
+    }
+    assert re.search(r'id="total-duplicate"><a [^>]*><span class="count">4</span>', page)
+    assert "3 of 4 duplicates kept from the upstream" in page
+    for name, rows in tables.items():
+        for row, found in rows.items():
+            if name == "user":
+                assert found["url"] is None  # nothing to filter on
+                continue
+            _, _, export = await fetch(
+                server, html.unescape(found["url"]).replace("/log?", "/log.json?")
+            )
+            events = json.loads(export)
+            assert len(events) == int(found["repeats"]), (name, row)
+            assert {e["event"] for e in events} == {"duplicate"}

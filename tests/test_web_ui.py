@@ -7,7 +7,7 @@ then reads the pages the way a person does, through Selenium. Screenshots of eac
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,6 +16,8 @@ from selenium.webdriver.common.keys import Keys
 from tests.browser import Page
 from tests.conftest import (
     WEB_USERS,
+    MakeRelay,
+    MakeWeb,
     Relay,
     Upstream,
     WebServer,
@@ -25,8 +27,6 @@ from tests.conftest import (
     send,
 )
 
-MakeRelay = Callable[..., Awaitable[Relay]]
-MakeWeb = Callable[..., Awaitable[WebServer]]
 Browse = Callable[[WebServer], Page]
 
 

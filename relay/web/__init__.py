@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -63,22 +64,9 @@ def routes(
 
 
 def create_app(
-    config: Config,
-    reader_factory: ReaderFactory | None = None,
-    *,
-    users_file: str | None = None,
-    login_failure_delay: float = 0.5,
-    clock: Callable[[], float] | None = None,
+    config: Config, reader_factory: ReaderFactory | None = None, **options: Any
 ) -> web.Application:
-    """The pages as an application of their own."""
+    """The pages as an application of their own; `options` are those of `routes`."""
     app = web.Application()
-    app.add_routes(
-        routes(
-            config,
-            reader_factory,
-            users_file=users_file,
-            login_failure_delay=login_failure_delay,
-            clock=clock,
-        )
-    )
+    app.add_routes(routes(config, reader_factory, **options))
     return app

@@ -61,6 +61,7 @@ MAX_BUCKETS = 800
 TOP = 10
 SUPPRESSING = ("drop", "reject")
 HEAD_LIMIT = 65536
+MAX_TIMELINES = 20  # a key or Message-ID reused for months could name thousands of messages
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -470,7 +471,7 @@ class Site:
         async with self._snapshot(request) as reader:
             found = await reader.find(ident) if ident else []
             views = []
-            for queue_id in found:
+            for queue_id in found[-MAX_TIMELINES:]:
                 timeline = await reader.timeline(queue_id)
                 head = None
                 if self._show_headers and timeline.message is not None:
@@ -487,6 +488,7 @@ class Site:
                 "title": f"Message {views[0].queue_id}",
                 "ident": printable(ident),
                 "views": views,
+                "left_out": len(found) - len(views),
                 "show_headers": self._show_headers,
             },
         )
