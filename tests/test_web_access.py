@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from relay.config import ConfigError
-from relay.web import create_app, load_users, routes
+from relay.web import create_app, load_users, routes, users_file_option
 from tests.conftest import (
     WEB_USERS,
     MakeRelay,
@@ -241,6 +241,19 @@ def test_a_bad_users_file_is_refused_naming_the_line_and_never_the_password(
     message = str(refused.value)
     assert message.startswith(f"http.users_file: {path}") and expected in message
     assert "hunter2" not in message
+
+
+def test_the_config_converter_checks_the_users_file_before_the_relay_starts(
+    tmp_path: Path, users_file: Path
+) -> None:
+    assert users_file_option(f" {users_file} ") == str(users_file)
+    for value in (None, "", 7):
+        with pytest.raises(ConfigError, match=r"^http\.users_file: expected the path"):
+            users_file_option(value)
+    plain = tmp_path / "plain"
+    plain.write_text("ops:letmein\n")
+    with pytest.raises(ConfigError, match=r"^auth.users_file: .* line 1"):
+        users_file_option(str(plain), "auth.users_file")
 
 
 def test_a_users_file_is_checked_when_the_pages_are_built(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ from relay.config import Config
 from relay.store.reader import open_reader
 from relay.web.auth import Gate
 from relay.web.pages import ReaderFactory, Site
-from relay.web.users import load_users
+from relay.web.users import load_users, users_file_option
 
-__all__ = ["STATIC", "ReaderFactory", "create_app", "load_users", "routes"]
+__all__ = ["STATIC", "ReaderFactory", "create_app", "load_users", "routes", "users_file_option"]
 
 STATIC = Path(str(files("relay.web") / "static"))
 

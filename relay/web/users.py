@@ -19,7 +19,7 @@ import bcrypt
 
 from relay.config import ConfigError
 
-__all__ = ["BCRYPT_MAX_BYTES", "Users", "UsersFile", "load_users", "verify"]
+__all__ = ["BCRYPT_MAX_BYTES", "Users", "UsersFile", "load_users", "users_file_option", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,23 @@ class Users:
         return user in self.hashes and hmac.compare_digest(self.stamp(user), stamp)
 
 
-def load_users(path: str) -> Users:
+def users_file_option(value: object, key: str = "http.users_file") -> str:
+    """The config converter for `http.users_file`: a path to a users file that loads cleanly,
+    so a bad file stops `serve` and `check-config` with exit 2, not the first login."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected the path of a users file (user:hash per line)")
+    load_users(value.strip(), key=key)
+    return value.strip()
+
+
+def load_users(path: str, *, key: str = "http.users_file") -> Users:
     """Read and check the whole file; any bad line is a ConfigError naming the file and line."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"http.users_file: {path} does not exist") from None
+        raise ConfigError(f"{key}: {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"http.users_file: cannot read {path}: {exc}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {exc}") from None
     hashes: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -85,7 +94,7 @@ def load_users(path: str) -> Users:
             continue
         user, colon, encoded = line.partition(":")
         user, encoded = user.strip(), encoded.strip()
-        where = f"http.users_file: {path} line {number}"
+        where = f"{key}: {path} line {number}"
         if not colon or not user:
             raise ConfigError(f"{where}: expected user:hash")
         if not encoded.startswith(_FORMATS):
@@ -97,7 +106,7 @@ def load_users(path: str) -> Users:
             raise ConfigError(f"{where}: {user!r} is listed twice")
         hashes[user] = encoded
     if not hashes:
-        raise ConfigError(f"http.users_file: {path} lists no users, so nobody could log in")
+        raise ConfigError(f"{key}: {path} lists no users, so nobody could log in")
     return Users(path, hashes)
 
 
