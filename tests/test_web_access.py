@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from relay.config import ConfigError
-from relay.web import create_app, load_users, routes, users_file_option
+from relay.web import create_app, load_users, mount, users_file_option
 from tests.conftest import (
     WEB_USERS,
     MakeRelay,
@@ -205,7 +205,7 @@ async def test_the_side_port_keeps_health_and_metrics_open_when_pages_are_behind
 
     app = web.Application()
     app.add_routes([web.get("/healthz", ok), web.get("/readyz", ok), web.get("/metrics", ok)])
-    app.add_routes(routes(relay.app.config, users_file=str(users_file)))
+    mount(relay.app.config, users_file=str(users_file))(app)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -6,6 +6,7 @@ with Chart.js, shipped in `static/` so a `pip install` serves a working page wit
 The HTTP side port mounts these pages at `/` next to its health and metrics paths:
 
     app.add_routes(relay.web.routes(config, users_file=config.http.users_file))
+    # or, as a callable that does that: relay.web.mount(config, users_file=...)
 
 `create_app` wraps the same routes in an application of their own (tests, a separate port).
 """
@@ -25,7 +26,15 @@ from relay.web.auth import Gate
 from relay.web.pages import ReaderFactory, Site
 from relay.web.users import load_users, users_file_option
 
-__all__ = ["STATIC", "ReaderFactory", "create_app", "load_users", "routes", "users_file_option"]
+__all__ = [
+    "STATIC",
+    "ReaderFactory",
+    "create_app",
+    "load_users",
+    "mount",
+    "routes",
+    "users_file_option",
+]
 
 STATIC = Path(str(files("relay.web") / "static"))
 
@@ -61,6 +70,19 @@ def routes(
         web.post("/logout", site.logout),
         web.static("/static", STATIC),
     ]
+
+
+def mount(
+    config: Config, reader_factory: ReaderFactory | None = None, **options: Any
+) -> Callable[[web.Application], None]:
+    """Adds the pages to an application the caller builds (the side port); `options` as in
+    `routes`. The users file is read now, so a bad one fails before the port opens."""
+    pages = routes(config, reader_factory, **options)
+
+    def add(app: web.Application) -> None:
+        app.add_routes(pages)
+
+    return add
 
 
 def create_app(
