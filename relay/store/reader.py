@@ -339,23 +339,31 @@ class Reader:
     async def activity(
         self, since: float, until: float, width: float, events: Sequence[str]
     ) -> tuple[Bucket, ...]:
-        """Events per bucket of `width` seconds, buckets aligned on the epoch (UTC hours, days).
+        """Events per bucket of `width` seconds, aligned on the epoch (UTC hours, days); the
+        first and last bucket are cut to the window, which includes `until`.
 
-        Counted from the (event, ts) index alone, without touching the events themselves.
+        One count per bucket and event, each a range of the (event, ts) index: counting ranges
+        is several times faster than grouping every row of the window by a computed bucket.
         """
-        marks = ",".join("?" * len(events))
+        first, last = math.floor(since / width), math.floor(until / width)
+        end = math.nextafter(until, math.inf)
+        ranges = [
+            (n, max(n * width, since), min((n + 1) * width, end)) for n in range(first, last + 1)
+        ]
         rows = await self._rows(
-            "SELECT CAST(ts / ? AS INTEGER), event, count(*) FROM events"
-            f" WHERE event IN ({marks}) AND ts >= ? AND ts < ? GROUP BY 1, 2",
-            [width, *events, since, until],
+            f"WITH b (n, lo, hi) AS (VALUES {','.join('(?, ?, ?)' for _ in ranges)}),"
+            f" k (event) AS (VALUES {','.join('(?)' for _ in events)})"
+            " SELECT b.n, k.event, (SELECT count(*) FROM events"
+            "  WHERE event = k.event AND ts >= b.lo AND ts < b.hi) FROM b, k",
+            [*(v for r in ranges for v in r), *events],
         )
-        return tuple(Bucket(int(n) * width, str(event), int(c)) for n, event, c in rows)
+        return tuple(Bucket(int(n) * width, str(event), int(c)) for n, event, c in rows if c)
 
     async def repeat_sources(self, since: float, until: float) -> tuple[RepeatSource, ...]:
         """Duplicates in the window, counted by client, user, rule, strategy and action at once."""
         rows = await self._rows(
             "SELECT client, user, detail, strategy, action, count(*) FROM events"
-            " WHERE event = 'duplicate' AND ts >= ? AND ts < ?"
+            " WHERE event = 'duplicate' AND ts >= ? AND ts <= ?"
             " GROUP BY client, user, detail, strategy, action",
             (since, until),
         )
