@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
@@ -49,6 +50,10 @@ class App:
         self.health = Health(listening=lambda: self.front.listening, store=self.store)
         # Pages that live on the side port next to the probes add themselves here.
         self.http_mounts: list[Mount] = []
+        if config.http.listen is not None:
+            from relay import web
+
+            self.http_mounts.append(web.mount(config, users_file=config.http.users_file))
         self.side: SidePort | None = None
 
     def _committed(self, events: list[Event]) -> None:
@@ -78,6 +83,11 @@ class App:
                 )
                 self.side = SidePort(self.config.http, app)
                 await self.side.start()
+                if self.config.http.users_file is None and not _loopback(self.config.http.host):
+                    log.warning(
+                        "the review pages on %s need no login: set http.users_file",
+                        self.config.http.listen,
+                    )
             await self.delivery.start()
             await self.front.start()
         except BaseException:
@@ -121,6 +131,13 @@ class App:
             await self.side.stop()
         self.emitter.close()
         log.info("dedup-relay stopped")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve(config: Config) -> None:

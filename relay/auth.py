@@ -33,9 +33,11 @@ __all__ = [
     "Authenticator",
     "Guard",
     "Users",
+    "check_password",
     "hash_kind",
     "parse_users",
     "passwd",
+    "read_users",
     "valid_name",
 ]
 
@@ -55,7 +57,7 @@ def valid_name(name: str) -> bool:
 
 def hash_kind(value: str) -> str | None:
     """ "argon2" or "bcrypt" for a hash this relay can check; None for anything else."""
-    if value.startswith("$argon2"):
+    if value.startswith("$argon2id$"):
         try:
             argon2.extract_parameters(value)
         except argon2.exceptions.InvalidHashError:
@@ -66,7 +68,7 @@ def hash_kind(value: str) -> str | None:
     return None
 
 
-def parse_users(text: str, source: str) -> dict[str, str]:
+def parse_users(text: str, source: str, key: str = "auth.users_file") -> dict[str, str]:
     """`user:hash` lines; `#` comments and blank lines are skipped. Errors name the line."""
     users: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
@@ -74,11 +76,11 @@ def parse_users(text: str, source: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         name, colon, value = line.partition(":")
-        where = f"auth.users_file: {source} line {number}"
+        where = f"{key}: {source} line {number}"
         if not colon or not valid_name(name):
             raise ConfigError(f"{where}: expected user:hash")
         if name in users:
-            raise ConfigError(f"{where}: user {name!r} appears twice")
+            raise ConfigError(f"{where}: {name!r} is listed twice")
         if hash_kind(value) is None:
             raise ConfigError(
                 f"{where}: the password of {name!r} is not an argon2id or bcrypt hash (plain"
@@ -99,15 +101,7 @@ class Users:
     @classmethod
     def load(cls, config: AuthConfig) -> Users:
         assert config.users_file is not None
-        try:
-            text = Path(config.users_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"auth.users_file: cannot read {config.users_file}: {exc.strerror}"
-            ) from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"auth.users_file: {config.users_file} is not UTF-8 text") from None
-        users = cls(config.users_file, parse_users(text, config.users_file))
+        users = cls(config.users_file, read_users(config.users_file))
         for name in config.users:
             if name not in users.hashes:
                 raise ConfigError(f"auth.users.{name}: no such user in {config.users_file}")
@@ -115,11 +109,28 @@ class Users:
 
     def verify(self, name: str, password: bytes) -> bool:
         """Slow on purpose; an unknown name costs the same as a wrong password."""
-        stored = self.hashes.get(name)
-        if stored is None:
-            _check(_dummy_hash(), password)
-            return False
-        return _check(stored, password)
+        return check_password(self.hashes.get(name), password)
+
+
+def read_users(path: str, key: str = "auth.users_file") -> dict[str, str]:
+    """A users file read and checked whole; the SMTP front door and the web page share it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
+    return parse_users(text, path, key)
+
+
+def check_password(stored: str | None, password: bytes) -> bool:
+    """Slow on purpose; None (an unknown user) costs the same as a wrong password."""
+    if stored is None:
+        _check(_dummy_hash(), password)
+        return False
+    return _check(stored, password)
 
 
 def _check(stored: str, password: bytes) -> bool:

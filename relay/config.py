@@ -247,11 +247,12 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """The HTTP side port (probes, metrics); `listen` is None when it is off."""
+    """The HTTP side port (probes, metrics, review pages); `listen` is None when it is off."""
 
     listen: str | None = None
     host: str = ""
     port: int = 0
+    users_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -746,12 +747,19 @@ def _runtime(raw: object, listen: ListenConfig) -> RuntimeConfig:
 def _http(raw: object) -> HttpConfig:
     s = _Section(raw, "http")
     listen = s.get("listen", _opt_listen, None)
+    users_file = s.get("users_file", _users_file, None)
     s.finish()
     if listen is None:
-        return HttpConfig()
+        return HttpConfig(users_file=users_file)
     host, port = listen
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return HttpConfig(listen=shown, host=host, port=port)
+    return HttpConfig(listen=shown, host=host, port=port, users_file=users_file)
+
+
+def _users_file(value: object, key: str) -> str:
+    from relay.web.users import users_file_option
+
+    return users_file_option(value, key)
 
 
 def _opt_listen(value: object, key: str) -> tuple[str, int] | None:

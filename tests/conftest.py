@@ -137,6 +137,20 @@ async def transact(
     return Reply(response.code, response.message)
 
 
+def queued_id(reply: Reply) -> str:
+    """The relay's queue id from its 250 to a message it will forward."""
+    match = re.search(r"queued as (\w+)", reply.text)
+    assert reply.code == 250 and match, reply
+    return match.group(1)
+
+
+def repeat_id(reply: Reply) -> str:
+    """The queue id the relay gave a repeat it did not forward."""
+    match = re.search(r"\(id (\w+)\)", reply.text)
+    assert reply.code == 250 and match, reply
+    return match.group(1)
+
+
 # --- the upstream ----------------------------------------------------------
 
 
@@ -733,3 +747,87 @@ async def send_authenticated(
     finally:
         with contextlib.suppress(Exception):
             await client.quit()
+
+
+# --- the web pages -----------------------------------------------------------
+
+
+@dataclass
+class WebServer:
+    """The review pages of `relay.web` on their own loopback port, reading the relay's store."""
+
+    runner: Any
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+MakeRelay = Callable[..., Awaitable[Relay]]
+MakeWeb = Callable[..., Awaitable[WebServer]]
+
+
+@pytest.fixture
+async def make_web() -> AsyncIterator[MakeWeb]:
+    """Start `relay.web.create_app` for a relay with aiohttp's AppRunner on 127.0.0.1, port 0."""
+    from aiohttp import web
+
+    from relay.web import create_app
+
+    started: list[WebServer] = []
+
+    async def make(relay: Relay, **options: Any) -> WebServer:
+        runner = web.AppRunner(create_app(relay.app.config, **options))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = WebServer(runner, runner.addresses[0][1])
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.runner.cleanup()
+
+
+WEB_USERS = {"ops": "correct horse battery", "support": "staple-42-Σ"}
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    """`http.users_file` as an operator writes it: an argon2id user and a bcrypt one ($2y$,
+    as `htpasswd -B` writes it); the passwords are in WEB_USERS."""
+    import argon2
+    import bcrypt
+
+    ops = argon2.PasswordHasher().hash(WEB_USERS["ops"])
+    support = bcrypt.hashpw(WEB_USERS["support"].encode(), bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "web-users"
+    path.write_text(
+        f"# review page users\nops:{ops}\n\nsupport:{support.replace('$2b$', '$2y$', 1)}\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium for the whole run; each test gets a clean tab state."""
+    from tests.browser import launch_chromium
+
+    driver = launch_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browse(chromium: Any) -> Callable[[WebServer], Any]:
+    """A Page on a server, with no cookies or console messages left from an earlier test."""
+    from tests.browser import Page
+
+    def make(server: WebServer) -> Page:
+        chromium.execute_cdp_cmd("Network.clearBrowserCookies", {})
+        chromium.get_log("browser")
+        return Page(chromium, server.url)
+
+    return make

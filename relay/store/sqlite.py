@@ -657,7 +657,7 @@ class SqliteStore:
         """What is still to be delivered, per state, with the oldest receipt time of each."""
         from relay.store.reader import Reader  # the reader module imports this one
 
-        return await Reader(self.reader).queue()
+        return await Reader(self.reader).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
         """Drop expired claims, kept bodies and old audit rows, a chunk per transaction."""
