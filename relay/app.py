@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
 
-from relay.audit import Emitter
+from relay.audit import Emitter, Event
 from relay.clock import SYSTEM, Clock
 from relay.config import Config, StoreConfig
 from relay.delivery import Delivery
+from relay.health import Health
+from relay.http import Mount, SidePort, build_app
 from relay.intake import Intake
+from relay.metrics import Metrics
 from relay.server import FrontDoor
-from relay.store import OnCommit, Store, open_store
+from relay.store import OnBatch, OnCommit, Store, open_store
 from relay.upstream import Transport, describe, open_transport
 
 __all__ = ["App", "serve"]
@@ -21,7 +26,7 @@ __all__ = ["App", "serve"]
 log = logging.getLogger("relay")
 
 
-StoreFactory = Callable[[StoreConfig, OnCommit], Store]
+StoreFactory = Callable[[StoreConfig, OnCommit, OnBatch], Store]
 
 
 class App:
@@ -41,37 +46,108 @@ class App:
     ) -> None:
         self.config = config
         self.emitter = Emitter(config.audit.output)
-        self.store = store_factory(config.store, self.emitter.emit)
+        self.metrics = Metrics(config.runtime.instance)
+        self.store = store_factory(config.store, self._committed, self.metrics.observe_batch)
         factory = transport_factory or (
             lambda: open_transport(config.upstream, config.runtime.instance)
         )
         self.delivery = Delivery(config, self.store, factory, clock=clock)
         self.intake = Intake(config, self.store, on_spooled=self.delivery.wake, clock=clock)
-        self.front = FrontDoor(config.listen, self.intake)
+        self.front = FrontDoor(
+            config.listen, self.intake, auth=config.auth, record=self.store.record
+        )
+        self.metrics.watch_sessions(lambda: len(self.front.sessions))
+        self.health = Health(listening=lambda: self.front.listening, store=self.store)
+        # Pages that live on the side port next to the probes add themselves here.
+        self.http_mounts: list[Mount] = []
+        if config.http.listen is not None:
+            from relay import web
+
+            self.http_mounts.append(web.mount(config, users_file=config.http.users_file))
+        self.side: SidePort | None = None
+
+    def _committed(self, events: list[Event]) -> None:
+        self.emitter.emit(events)
+        self.metrics.observe(events)
 
     @property
     def port(self) -> int:
         return self.front.port
 
+    @property
+    def http_port(self) -> int:
+        if self.side is None:
+            raise RuntimeError("http.listen is not set")
+        return self.side.port
+
     async def start(self) -> None:
         await self.store.open()
-        await self.delivery.start()
-        await self.front.start()
+        try:
+            if self.config.http.listen is not None:
+                app = build_app(
+                    config=self.config,
+                    health=self.health,
+                    metrics=self.metrics,
+                    store=self.store,
+                    mounts=self.http_mounts,
+                )
+                self.side = SidePort(self.config.http, app)
+                await self.side.start()
+                if self.config.http.users_file is None and not _loopback(self.config.http.host):
+                    log.warning(
+                        "the review pages on %s need no login: set http.users_file",
+                        self.config.http.listen,
+                    )
+            await self.delivery.start()
+            await self.front.start()
+        except BaseException:
+            await self._abandon_start()
+            raise
         log.info(
-            "dedup-relay listening on %s:%d, upstream %s, store %s",
+            "dedup-relay listening on %s:%d, upstream %s, store %s%s",
             self.config.listen.host,
             self.port,
             describe(self.config.upstream),
             self.config.store.path,
+            f", http on {self.config.http.listen}" if self.side is not None else "",
         )
 
-    async def stop(self) -> None:
-        """Stop taking mail, let open work finish within the grace period, then close the store."""
-        grace = self.config.runtime.shutdown_grace
+    async def _abandon_start(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.side is not None:
+                await self.side.stop()
+            await self.delivery.stop(0.0)
+            await self.store.close()
+
+    def reload(self) -> None:
+        """SIGHUP: the TLS certificate and the users file, without dropping a session."""
+        self.front.reload()
+
+    def drain(self) -> None:
+        """Fail readiness now, so the orchestrator routes elsewhere before the port closes."""
+        self.health.draining = True
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking mail, let open work finish within the grace period, then close the store.
+
+        The side port stays up to the end, answering 503, so probes see a draining relay
+        rather than a dead one.
+        """
+        self.drain()
+        grace = self.config.runtime.shutdown_grace if grace is None else grace
         await asyncio.gather(self.front.stop(grace), self.delivery.stop(grace))
         await self.store.close()
+        if self.side is not None:
+            await self.side.stop()
         self.emitter.close()
         log.info("dedup-relay stopped")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve(config: Config) -> None:
@@ -80,9 +156,21 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
     await app.start()
+    grace = config.runtime.shutdown_grace
     try:
         await stop.wait()
+        signalled = loop.time()
+        app.drain()
+        delay = config.runtime.drain_delay
+        if delay > 0:
+            log.info("draining: not ready; SMTP keeps accepting for %gs", delay)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):  # a second signal cuts the delay short
+                await asyncio.wait_for(stop.wait(), delay)
+        # The delay is part of the grace period, not added to it.
+        grace = max(grace - (loop.time() - signalled), 0.0)
         log.info("shutting down")
     finally:
-        await app.stop()
+        await app.stop(grace)

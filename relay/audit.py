@@ -29,6 +29,8 @@ EVENTS = (
     "ambiguous",
     "released",
     "requeued",
+    "auth_failed",
+    "rate_limited",
 )
 
 

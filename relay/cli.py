@@ -1,4 +1,4 @@
-"""The command line: `serve`, `check-config`, `requeue`, and the review commands.
+"""The command line: `serve`, `check-config`, `health`, `backup`, `requeue`, and the reviews.
 
 Every usage or config mistake ends with one line on stderr and exit status 2,
 never a traceback.
@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-
-import yaml
+from pathlib import Path
 
 from relay import __version__, review
-from relay.config import Config, load, to_mapping
+from relay.config import Config, Layers, read_layers, to_yaml_with_sources
 from relay.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -38,9 +36,19 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
         "--config",
         "-c",
         metavar="FILE",
-        default=os.environ.get("RELAY_CONFIG", DEFAULT_CONFIG),
-        help=f"YAML config (default: $RELAY_CONFIG or {DEFAULT_CONFIG})",
+        help=f"YAML config (default: $RELAY_CONFIG, else {DEFAULT_CONFIG} if it exists, else"
+        " none: defaults and RELAY_<SECTION>__<KEY> environment variables)",
     )
+
+
+def config_path(given: str | None) -> str | None:
+    """The file to read: named, else $RELAY_CONFIG, else the default one if present, else none."""
+    if given is not None:
+        return given
+    named = os.environ.get("RELAY_CONFIG")
+    if named:
+        return named
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,33 +68,51 @@ def build_parser() -> argparse.ArgumentParser:
         " process sharing a store its own",
     )
 
-    check = commands.add_parser("check-config", help="validate and print the effective config")
+    check = commands.add_parser(
+        "check-config",
+        help="validate and print the effective config, and where each value came from",
+    )
     _config_arg(check)
+
+    health = commands.add_parser(
+        "health", help="ask the running relay if it is ready (exit 0) or not (exit 1)"
+    )
+    _config_arg(health)
+
+    backup = commands.add_parser(
+        "backup", help="copy the store consistently while the relay runs (SQLite online backup)"
+    )
+    backup.add_argument("--to", metavar="FILE", required=True, help="where to write the copy")
+    _config_arg(backup)
 
     requeue = commands.add_parser("requeue", help="send held (ambiguous) recipients again")
     requeue.add_argument("queue_id", metavar="QUEUE_ID")
     _config_arg(requeue)
 
+    passwd = commands.add_parser(
+        "passwd",
+        help="add a user to the AUTH users file or change their password (argon2id)",
+        description="Reads the password from a prompt, or from the first line of stdin when it is"
+        " not a terminal; never from the command line.",
+    )
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument("--users-file", required=True, metavar="FILE", help="the auth.users_file")
+
     review.add_commands(commands, _config_arg)
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
-
-
 def _serve(config: Config) -> int:
+    from relay import logs
     from relay.app import serve
+    from relay.http import ListenError
 
-    _setup_logging(config.runtime.log_level)
+    logs.setup(config.runtime.log_level, config.runtime.log_format)
     try:
         asyncio.run(serve(config))
+    except ListenError as exc:
+        print(f"dedup-relay: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:
         print(
             f"dedup-relay: error: cannot listen on {config.listen.host}:"
@@ -105,9 +131,44 @@ def _with_instance(config: Config, instance: str | None) -> Config:
     return replace(config, runtime=replace(config.runtime, instance=instance.strip()))
 
 
-def _check_config(config: Config, path: str) -> int:
-    print(f"# {path}: valid. Effective config (secrets masked):")
-    print(yaml.safe_dump(to_mapping(config), sort_keys=False, allow_unicode=True), end="")
+def _check_config(config: Config, layers: Layers) -> int:
+    source = layers.file or "no config file, defaults and environment only"
+    print(f"# {source}: valid. Effective config (secrets masked) and where each value came from:")
+    print(to_yaml_with_sources(config, layers), end="")
+    return EXIT_OK
+
+
+def _health(config: Config) -> int:
+    from relay.healthcheck import check
+
+    healthy, why = check(config)
+    print(f"{'healthy' if healthy else 'unhealthy'}: {why}")
+    return EXIT_OK if healthy else EXIT_FAILURE
+
+
+def _backup(config: Config, target: str) -> int:
+    import sqlite3
+
+    from relay.store.sqlite import backup
+
+    store = Path(config.store.path)
+    if not store.is_file():
+        raise UsageError(f"no store at {store} (is store.path right, and has the relay run yet?)")
+    destination = Path(target)
+    if not destination.parent.is_dir():
+        raise UsageError(f"--to: directory {destination.parent} does not exist")
+    if destination.exists() and destination.resolve() == store.resolve():
+        raise UsageError("--to: that is the store itself")
+    started = time.monotonic()
+    try:
+        result = backup(str(store), str(destination))
+    except (sqlite3.Error, OSError) as exc:
+        print(f"dedup-relay: error: backup of {store} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"{store} -> {destination}: {result.size} bytes, {result.pending} message(s) pending,"
+        f" one consistent snapshot in {time.monotonic() - started:.1f}s"
+    )
     return EXIT_OK
 
 
@@ -134,10 +195,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = load(args.config, check_paths=args.command in ("serve", "check-config"))
+        if args.command == "passwd":
+            from relay.auth import passwd
+
+            return passwd(args.user, args.users_file)
+        layers = read_layers(config_path(args.config), os.environ)
+        config = layers.config(check_paths=args.command in ("serve", "check-config"))
         handlers: dict[str, Callable[[], int]] = {
             "serve": lambda: _serve(_with_instance(config, args.instance)),
-            "check-config": lambda: _check_config(config, args.config),
+            "check-config": lambda: _check_config(config, layers),
+            "health": lambda: _health(config),
+            "backup": lambda: _backup(config, args.to),
             "requeue": lambda: _requeue(config, args.queue_id),
         }
         if args.command in handlers:

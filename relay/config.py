@@ -6,10 +6,12 @@ person reading it is an operator at a terminal, not a Python developer.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
+import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -23,22 +25,30 @@ from relay.units import UnitError, format_duration, format_size, parse_duration,
 __all__ = [
     "DEFAULT_KEYS",
     "DEFAULT_WINDOWS",
+    "ENV_PREFIX",
     "AuditConfig",
+    "AuthConfig",
     "Config",
     "ConfigError",
     "DedupeConfig",
     "DeliveryConfig",
+    "HttpConfig",
     "KeySpec",
+    "Layers",
     "ListenConfig",
     "RuleConfig",
     "RuleMatch",
     "RuntimeConfig",
     "Secret",
     "StoreConfig",
+    "TlsConfig",
     "UpstreamConfig",
+    "UserLimits",
     "from_mapping",
     "load",
+    "read_layers",
     "to_mapping",
+    "to_yaml_with_sources",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -67,6 +77,20 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """STARTTLS on the listening port, and optionally a second port with TLS from the first byte."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    implicit_port: int | None = None
+    required: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 2525
@@ -81,6 +105,38 @@ class ListenConfig:
     reuse_port: bool = False
     command_timeout: float = 300.0
     data_timeout: float = 300.0
+    max_connections_per_client: int = 50
+    max_data_time: float = 600.0
+    min_data_rate: int = 500
+    max_bytes_in_flight: int = 256_000_000
+    max_header_size: int = 100_000
+    max_header_fields: int = 1000
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """What one authenticated user may do: envelope sender globs, messages per minute."""
+
+    senders: tuple[str, ...] = ()
+    rate: int | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """SMTP AUTH for clients outside listen.networks (Postfix's permit_sasl_authenticated)."""
+
+    users_file: str | None = None
+    allow_plaintext: bool = False
+    max_failures: int = 5
+    failure_window: float = 300.0
+    lockout: float = 300.0
+    failure_delay: float = 1.0
+    users: Mapping[str, UserLimits] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.users_file is not None
 
 
 @dataclass(frozen=True)
@@ -187,15 +243,28 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP side port (probes, metrics, review pages); `listen` is None when it is off."""
+
+    listen: str | None = None
+    host: str = ""
+    port: int = 0
+    users_file: str | None = None
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     instance: str = ""
     shutdown_grace: float = 5.0
+    drain_delay: float = 0.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True)
 class Config:
     listen: ListenConfig = ListenConfig()
+    auth: AuthConfig = AuthConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     store: StoreConfig = StoreConfig()
     delivery: DeliveryConfig = DeliveryConfig()
@@ -203,6 +272,7 @@ class Config:
     rules: tuple[RuleConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    http: HttpConfig = HttpConfig()
 
 
 # --- reading ---------------------------------------------------------------
@@ -458,13 +528,93 @@ def _listen(raw: object) -> ListenConfig:
         reuse_port=s.get("reuse_port", _bool, False),
         command_timeout=s.get("command_timeout", _duration, d.command_timeout),
         data_timeout=s.get("data_timeout", _duration, d.data_timeout),
+        max_connections_per_client=s.get(
+            "max_connections_per_client", _int_at_least(1), d.max_connections_per_client
+        ),
+        max_data_time=s.get("max_data_time", _duration, d.max_data_time),
+        min_data_rate=s.get("min_data_rate", _size, d.min_data_rate),
+        max_bytes_in_flight=s.get("max_bytes_in_flight", _size, d.max_bytes_in_flight),
+        max_header_size=s.get("max_header_size", _size, d.max_header_size),
+        max_header_fields=s.get("max_header_fields", _int_at_least(1), d.max_header_fields),
+        tls=s.get("tls", _tls, d.tls),
     )
     s.finish()
     if config.max_message_size < 1024:
         raise ConfigError("listen.max_message_size: must be at least 1KB")
-    for name in ("command_timeout", "data_timeout"):
+    for name in ("command_timeout", "data_timeout", "max_data_time"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"listen.{name}: must be more than 0s")
+    if config.max_bytes_in_flight < config.max_message_size:
+        raise ConfigError(
+            "listen.max_bytes_in_flight: must be at least listen.max_message_size"
+            f" ({format_size(config.max_message_size)}), or no message could ever be taken"
+        )
+    if config.max_header_size < 1024:
+        raise ConfigError("listen.max_header_size: must be at least 1KB")
+    for i, network in enumerate(config.networks):
+        # Wider than 10.0.0.0/8 (IPv4) or fc00::/7 (IPv6) is no private network.
+        if network.prefixlen < (8 if network.version == 4 else 7):
+            raise ConfigError(
+                f"listen.networks[{i}]: {network} would let most of the internet relay through"
+                " this server; list only your own networks (clients elsewhere can use auth)"
+            )
+    return config
+
+
+def _tls(raw: object, key: str) -> TlsConfig:
+    s = _Section(raw, key)
+    config = TlsConfig(
+        cert_file=s.get("cert_file", _opt_str, None),
+        key_file=s.get("key_file", _opt_str, None),
+        implicit_port=s.get("implicit_port", _opt_port, None),
+        required=s.get("required", _bool, False),
+    )
+    s.finish()
+    if (config.cert_file is None) != (config.key_file is None):
+        missing = "key_file" if config.key_file is None else "cert_file"
+        raise ConfigError(f"{key}.{missing}: cert_file and key_file go together (PEM files)")
+    if not config.enabled:
+        for name in ("implicit_port", "required"):
+            if getattr(config, name):
+                raise ConfigError(f"{key}.{name}: needs {key}.cert_file and {key}.key_file")
+    return config
+
+
+def _opt_port(value: object, key: str) -> int | None:
+    return None if value is None else _int_at_least(0, 65535)(value, key)
+
+
+def _user_limits(raw: object, key: str) -> UserLimits:
+    s = _Section(raw, key)
+    limits = UserLimits(
+        senders=s.get("senders", _patterns, ()),
+        rate=s.get("rate", _int_at_least(1), None),
+    )
+    s.finish()
+    return limits
+
+
+def _users(raw: object, key: str) -> Mapping[str, UserLimits]:
+    s = _Section(raw, key)
+    s.seen.update(str(name) for name in s.raw)
+    return {str(name): _user_limits(value, s.key(str(name))) for name, value in s.raw.items()}
+
+
+def _auth(raw: object) -> AuthConfig:
+    s = _Section(raw, "auth")
+    d = AuthConfig()
+    config = AuthConfig(
+        users_file=s.get("users_file", _opt_str, None),
+        allow_plaintext=s.get("allow_plaintext", _bool, False),
+        max_failures=s.get("max_failures", _int_at_least(1), d.max_failures),
+        failure_window=s.get("failure_window", _duration, d.failure_window),
+        lockout=s.get("lockout", _duration, d.lockout),
+        failure_delay=s.get("failure_delay", _duration, d.failure_delay),
+        users=s.get("users", _users, {}),
+    )
+    s.finish()
+    if config.users and not config.enabled:
+        raise ConfigError("auth.users: limits for users need auth.users_file")
     return config
 
 
@@ -579,12 +729,51 @@ def _runtime(raw: object, listen: ListenConfig) -> RuntimeConfig:
     config = RuntimeConfig(
         instance=s.get("instance", _text, "") or f"{socket.gethostname()}:{listen.port}",
         shutdown_grace=s.get("shutdown_grace", _duration, RuntimeConfig.shutdown_grace),
+        drain_delay=s.get("drain_delay", _duration, 0.0),
         log_level=s.get(
             "log_level", _choice("debug", "info", "warning", "error"), RuntimeConfig.log_level
         ),
+        log_format=s.get("log_format", _choice("text", "json"), RuntimeConfig.log_format),
     )
     s.finish()
+    if config.drain_delay and config.drain_delay >= config.shutdown_grace:
+        raise ConfigError("runtime.drain_delay: must be shorter than runtime.shutdown_grace")
     return config
+
+
+def _http(raw: object) -> HttpConfig:
+    s = _Section(raw, "http")
+    listen = s.get("listen", _opt_listen, None)
+    users_file = s.get("users_file", _users_file, None)
+    s.finish()
+    if listen is None:
+        return HttpConfig(users_file=users_file)
+    host, port = listen
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return HttpConfig(listen=shown, host=host, port=port, users_file=users_file)
+
+
+def _users_file(value: object, key: str) -> str:
+    from relay.web.users import users_file_option
+
+    return users_file_option(value, key)
+
+
+def _opt_listen(value: object, key: str) -> tuple[str, int] | None:
+    """HOST:PORT, with IPv6 hosts in brackets; empty or null turns the listener off."""
+    if value is None or value == "":
+        return None
+    hint = "use HOST:PORT, e.g. 127.0.0.1:9025"
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r} ({hint})")
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", value.strip())
+    if match is None:
+        raise ConfigError(f"{key}: {value!r} is not HOST:PORT ({hint})")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigError(f"{key}: port {port} is out of range (must be between 0 and 65535)")
+    return host, port
 
 
 def _check_writable_dir(path: Path, key: str) -> None:
@@ -602,6 +791,7 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     listen = _listen(top.raw.get("listen"))
     config = Config(
         listen=listen,
+        auth=_auth(top.raw.get("auth")),
         upstream=_upstream(top.raw.get("upstream")),
         store=_store(top.raw.get("store")),
         delivery=_delivery(top.raw.get("delivery")),
@@ -609,6 +799,7 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
         rules=_rules(top.raw.get("rules")),
         audit=_audit(top.raw.get("audit")),
         runtime=_runtime(top.raw.get("runtime"), listen),
+        http=_http(top.raw.get("http")),
     )
     top.seen.update(f.name for f in fields(Config))
     top.finish()
@@ -618,22 +809,198 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
             _check_writable_dir(Path(config.upstream.path), "upstream.url")
         if config.audit.output not in ("stdout", "none"):
             _check_writable_dir(Path(config.audit.output).parent, "audit.output")
+        _check_front_door(config)
     return config
 
 
-def load(path: str | Path, *, check_paths: bool = True) -> Config:
-    """`check_paths=False` for commands that only read: they must not create directories."""
+def _check_front_door(config: Config) -> None:
+    """Certificates and the users file are read now, so check-config finds what serve would."""
+    if config.listen.tls.enabled:
+        from relay.tls import server_context
+
+        server_context(config.listen.tls)
+    if config.auth.enabled:
+        from relay.auth import Users
+
+        Users.load(config.auth)
+
+
+def load(
+    path: str | Path | None,
+    *,
+    check_paths: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """The file (if any) with `RELAY_*` variables on top, validated.
+
+    `check_paths=False` for commands that only read: they must not create directories.
+    """
+    return read_layers(path, os.environ if environ is None else environ).config(
+        check_paths=check_paths
+    )
+
+
+# --- layers: the file, then the environment ---------------------------------
+
+ENV_PREFIX = "RELAY_"
+# Variables with the prefix that are not config keys.
+_ENV_RESERVED = frozenset({"RELAY_CONFIG"})
+_ENV_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One `RELAY_<SECTION>__<KEY>` variable: the key path it sets and its value."""
+
+    var: str
+    path: tuple[str, ...]
+    text: str
+    value: object
+    yaml_problem: str | None = None
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The raw config as read, and where each key came from.
+
+    The environment is applied to the raw mapping before validation, key by key, so a
+    section added to the config later is settable from the environment with no extra code.
+    """
+
+    file: str | None
+    raw: dict[str, Any]
+    settings: tuple[_Setting, ...]
+    sources: Mapping[str, str]
+
+    def source(self, dotted: str) -> str:
+        """`default`, `file` or `env NAME` for a dotted key (a value set whole covers its keys)."""
+        parts = dotted.split(".")
+        for n in range(len(parts), 0, -1):
+            found = self.sources.get(".".join(parts[:n]))
+            if found is not None:
+                return found
+        return "default"
+
+    def config(self, *, check_paths: bool = True) -> Config:
+        raw = self.raw
+        retried: set[str] = set()
+        while True:
+            try:
+                return from_mapping(copy.deepcopy(raw), check_paths=check_paths)
+            except ConfigError as exc:
+                setting = self._blame(str(exc))
+                if setting is None:
+                    raise
+                if setting.var not in retried and _plain_scalar(setting.value):
+                    # YAML read it as a number, boolean or null; the key may want the text.
+                    retried.add(setting.var)
+                    raw = copy.deepcopy(raw)
+                    _set(raw, setting.path, setting.text, setting.var)
+                    continue
+                message = f"{setting.var}: {exc}"
+                if ": unknown key" in message:
+                    message += "; the form is RELAY_<SECTION>__<KEY>, e.g. RELAY_LISTEN__PORT"
+                if setting.yaml_problem:
+                    message += (
+                        f" (read as text: it is not valid YAML, {setting.yaml_problem};"
+                        " quote list items that contain ':' or start with '*')"
+                    )
+                raise ConfigError(message) from None
+
+    def _blame(self, message: str) -> _Setting | None:
+        """The variable a validation error is about: by the key it names, else any it mentions."""
+        key = message.split(": ", 1)[0]
+        by_depth = sorted(self.settings, key=lambda s: -len(s.path))
+        for setting in by_depth:
+            path = setting.dotted
+            inside = key.startswith((path + ".", path + "["))
+            if key == path or inside or path.startswith(key + "."):
+                return setting
+        for setting in by_depth:
+            if re.search(rf"(?<![\w.]){re.escape(setting.dotted)}(?![\w])", message):
+                return setting
+        return None
+
+
+def read_layers(path: str | Path | None, environ: Mapping[str, str]) -> Layers:
+    """Read the file (None: there is none, defaults only) and apply the environment on top."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        document = _read_yaml(path)
+        if document is not None and not isinstance(document, dict):
+            raise ConfigError(f"expected a mapping of keys, got {_kind(document)}")
+        raw = document or {}
+    sources = dict.fromkeys(_leaf_keys(raw), "file")
+    settings = tuple(sorted(_env_settings(environ), key=lambda s: (len(s.path), s.var)))
+    for setting in settings:
+        _set(raw, setting.path, setting.value, setting.var)
+        inside = setting.dotted + "."
+        for key in [k for k in sources if k.startswith(inside)]:
+            del sources[key]
+        sources[setting.dotted] = f"env {setting.var}"
+    return Layers(None if path is None else str(path), raw, settings, sources)
+
+
+def _read_yaml(path: str | Path) -> object:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
-    return from_mapping(raw, check_paths=check_paths)
+
+
+def _leaf_keys(raw: Mapping[Any, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, dotted + ".")
+        else:
+            yield dotted
+
+
+def _env_settings(environ: Mapping[str, str]) -> Iterator[_Setting]:
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in _ENV_RESERVED:
+            continue
+        parts = var[len(ENV_PREFIX) :].split("__")
+        if not all(parts) or not all(_ENV_NAME.fullmatch(p) for p in parts):
+            raise ConfigError(
+                f"{var}: not a config variable (the form is RELAY_<SECTION>__<KEY>,"
+                " e.g. RELAY_LISTEN__PORT)"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "unreadable"
+            yield _Setting(var, tuple(p.lower() for p in parts), text, text, problem)
+            continue
+        yield _Setting(var, tuple(p.lower() for p in parts), text, value)
+
+
+def _set(raw: dict[str, Any], path: tuple[str, ...], value: object, var: str) -> None:
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"{var}: {where} is {_kind(child)}, not a section with keys")
+        node = child
+    node[path[-1]] = value
+
+
+def _plain_scalar(value: object) -> bool:
+    return value is None or isinstance(value, bool | int | float)
 
 
 def _replace(obj: T, **changes: Any) -> T:
@@ -656,7 +1023,13 @@ _DURATION_FIELDS = {
     "window",
     "retention",
     "shutdown_grace",
+    "drain_delay",
+    "max_data_time",
+    "failure_window",
+    "lockout",
+    "failure_delay",
 }
+_SIZE_FIELDS = {"max_message_size", "max_bytes_in_flight", "max_header_size"}
 _INTERNAL_FIELDS = {"scheme", "host", "port", "path"}
 
 
@@ -688,7 +1061,7 @@ def _plain(value: object, name: str, section: str = "") -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         result: dict[str, Any] = {}
         for f in fields(value):
-            if isinstance(value, UpstreamConfig) and f.name in _INTERNAL_FIELDS:
+            if isinstance(value, UpstreamConfig | HttpConfig) and f.name in _INTERNAL_FIELDS:
                 continue
             if isinstance(value, DedupeConfig) and f.name in (
                 "fingerprint_headers",
@@ -708,6 +1081,54 @@ def _plain(value: object, name: str, section: str = "") -> Any:
         return str(value)
     if isinstance(value, float) and name in _DURATION_FIELDS:
         return format_duration(value)
-    if isinstance(value, int) and name == "max_message_size":
+    if isinstance(value, int) and name in _SIZE_FIELDS:
         return format_size(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, str(k)) for k, v in value.items()}
     return value
+
+
+def to_yaml_with_sources(config: Config, layers: Layers) -> str:
+    """The effective config as YAML, each key followed by where its value came from.
+
+    A key that is not set but read through `KEY_env` or `KEY_file` (a username, a password)
+    is credited to that key.
+    """
+    lines: list[tuple[str, str]] = []
+
+    def source(dotted: str) -> str:
+        found = layers.source(dotted)
+        if found != "default":
+            return found
+        for suffix in ("_env", "_file"):
+            via = layers.source(dotted + suffix)
+            if via != "default":
+                return f"{via} (via {dotted.rsplit('.', 1)[-1]}{suffix})"
+        return found
+
+    def walk(mapping: Mapping[str, Any], prefix: str, indent: str) -> None:
+        for key, value in mapping.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and value:
+                lines.append((f"{indent}{key}:", ""))
+                walk(value, dotted + ".", indent + "  ")
+            elif isinstance(value, list) and any(isinstance(v, dict) for v in value) and not prefix:
+                block = yaml.safe_dump({key: value}, sort_keys=False, allow_unicode=True)
+                head, _, rest = block.partition("\n")
+                lines.append((head, source(dotted)))
+                lines.extend((line, "") for line in rest.rstrip("\n").split("\n"))
+            else:
+                lines.append((f"{indent}{key}: {_flow(value)}", source(dotted)))
+
+    walk(to_mapping(config), "", "")
+    width = max(len(text) for text, note in lines if note)
+    return "".join(
+        f"{text.ljust(width)}  # {note}\n" if note else f"{text}\n" for text, note in lines
+    )
+
+
+def _flow(value: object) -> str:
+    text = yaml.safe_dump(
+        value, default_flow_style=True, width=1 << 30, allow_unicode=True, sort_keys=False
+    ).strip()
+    return text.removesuffix("...").strip()

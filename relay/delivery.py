@@ -13,7 +13,7 @@ import logging
 import random
 from collections.abc import Callable
 
-from relay import headers
+from relay import headers, logs
 from relay.clock import SYSTEM, Clock
 from relay.config import Config
 from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Store, Update
@@ -219,10 +219,12 @@ class Delivery:
                         lease.queue_id, self.clock.time() + backoff(self.config, 1)
                     )
             finally:
+                logs.bind(queue_id=None)
                 self._in_flight -= 1
                 self._wake.set()
 
     async def _attempt(self, lease: Lease, transport: Transport) -> None:
+        logs.bind(queue_id=lease.queue_id)
         body = lease.data if lease.data is not None else await self.store.body(lease.queue_id)
         if body is None or not lease.recipients:
             results = tuple(

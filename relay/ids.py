@@ -5,9 +5,10 @@ from __future__ import annotations
 import secrets
 import time
 
-__all__ = ["new_queue_id"]
+__all__ = ["new_queue_id", "queue_id_time"]
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+_TAIL = 8
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -17,5 +18,16 @@ def new_queue_id(now: float | None = None) -> str:
     while ms:
         ms, digit = divmod(ms, len(_ALPHABET))
         head = _ALPHABET[digit] + head
-    tail = "".join(secrets.choice(_ALPHABET) for _ in range(8))
+    tail = "".join(secrets.choice(_ALPHABET) for _ in range(_TAIL))
     return head + tail
+
+
+def queue_id_time(queue_id: str) -> float | None:
+    """When the message was received (to the millisecond), read back from its queue id."""
+    head = queue_id[:-_TAIL]
+    if not head or any(c not in _ALPHABET for c in head):
+        return None
+    ms = 0
+    for c in head:
+        ms = ms * len(_ALPHABET) + _ALPHABET.index(c)
+    return ms / 1000

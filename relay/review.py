@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from relay.audit import EVENTS, FIELDS, Event, iso_time, to_json
 from relay.config import Config
 from relay.errors import EXIT_FAILURE, EXIT_OK, UnitError, UsageError
+from relay.escape import spreadsheet_safe
 from relay.store.reader import (
     EventFilter,
     Reader,
@@ -83,6 +84,7 @@ def add_commands(commands: Any, config_arg: Callable[[argparse.ArgumentParser], 
     log.add_argument("--rcpt", metavar="ADDRESS", help="one recipient (case-insensitive)")
     log.add_argument("--from", dest="sender", metavar="ADDRESS", help="envelope sender")
     log.add_argument("--client", metavar="IP", help="SMTP client address")
+    log.add_argument("--user", metavar="NAME", help="authenticated (AUTH) user")
     log.add_argument(
         "--limit",
         default=str(DEFAULT_LIMIT),
@@ -196,6 +198,7 @@ def event_filter(args: argparse.Namespace, now: float) -> EventFilter:
         rcpt=args.rcpt,
         sender=args.sender,
         client=args.client,
+        user=args.user,
         limit=parse_limit(args.limit),
     )
 
@@ -271,7 +274,7 @@ def table(
     headers: Sequence[str], rows: Iterable[Sequence[str]], *, right: Iterable[int] = ()
 ) -> list[str]:
     """Aligned columns, two spaces apart, the last one unpadded (like postqueue -p)."""
-    body = [list(r) for r in rows]
+    body = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers)]
     numeric = set(right)
 
@@ -310,7 +313,7 @@ def csv_row(e: Event, *, utc: bool) -> list[str]:
     record = to_json(e)
     record["ts"] = format_time(e.ts, utc=utc)
     record["rcpts"] = " ".join(e.rcpts)
-    return ["" if record[f] is None else str(record[f]) for f in FIELDS]
+    return ["" if record[f] is None else spreadsheet_safe(str(record[f])) for f in FIELDS]
 
 
 # --- log -------------------------------------------------------------------
@@ -436,7 +439,7 @@ def _recipient_row(r: RecipientState, utc: bool) -> list[str]:
 def render_timeline(t: Timeline, utc: bool) -> list[str]:
     summary = _summary(t, utc)
     width = max(len(label) for label, _ in summary)
-    lines = [f"{label + ':':<{width + 1}} {value}" for label, value in summary]
+    lines = [f"{label + ':':<{width + 1}} {printable(value)}" for label, value in summary]
     if t.recipients:
         lines += ["", "Recipients:"]
         headers = ["RCPT", "STATE", "UPDATED", "REPLY", "QUEUE ID"]

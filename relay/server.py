@@ -2,6 +2,12 @@
 
 All protocol state lives here; once DATA is complete the bytes go to the intake,
 and the reply the intake returns is the reply the client gets.
+
+The policy is Postfix's `permit_mynetworks, permit_sasl_authenticated, reject`:
+a client on `listen.networks` may send; any other client is refused at connect
+unless `auth` is configured, and then must authenticate before MAIL. STARTTLS,
+AUTH (PLAIN, LOGIN) and the RFC 3207 session reset are aiosmtpd's own; this
+module decides when they are offered and checks passwords off the event loop.
 """
 
 from __future__ import annotations
@@ -10,20 +16,44 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable
+from fnmatch import fnmatchcase
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtplib.email import parse_address
 
-from relay.config import ListenConfig, Network
-from relay.intake import Intake, Transaction, unique_recipients
+from relay import content, logs
+from relay.audit import Event
+from relay.auth import Authenticator, Guard
+from relay.config import AuthConfig, ConfigError, ListenConfig, Network
+from relay.intake import THREAD_THRESHOLD, Intake, Transaction, unique_recipients
+from relay.limits import Budget, Events, Tally
+from relay.tls import ServerTls
 
-__all__ = ["NEEDS_SMTPUTF8", "SHUTDOWN_REPLY", "FrontDoor", "Handler", "RelaySMTP", "allowed"]
+__all__ = [
+    "NEEDS_SMTPUTF8",
+    "SHUTDOWN_REPLY",
+    "FrontDoor",
+    "Handler",
+    "RelaySMTP",
+    "address_problem",
+    "allowed",
+]
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 # RFC 6531 3.4: a non-ASCII mailbox is only accepted in a transaction that declared SMTPUTF8.
 NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address needs MAIL FROM with the SMTPUTF8 parameter"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
+LOCKED_OUT = "421 4.7.0 Too many failed logins from your address, try again later"
+BUSY_MEMORY = "4.3.1 Too much mail in flight on this relay, try again later"
+TOO_SLOW = b"421 4.4.2 DATA too slow or too long, closing connection\r\n"
+LINGER = 5.0  # seconds a cut-off client gets to stop sending before the socket closes
 
 
 def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
@@ -39,43 +69,107 @@ def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
     return any(address in network for network in networks)
 
 
+def address_problem(address: str) -> str | None:
+    """Why an envelope address cannot be taken, or None.
+
+    Control characters (CR, LF, TAB, ESC, NUL, ...) are refused outright, and so is a
+    comma, which the audit trail uses between recipients. Then the address must
+    survive the upstream client's own parser unchanged, so that what the audit log
+    names is exactly what the upstream is sent.
+    """
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in address):
+        return "control character or invalid UTF-8 in the address"
+    if "," in address:
+        return "a comma in the address"
+    try:
+        if parse_address(address) != address:
+            return "the address would not reach the upstream as written"
+    except ValueError:
+        return "the address cannot be written on an SMTP command line"
+    return None
+
+
+def _options_size(options: list[str]) -> int:
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
 class Handler:
-    """aiosmtpd's hooks: limits per command, and the hand-off to the intake at end of DATA."""
+    """aiosmtpd's hooks: policy per command, and the hand-off to the intake at end of DATA."""
 
     def __init__(self, front: FrontDoor) -> None:
         self.front = front
 
     async def handle_EHLO(
         self,
-        server: SMTP,
+        server: RelaySMTP,
         session: Session,
         envelope: Envelope,
         hostname: str,
         responses: list[str],
     ) -> list[str]:
+        if _bad_name(hostname):
+            session.host_name = None
+            return ["501 5.5.2 Invalid EHLO name"]
         session.host_name = hostname
+        if not server.offers_auth():
+            responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
         return [responses[0], "250-PIPELINING", *responses[1:]]
 
     async def handle_HELO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str
     ) -> str:
+        if _bad_name(hostname):
+            session.host_name = None
+            return "501 5.5.2 Invalid HELO name"
         session.host_name = hostname
         return f"250 {server.hostname}"
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
     ) -> str:
-        if self.front.closing:
+        front = self.front
+        if front.closing:
             return "421 4.3.2 Service shutting down, try again later"
+        if front.config.tls.required and session.ssl is None and not server.trusted:
+            return TLS_REQUIRED
+        user = _login(session)
+        if not server.trusted and user is None:
+            return AUTH_REQUIRED
+        problem = address_problem(address) if address not in ("", "<>") else None
+        if problem:
+            return f"553 5.1.7 Bad sender address: {problem}"
         if not envelope.smtp_utf8 and not address.isascii():
             return NEEDS_SMTPUTF8
+        if user is not None:
+            refusal = await front.user_policy(server, user, address)
+            if refusal:
+                return refusal
+        if not front.budget.fits(_options_size(options)):
+            return f"452 {BUSY_MEMORY}"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
     ) -> str:
+        problem = address_problem(address)
+        if problem:
+            return f"553 5.1.3 Bad recipient address: {problem}"
         if not envelope.smtp_utf8 and not address.isascii():
             return NEEDS_SMTPUTF8
         if len(envelope.rcpt_tos) >= self.front.config.max_recipients:
@@ -84,17 +178,21 @@ class Handler:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content
         if not isinstance(data, bytes):
             return "554 5.6.0 No message data"
+        # The session's copy goes now; only the checked bytes live on.
+        envelope.original_content = envelope.content = None
         sender = envelope.mail_from or ""
-        peer = session.peer
+        sender = "" if sender == "<>" else sender
+        checked = await self.front.check_content(data)
+        del data
         tx = Transaction(
-            sender="" if sender == "<>" else sender,
+            sender=sender,
             recipients=unique_recipients(envelope.rcpt_tos),
-            data=data,
-            client=str(peer[0]) if isinstance(peer, tuple) and peer else "unknown",
+            data=checked.data,
+            client=server.client,
             helo=session.host_name or "",
             esmtp=bool(session.extended_smtp),
             tls=session.ssl is not None,
@@ -102,6 +200,9 @@ class Handler:
             smtputf8=bool(envelope.smtp_utf8),
             body8bit="BODY=8BITMIME" in envelope.mail_options,
         )
+        if checked.refusal is not None:
+            await self.front.record_refusal(tx, checked.refusal)
+            return checked.refusal
         return await self.front.intake.submit(tx)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -109,34 +210,110 @@ class Handler:
         return "451 4.3.0 Internal error, try again later"
 
 
+def _bad_name(hostname: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in hostname)
+
+
 def _login(session: Session) -> str | None:
     if not getattr(session, "authenticated", False):
         return None
-    login = getattr(session.auth_data, "login", None)
+    login = getattr(session.auth_data, "login", session.auth_data)
     if isinstance(login, bytes):
         return login.decode("utf-8", "replace")
     return login if isinstance(login, str) else None
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with network checks, a DATA stall timeout and graceful shutdown."""
+class RelaySession(Session):
+    """aiosmtpd's session, minus the deprecation warning it logs on every successful AUTH."""
 
-    def __init__(self, front: FrontDoor, **kwargs: Any) -> None:
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with network policy, AUTH off the loop, DATA deadlines and shutdown."""
+
+    # What RFC 4954 clients expect (aiosmtpd's default is "User Name\x00").
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(self, front: FrontDoor, *, implicit_tls: bool = False, **kwargs: Any) -> None:
         super().__init__(Handler(front), **kwargs)
         self.front = front
+        self.implicit_tls = implicit_tls
         self.in_data = False
+        self.client = "unknown"
+        self.trusted = False
+        self._counted = False
+        self._charged = 0
+        self._data_started = 0.0
+        self._data_bytes = 0
+        self._last_data = 0.0
+        self._discarding = False
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd echoes some arguments; one with invalid UTF-8 (kept as surrogates)
+        # must not turn a reply into an internal error.
+        if isinstance(status, str):
+            status = status.encode("utf-8", "replace")
+        await super().push(status)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        # A relay knows no mailboxes; Postfix's answer, without echoing the argument.
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The stdlib parser aiosmtpd uses raises IndexError on "MAIL FROM:<" (found by
+        # fuzzing): a malformed address (553), not an internal error (451, retried forever).
+        try:
+            address, rest = super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
+        return address, rest
+
+    def offers_auth(self) -> bool:
+        """AUTH is offered when configured, and only over TLS unless the client is trusted."""
+        return self.front.authenticator is not None and not (
+            self._auth_require_tls and self._tls_protocol is None
+        )
 
     async def _handle_client(self) -> None:
         front = self.front
         assert self.session is not None and self.transport is not None
+        logs.bind(client=str(self.session.peer[0]) if self.session.peer else None)
+        self.trusted = allowed(self.session.peer, front.config.networks)
+        self._auth_require_tls = not (
+            self.implicit_tls or self.trusted or front.auth_config.allow_plaintext
+        )
         refusal = None
-        if not allowed(self.session.peer, front.config.networks):
+        if not self.trusted and front.authenticator is None:
             log.warning("refused connection from %s: not in listen.networks", self.session.peer)
             refusal = "554 5.7.1 Relay access denied: client not in the relay's listen.networks"
         elif front.closing:
             refusal = SHUTDOWN_REPLY.decode().strip()
+        elif front.guard.locked(self.client):
+            log.warning("refused connection from %s: locked out after failed logins", self.client)
+            refusal = LOCKED_OUT
         elif len(front.sessions) > front.config.max_connections:
             refusal = "421 4.7.0 Too many connections, try again later"
+        elif front.per_client[self.client] > front.config.max_connections_per_client:
+            log.warning(
+                "refused connection from %s: over listen.max_connections_per_client (%d)",
+                self.client,
+                front.config.max_connections_per_client,
+            )
+            refusal = "421 4.7.0 Too many connections from your address, try again later"
         if refusal is not None:
             await self.push(refusal)
             self.transport.close()
@@ -147,26 +324,102 @@ class RelaySMTP(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
+            assert self.session is not None
+            peer = self.session.peer
+            self.client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
             self.front.sessions.add(self)
+            self.front.per_client.add(self.client)
+            self._counted = True
+            if self.implicit_tls:
+                self.session.ssl = {"cipher": transport.get_extra_info("cipher")}
 
     def connection_lost(self, error: Exception | None) -> None:
         self.front.sessions.discard(self)
+        if self._counted:
+            self.front.per_client.remove(self.client)
+            self._counted = False
         self.in_data = False
+        self._give_back()
         self.front.wake()
         super().connection_lost(error)
 
+    # --- DATA: memory budget, idle timeout, minimum rate and total deadline ----
+
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         super().data_received(data)
-        if self.in_data:
-            self._reset_timeout(self.front.config.data_timeout)
+        if not self.in_data or self.transport is None:
+            return
+        if not self.front.budget.take(len(data)):
+            log.warning("%s: DATA cut off: listen.max_bytes_in_flight is spent", self.client)
+            self._hang_up(f"421 {BUSY_MEMORY}\r\n".encode())
+            return
+        self._charged += len(data)
+        self._data_bytes += len(data)
+        self._last_data = self.loop.time()
+        self._arm_data_timer()
+
+    def _data_deadline(self) -> float:
+        """When DATA must be over: total time, and a minimum rate after one data_timeout."""
+        config = self.front.config
+        deadline = self._data_started + config.max_data_time
+        if config.min_data_rate > 0:
+            paced = self._data_bytes / config.min_data_rate
+            deadline = min(deadline, self._data_started + config.data_timeout + paced)
+        return deadline
+
+    def _arm_data_timer(self) -> None:
+        now = self.loop.time()
+        due = min(self._last_data + self.front.config.data_timeout, self._data_deadline())
+        self._reset_timeout(max(due - now, 0.001))
+
+    def _timeout_cb(self) -> None:
+        if not self.in_data:
+            super()._timeout_cb()  # type: ignore[no-untyped-call]
+            return
+        now = self.loop.time()
+        if now < self._last_data + self.front.config.data_timeout:
+            log.warning("%s: DATA too slow or too long, disconnected", self.client)
+            self._hang_up(TOO_SLOW)
+        else:
+            super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _hang_up(self, reply: bytes) -> None:
+        transport = self.transport
+        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+            return
+        transport.write(reply)
+        if not (self.in_data and transport.can_write_eof()):
+            transport.close()
+            return
+        # Mid-DATA the client is still sending, and closing on unread bytes sends a reset
+        # that can destroy the reply on its way. Half-close instead, drop what still
+        # arrives, and close when the client does or after a few seconds.
+        transport.write_eof()
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._discarding = True
+        self.in_data = False
+        self._give_back()
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+            transport.resume_reading()
+        self.loop.call_later(LINGER, transport.close)
+
+    def _give_back(self) -> None:
+        self.front.budget.give_back(self._charged)
+        self._charged = 0
 
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
-        self._reset_timeout(self.front.config.data_timeout)
+        self._data_started = self._last_data = self.loop.time()
+        self._data_bytes = 0
+        self._arm_data_timer()
         try:
             await super().smtp_DATA(arg)
         finally:
             self.in_data = False
+            self._give_back()
             self.front.wake()
             if self.transport is not None:
                 self._reset_timeout()
@@ -175,56 +428,272 @@ class RelaySMTP(SMTP):
 
     def close_now(self) -> None:
         """Say 421 and hang up; only called between commands, never mid-reply."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(SHUTDOWN_REPLY)
-            transport.close()
+        self._hang_up(SHUTDOWN_REPLY)
+
+    # --- AUTH: aiosmtpd parses PLAIN and LOGIN; the hash is checked off the loop ----
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.front.authenticator is None:
+            await self.push("502 5.5.1 AUTH not available")
+            return
+        if self.front.guard.locked(self.client):
+            await self.push(LOCKED_OUT)
+            self._hang_up(b"")
+            return
+        await super().smtp_AUTH(arg)
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # Called synchronously by aiosmtpd once it has the credentials; checking them
+        # is slow hashing, done in auth_PLAIN/auth_LOGIN below.
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._verify("PLAIN", await super().auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._verify("LOGIN", await super().auth_LOGIN(server, args))
+
+    async def _verify(self, mechanism: str, parsed: AuthResult) -> AuthResult:
+        credentials = parsed.auth_data
+        authenticator = self.front.authenticator
+        if not isinstance(credentials, LoginPassword) or authenticator is None:
+            return AuthResult(success=False, handled=True)  # aiosmtpd has answered already
+        user = credentials.login.decode("utf-8", "replace")
+        if await authenticator.verify(user, credentials.password):
+            log.info("%s: authenticated as %s (%s)", self.client, user, mechanism)
+            return AuthResult(success=True, auth_data=user)
+        locked = await self.front.auth_failed(self.client, user, mechanism, count=not self.trusted)
+        await asyncio.sleep(self.front.auth_config.failure_delay)
+        if locked:
+            await self.push(LOCKED_OUT)
+            self._hang_up(b"")
+            return AuthResult(success=False, handled=True)
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+        )
 
 
 class FrontDoor:
-    """Owns the listening socket and every open session."""
+    """Owns the listening sockets, every open session, and what they share."""
 
-    def __init__(self, config: ListenConfig, intake: Intake) -> None:
+    def __init__(
+        self,
+        config: ListenConfig,
+        intake: Intake,
+        *,
+        auth: AuthConfig | None = None,
+        record: Callable[[Event], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self.auth_config = auth or AuthConfig()
         self.intake = intake
         self.sessions: set[RelaySMTP] = set()
+        self.per_client = Tally()
+        self.budget = Budget(config.max_bytes_in_flight)
+        self.tls = ServerTls(config.tls) if config.tls.enabled else None
+        self.authenticator = Authenticator(self.auth_config) if self.auth_config.enabled else None
+        self.guard = Guard(self.auth_config, clock)
+        self.sent = Events(60.0, clock)
+        # Called with (client, user) on every failed AUTH; for a metrics counter.
+        self.on_auth_failed: Callable[[str, str], None] | None = None
         self.closing = False
-        self._server: asyncio.Server | None = None
+        self._record = record
+        self._servers: list[asyncio.Server] = []
         self._changed = asyncio.Event()
 
     def wake(self) -> None:
         self._changed.set()
 
     @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+    def listening(self) -> bool:
+        return (
+            bool(self._servers) and all(s.is_serving() for s in self._servers) and not self.closing
+        )
 
-    def _protocol(self) -> RelaySMTP:
+    @property
+    def port(self) -> int:
+        return self._bound_port(0)
+
+    @property
+    def implicit_port(self) -> int | None:
+        """The implicit-TLS listener's port, when there is one."""
+        return self._bound_port(1) if len(self._servers) > 1 else None
+
+    def _bound_port(self, index: int) -> int:
+        return int(self._servers[index].sockets[0].getsockname()[1])
+
+    def _protocol(self, implicit_tls: bool = False) -> RelaySMTP:
+        tls = None if implicit_tls or self.tls is None else self.tls.context
         return RelaySMTP(
             self,
+            implicit_tls=implicit_tls,
             data_size_limit=self.config.max_message_size,
             enable_SMTPUTF8=True,
             hostname=self.config.hostname,
             ident="dedup-relay ESMTP",
             timeout=self.config.command_timeout,
+            tls_context=tls,
             loop=asyncio.get_running_loop(),
         )
 
     async def start(self) -> None:
-        self._server = await asyncio.get_running_loop().create_server(
-            self._protocol,
-            host=self.config.host,
-            port=self.config.port,
-            reuse_address=True,
-            reuse_port=self.config.reuse_port,
+        loop = asyncio.get_running_loop()
+        self._servers.append(
+            await loop.create_server(
+                self._protocol,
+                host=self.config.host,
+                port=self.config.port,
+                reuse_address=True,
+                reuse_port=self.config.reuse_port,
+            )
+        )
+        implicit = self.config.tls.implicit_port
+        if self.tls is not None and implicit is not None:
+            self._servers.append(
+                await loop.create_server(
+                    lambda: self._protocol(implicit_tls=True),
+                    host=self.config.host,
+                    port=implicit,
+                    ssl=self.tls.context,
+                    reuse_address=True,
+                    reuse_port=self.config.reuse_port,
+                )
+            )
+            log.info("implicit TLS on %s:%d", self.config.host, self.implicit_port)
+        self._warn_about_settings()
+
+    def _warn_about_settings(self) -> None:
+        if self.authenticator is None:
+            return
+        if self.auth_config.allow_plaintext:
+            log.warning(
+                "auth.allow_plaintext is true: passwords may cross the network in clear text;"
+                " use it only in a lab"
+            )
+        elif self.tls is None:
+            log.warning(
+                "auth.users_file is set but listen.tls is not: clients outside listen.networks"
+                " cannot authenticate, because AUTH is offered only over TLS"
+            )
+
+    def reload(self) -> None:
+        """SIGHUP: certificate and users file again; open sessions keep what they have."""
+        for what, part in (("TLS certificate", self.tls), ("users file", self.authenticator)):
+            if part is None:
+                continue
+            try:
+                part.reload()
+            except (ConfigError, OSError, UnicodeDecodeError) as exc:
+                log.error("reload: kept the old %s: %s", what, exc)
+            else:
+                log.info("reload: %s reloaded", what)
+
+    # --- policy the sessions share -------------------------------------------
+
+    async def record(self, event: Event) -> None:
+        if self._record is None:
+            return
+        try:
+            await self._record(event)
+        except Exception as exc:  # an audit write must never end a session
+            log.error("could not record a %s event: %s", event.event, exc)
+
+    async def auth_failed(self, client: str, user: str, mechanism: str, *, count: bool) -> bool:
+        """Record one failed AUTH and count it; True when it locks the client out.
+
+        Clients on listen.networks are recorded but not counted, as Postfix exempts
+        mynetworks from its anvil limits: they may send without AUTH anyway, and locking
+        out a sidecar's loopback for a wrong password would stop all of its mail.
+        """
+        failures = self.guard.failed(client) if count else 0
+        locked = count and self.guard.locked(client)
+        detail = f"AUTH {mechanism} failed"
+        if count:
+            detail += f"; {failures} failure(s) from this address in the window"
+        if locked:
+            detail += f"; locked out for {self.auth_config.lockout:g}s"
+        log.warning("%s: %s, user %s", client, detail, user)
+        await self.record(
+            Event(
+                ts=time.time(),
+                event="auth_failed",
+                client=client,
+                user=user[:256],
+                code=535,
+                detail=detail,
+            )
+        )
+        if self.on_auth_failed is not None:
+            self.on_auth_failed(client, user)
+        return locked
+
+    async def user_policy(self, server: RelaySMTP, user: str, sender: str) -> str | None:
+        """auth.users limits at MAIL: allowed senders, then messages per minute."""
+        limits = self.auth_config.users.get(user)
+        if limits is None:
+            return None
+        shown = sender or "<>"
+
+        async def refuse(event: str, reply: str, detail: str) -> str:
+            await self.record(
+                Event(
+                    ts=time.time(),
+                    event=event,
+                    sender=sender,
+                    client=server.client,
+                    user=user,
+                    code=int(reply[:3]),
+                    detail=detail,
+                )
+            )
+            return reply
+
+        if limits.senders and not any(
+            fnmatchcase(shown.lower(), p.lower()) for p in limits.senders
+        ):
+            return await refuse(
+                "rejected",
+                f"553 5.7.1 Sender address not allowed for user {user}",
+                "sender not in auth.users senders",
+            )
+        if limits.rate is not None:
+            if self.sent.count(user) >= limits.rate:
+                return await refuse(
+                    "rate_limited",
+                    f"451 4.7.1 Rate limit: at most {limits.rate} messages per minute, try later",
+                    f"more than {limits.rate} messages per minute",
+                )
+            self.sent.add(user, keep=limits.rate)
+        return None
+
+    async def check_content(self, data: bytes) -> content.Checked:
+        """Line endings and header limits; a big message is checked off the event loop."""
+        args = (data, self.config.max_header_size, self.config.max_header_fields)
+        if len(data) > THREAD_THRESHOLD:
+            return await asyncio.to_thread(content.check, *args)
+        return content.check(*args)
+
+    async def record_refusal(self, tx: Transaction, reply: str) -> None:
+        await self.record(
+            Event(
+                ts=time.time(),
+                event="rejected",
+                sender=tx.sender,
+                rcpts=tx.recipients,
+                size=len(tx.data),
+                client=tx.client,
+                user=tx.user,
+                code=int(reply[:3]),
+                detail=reply[4:],
+            )
         )
 
     async def stop(self, grace: float) -> None:
         """Stop listening, hang up idle sessions, give sessions mid-DATA `grace` seconds."""
         self.closing = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while True:
@@ -241,5 +710,5 @@ class FrontDoor:
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiosmtplib
 import pytest
 import yaml
@@ -117,17 +119,38 @@ async def send(
     await client.connect()
     try:
         await client.ehlo()
-        try:
-            await client.mail(sender)
-            for rcpt in rcpts:
-                await client.rcpt(rcpt)
-            response = await client.data(data)
-        except aiosmtplib.SMTPResponseException as exc:
-            return Reply(exc.code, exc.message)
-        return Reply(response.code, response.message)
+        return await transact(client, data, sender, rcpts)
     finally:
         with contextlib.suppress(Exception):
             await client.quit()
+
+
+async def transact(
+    client: aiosmtplib.SMTP, data: bytes, sender: str, rcpts: tuple[str, ...]
+) -> Reply:
+    """MAIL, RCPTs and DATA on a connected client; the last reply, or the first refusal."""
+    try:
+        await client.mail(sender)
+        for rcpt in rcpts:
+            await client.rcpt(rcpt)
+        response = await client.data(data)
+    except aiosmtplib.SMTPResponseException as exc:
+        return Reply(exc.code, exc.message)
+    return Reply(response.code, response.message)
+
+
+def queued_id(reply: Reply) -> str:
+    """The relay's queue id from its 250 to a message it will forward."""
+    match = re.search(r"queued as (\w+)", reply.text)
+    assert reply.code == 250 and match, reply
+    return match.group(1)
+
+
+def repeat_id(reply: Reply) -> str:
+    """The queue id the relay gave a repeat it did not forward."""
+    match = re.search(r"\(id (\w+)\)", reply.text)
+    assert reply.code == 250 and match, reply
+    return match.group(1)
 
 
 # --- the upstream ----------------------------------------------------------
@@ -435,7 +458,7 @@ async def make_relay(
 
     yield make
     for relay in running:
-        if relay.app.store.is_open:
+        if relay.app.store.running:
             await relay.stop()
 
 
@@ -445,21 +468,29 @@ async def relay(make_relay: Callable[..., Awaitable[Relay]]) -> Relay:
 
 
 class RelayProcess:
-    """`python -m relay serve` as a child process, as a user would run it."""
+    """`python -m relay serve` as a child process, as a user would run it.
 
-    def __init__(self, config_path: Path, cwd: Path) -> None:
+    Without a config path it runs on defaults and `env` alone, as in a container.
+    """
+
+    def __init__(
+        self, config_path: Path | None, cwd: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.config_path = config_path
         self.cwd = cwd
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.instance: str | None = None
         self.port = 0
         self.stderr_lines: list[str] = []
 
     def start(self, timeout: float = DEADLINE) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         extra = ["--instance", self.instance] if self.instance else []
+        if self.config_path is not None:
+            extra += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path), *extra],
+            [sys.executable, "-m", "relay", "serve", *extra],
             cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -477,6 +508,19 @@ class RelayProcess:
                 self.port = int(match.group(1))
                 return
         raise AssertionError("relay did not start:\n" + "".join(self.stderr_lines))
+
+    def drain_stderr(self) -> None:
+        """Keep reading stderr into `stderr_lines`: a full pipe would block the relay's logging."""
+        import threading
+
+        assert self.proc is not None and self.proc.stderr is not None
+        stream = self.proc.stderr
+
+        def read() -> None:
+            for line in iter(stream.readline, b""):
+                self.stderr_lines.append(line.decode("utf-8", "replace"))
+
+        threading.Thread(target=read, name="relay-stderr", daemon=True).start()
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -497,13 +541,15 @@ class RelayProcess:
 
 
 @pytest.fixture
-def relay_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RelayProcess]]:
+def relay_process(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []
 
-    def make(config: dict[str, Any]) -> RelayProcess:
-        path = tmp_path / f"relay-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        process = RelayProcess(path, tmp_path)
+    def make(config: dict[str, Any] | None, env: dict[str, str] | None = None) -> RelayProcess:
+        path = None
+        if config is not None:
+            path = tmp_path / f"relay-{len(started)}.yaml"
+            path.write_text(yaml.safe_dump(config))
+        process = RelayProcess(path, tmp_path, env)
         started.append(process)
         return process
 
@@ -512,10 +558,45 @@ def relay_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RelayPr
         process.close()
 
 
+def relay_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`python -m relay ARGS` with only the RELAY_* variables given here, none inherited."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+        timeout=60,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- the HTTP side port -----------------------------------------------------
+
+
+@dataclass
+class HttpReply:
+    status: int
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+async def http_get(port: int, path: str, host: str = "127.0.0.1") -> HttpReply:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session,
+        session.get(f"http://{host}:{port}{path}") as response,
+    ):
+        return HttpReply(response.status, await response.text())
 
 
 # --- TLS material ----------------------------------------------------------
@@ -595,3 +676,216 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         cwd=folder,
     )
     return Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+
+
+# --- the front door: a raw SMTP dialog, users, TLS and AUTH ----------------
+
+PASSWORD = "correct horse battery staple"
+
+
+class Dialog:
+    """One SMTP session spoken line by line, for tests that must see every reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(
+        cls,
+        port: int,
+        *,
+        source: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> tuple[Dialog, str]:
+        """Connect (with TLS from the first byte when `tls` is given); returns the greeting."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            local_addr=(source, 0) if source else None,
+            ssl=tls,
+            server_hostname="127.0.0.1" if tls else None,
+        )
+        dialog = cls(reader, writer)
+        return dialog, await dialog.reply()
+
+    async def reply(self, timeout: float = DEADLINE) -> str:
+        """One whole reply, its lines joined with newlines ('' when the server hung up)."""
+        lines: list[str] = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                return "\n".join(lines)
+            lines.append(line.decode("utf-8", "replace").rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return "\n".join(lines)
+
+    async def send(self, line: str | bytes) -> None:
+        raw = line.encode() if isinstance(line, str) else line
+        self.writer.write(raw if raw.endswith(b"\n") else raw + b"\r\n")
+        await self.writer.drain()
+
+    async def command(self, line: str | bytes) -> str:
+        await self.send(line)
+        return await self.reply()
+
+    async def starttls(self, context: ssl.SSLContext) -> str:
+        reply = await self.command("STARTTLS")
+        if reply.startswith("220"):
+            await self.writer.start_tls(context, server_hostname="127.0.0.1")
+        return reply
+
+    async def closed(self, timeout: float = DEADLINE) -> bytes:
+        """Everything the server still sends until it hangs up."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def write_users(path: Path, users: dict[str, str]) -> Path:
+    """A users file of argon2id hashes (cheap parameters: the tests check logic, not cost)."""
+    import argon2
+
+    hasher = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    path.write_text("".join(f"{name}:{hasher.hash(pw)}\n" for name, pw in users.items()))
+    return path
+
+
+def client_context(certificates: Certificates) -> ssl.SSLContext:
+    """What a careful client does: trust the test CA only and check the name."""
+    return ssl.create_default_context(cafile=str(certificates.ca_file))
+
+
+def secure_config(tmp: Path, certificates: Certificates, **auth: Any) -> dict[str, Any]:
+    """Overrides for make_relay: only 127.0.0.1 is trusted; STARTTLS, implicit TLS and AUTH."""
+    users = write_users(tmp / "users", {"alice": PASSWORD, "bob": PASSWORD})
+    return {
+        "listen": {
+            "networks": ["127.0.0.1/32"],
+            "tls": {
+                "cert_file": str(certificates.cert_file),
+                "key_file": str(certificates.key_file),
+                "implicit_port": 0,
+            },
+        },
+        "auth": {"users_file": str(users), "failure_delay": "10ms", **auth},
+    }
+
+
+async def send_authenticated(
+    port: int,
+    data: bytes,
+    certificates: Certificates,
+    *,
+    user: str = "alice",
+    password: str = PASSWORD,
+    sender: str = "shop@example.com",
+    rcpts: tuple[str, ...] = ("alice@example.org",),
+    source: str = "127.0.0.2",
+) -> Reply:
+    """STARTTLS, AUTH, one transaction, as an app outside listen.networks would send."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=port,
+        start_tls=True,
+        tls_context=client_context(certificates),
+        timeout=DEADLINE,
+        source_address=(source, 0),
+    )
+    await client.connect()
+    try:
+        try:
+            await client.login(user, password)
+        except aiosmtplib.SMTPResponseException as exc:
+            return Reply(exc.code, exc.message)
+        return await transact(client, data, sender, rcpts)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.quit()
+
+
+# --- the web pages -----------------------------------------------------------
+
+
+@dataclass
+class WebServer:
+    """The review pages of `relay.web` on their own loopback port, reading the relay's store."""
+
+    runner: Any
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+MakeRelay = Callable[..., Awaitable[Relay]]
+MakeWeb = Callable[..., Awaitable[WebServer]]
+
+
+@pytest.fixture
+async def make_web() -> AsyncIterator[MakeWeb]:
+    """Start `relay.web.create_app` for a relay with aiohttp's AppRunner on 127.0.0.1, port 0."""
+    from aiohttp import web
+
+    from relay.web import create_app
+
+    started: list[WebServer] = []
+
+    async def make(relay: Relay, **options: Any) -> WebServer:
+        runner = web.AppRunner(create_app(relay.app.config, **options))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = WebServer(runner, runner.addresses[0][1])
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.runner.cleanup()
+
+
+WEB_USERS = {"ops": "correct horse battery", "support": "staple-42-Σ"}
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    """`http.users_file` as an operator writes it: an argon2id user and a bcrypt one ($2y$,
+    as `htpasswd -B` writes it); the passwords are in WEB_USERS."""
+    import argon2
+    import bcrypt
+
+    ops = argon2.PasswordHasher().hash(WEB_USERS["ops"])
+    support = bcrypt.hashpw(WEB_USERS["support"].encode(), bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "web-users"
+    path.write_text(
+        f"# review page users\nops:{ops}\n\nsupport:{support.replace('$2b$', '$2y$', 1)}\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium for the whole run; each test gets a clean tab state."""
+    from tests.browser import launch_chromium
+
+    driver = launch_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browse(chromium: Any) -> Callable[[WebServer], Any]:
+    """A Page on a server, with no cookies or console messages left from an earlier test."""
+    from tests.browser import Page
+
+    def make(server: WebServer) -> Page:
+        chromium.execute_cdp_cmd("Network.clearBrowserCookies", {})
+        chromium.get_log("browser")
+        return Page(chromium, server.url)
+
+    return make

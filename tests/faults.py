@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.config import StoreConfig
-from relay.store import OnCommit, Store
+from relay.store import OnBatch, OnCommit, Store
 from relay.store.sqlite import SqliteStore
 
 __all__ = ["DISK_FULL", "Fault", "Faults"]
@@ -76,14 +76,15 @@ class Faults:
 
         return FaultyConnection
 
-    def store_factory(self) -> Callable[[StoreConfig, OnCommit], Store]:
+    def store_factory(self) -> Callable[[StoreConfig, OnCommit, OnBatch], Store]:
         """For `App(store_factory=...)`: the real SQLite store on a faulty connection."""
 
-        def make(config: StoreConfig, on_commit: OnCommit) -> Store:
+        def make(config: StoreConfig, on_commit: OnCommit, on_batch: OnBatch) -> Store:
             return SqliteStore(
                 config.path,
                 keep_bodies=config.keep_bodies,
                 on_commit=on_commit,
+                on_batch=on_batch,
                 connection_factory=self.connection(),
             )
 

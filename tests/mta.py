@@ -975,6 +975,7 @@ def run_nodemailer(
     transport: Mapping[str, Any] | None = None,
     check: bool = True,
     timeout: float = 60.0,
+    transcript: bool = False,
     **message: Any,
 ) -> dict[str, Any]:
     """Send one message with nodemailer (tests/node/send.js), as a Node app would.
@@ -983,7 +984,8 @@ def run_nodemailer(
     (e.g. ``headers={"Idempotency-Key": "k1"}``); ``from_`` stands in for the reserved word
     ``from``. `transport` overrides SMTP options (plaintext with ignoreTLS by default;
     ``{"ignoreTLS": False, "requireTLS": True, "tls": {"caFile": path}}`` for STARTTLS).
-    Returns nodemailer's info (messageId, response, envelope, accepted, ...) with "ok".
+    Returns nodemailer's info (messageId, response, envelope, accepted, ...) with "ok";
+    with `transcript`, also the SMTP dialog as nodemailer logged it ("transcript").
     """
     if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
         raise ValueError(f"tests send mail to loopback only, not {host!r}")
@@ -1000,7 +1002,13 @@ def run_nodemailer(
     message.setdefault("subject", "nodemailer test message")
     if not any(k in message for k in ("text", "html", "raw")):
         message["text"] = "Hello from nodemailer."
-    request = {"host": host, "port": port, "transport": dict(transport or {}), "message": message}
+    request = {
+        "host": host,
+        "port": port,
+        "transport": dict(transport or {}),
+        "message": message,
+        "transcript": transcript,
+    }
     proc = subprocess.run(
         [node, str(NODE_DIR / "send.js"), "-"],
         input=json.dumps(request, default=str),

@@ -32,6 +32,8 @@ from tests.conftest import (
     base_config,
     eventually,
     make_message,
+    queued_id,
+    repeat_id,
     send,
 )
 
@@ -84,18 +86,6 @@ async def cli(config: Path, *args: str, tz: str | None = None) -> Run:
     out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
-
-
-def queued_id(reply: Reply) -> str:
-    match = re.search(r"queued as (\w+)", reply.text)
-    assert reply.code == 250 and match, reply
-    return match.group(1)
-
-
-def repeat_id(reply: Reply) -> str:
-    match = re.search(r"\(id (\w+)\)", reply.text)
-    assert reply.code == 250 and match, reply
-    return match.group(1)
 
 
 def lines_with(text: str, *needles: str) -> list[str]:

@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
 RecipientState = Literal["queued", "delivered", "failed", "expired", "held"]
 MessageState = Literal["queued", "sending", "held", "done"]
+# Message states that still owe an outcome.
+PENDING_STATES = ("queued", "sending", "held")
 OnCommit = Callable[[list[Event]], None]
+# Called after each committed batch with its size and how long it took (for metrics).
+OnBatch = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,15 @@ class Update:
     detail: str | None = None
 
 
+@dataclass(frozen=True)
+class QueueDepth:
+    """Messages in one pending state, and when the oldest of them was received."""
+
+    state: str
+    messages: int
+    oldest: float | None
+
+
 class Store(Protocol):
     """What the relay needs from durable storage; every method is one transaction.
 
@@ -103,6 +116,11 @@ class Store(Protocol):
     answers 4xx or tries again later. Events a method records are handed to
     `on_commit` (given to the constructor) after the commit, never before.
     """
+
+    @property
+    def running(self) -> bool:
+        """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
+        ...
 
     async def open(self) -> None:
         """Create or upgrade the schema and start the writer."""
@@ -138,21 +156,34 @@ class Store(Protocol):
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
         """Drop expired claims, kept bodies past their time and audit rows past retention."""
 
+    async def probe(self, now: float) -> None:
+        """Commit one tiny write: ready means the store takes writes, not only that it opened."""
 
-def open_store(config: StoreConfig, on_commit: OnCommit | None = None) -> Store:
+    async def queue_depth(self) -> tuple[QueueDepth, ...]:
+        """What is still to be delivered, per pending state, with the oldest receipt time."""
+
+
+def open_store(
+    config: StoreConfig, on_commit: OnCommit | None = None, on_batch: OnBatch | None = None
+) -> Store:
     """The backend `store` in the config names; SQLite is the only one so far."""
     from relay.store.sqlite import SqliteStore
 
-    return SqliteStore(config.path, keep_bodies=config.keep_bodies, on_commit=on_commit)
+    return SqliteStore(
+        config.path, keep_bodies=config.keep_bodies, on_commit=on_commit, on_batch=on_batch
+    )
 
 
 __all__ = [
+    "PENDING_STATES",
     "Claim",
     "Event",
     "Lease",
     "LeaseBatch",
     "MessageState",
+    "OnBatch",
     "OnCommit",
+    "QueueDepth",
     "RecipientState",
     "RecipientUpdate",
     "Store",

@@ -1,4 +1,4 @@
-"""Read-only queries over the store for the review commands (log, show, stats).
+"""Read-only queries over the store for the review commands (log, show, stats) and the web page.
 
 It opens its own read-only connection: in WAL mode readers never block the
 writer, so an operator can dig into an incident while the relay keeps taking
@@ -12,7 +12,7 @@ import contextlib
 import math
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,14 @@ import aiosqlite
 from relay.audit import FIELDS, Event
 from relay.errors import ReadError
 from relay.keys import normalise_message_id
+from relay.store import PENDING_STATES, QueueDepth
 from relay.store.sqlite import connect
 
 __all__ = [
     "PENDING_STATES",
+    "Bucket",
     "Count",
+    "Cursor",
     "EventFilter",
     "EventPage",
     "Latency",
@@ -34,6 +37,8 @@ __all__ = [
     "ReadError",
     "Reader",
     "RecipientState",
+    "RepeatSource",
+    "SearchPage",
     "Stats",
     "Timeline",
     "open_reader",
@@ -41,8 +46,8 @@ __all__ = [
 ]
 
 _COLUMNS = ", ".join(FIELDS)
+_QUALIFIED = ", ".join(f"e.{name}" for name in FIELDS)
 _RCPTS = FIELDS.index("rcpts")
-PENDING_STATES = ("queued", "sending", "held")
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,11 @@ class EventFilter:
     rcpt: str | None = None
     sender: str | None = None
     client: str | None = None
+    user: str | None = None
     limit: int = 1000
+    queue_id: str | None = None
+    strategy: str | None = None
+    rule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,44 @@ class EventPage:
 
     events: tuple[Event, ...]
     more: bool
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """Where a page of a search ends: the (ts, id) of an event, for keyset paging."""
+
+    ts: float
+    id: int
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """One page of matches, newest first, and the cursors to the pages either side (None: none)."""
+
+    events: tuple[Event, ...]
+    older: Cursor | None
+    newer: Cursor | None
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """How many `event`s fell in the bucket of `width` seconds from `start`."""
+
+    start: float
+    event: str
+    count: int
+
+
+@dataclass(frozen=True)
+class RepeatSource:
+    """Duplicates with one combination of where they came from and what was done about them."""
+
+    client: str | None
+    user: str | None
+    rule: str | None
+    strategy: str | None
+    action: str | None
+    count: int
 
 
 @dataclass(frozen=True)
@@ -111,13 +158,6 @@ class Timeline:
 class Count:
     name: str
     count: int
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    state: str
-    messages: int
-    oldest: float | None
 
 
 @dataclass(frozen=True)
@@ -197,6 +237,9 @@ def _where(f: EventFilter) -> tuple[str, list[Any]]:
     if f.client is not None:
         clauses.append("client = ?")
         params.append(f.client.strip())
+    if f.user is not None:
+        clauses.append("user = ?")
+        params.append(f.user.strip())
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
@@ -231,6 +274,110 @@ class Reader:
         )
         more = len(rows) > f.limit
         return EventPage(tuple(_event(r) for r in reversed(rows[: f.limit])), more)
+
+    async def search(
+        self, f: EventFilter, *, before: Cursor | None = None, after: Cursor | None = None
+    ) -> SearchPage:
+        """`f.limit` matches older than `before` (or the oldest newer than `after`), newest first.
+
+        Keyset paging: a page is one index range starting where the last one ended, so the
+        thousandth page costs what the first does, and new events never shift a page. A recipient
+        search walks `event_rcpts`, every other field an index on (field, ts) where there is one.
+        """
+        where, params = _where(replace(f, rcpt=None))
+        clauses = [where.removeprefix(" WHERE ")] if where else []
+        if f.queue_id is not None:
+            clauses.append("e.queue_id IN (?, ?)")
+            params += [f.queue_id.strip(), f.queue_id.strip().upper()]
+        for column, value in (("user", f.user), ("strategy", f.strategy)):
+            if value is not None:
+                clauses.append(f"e.{column} = ?")
+                params.append(value.strip())
+        if f.rule is not None:
+            clauses.append("e.detail = ?")
+            params.append(f"rule={f.rule.strip()}")
+        source, ts, ident = "events e", "e.ts", "e.id"
+        if f.rcpt is not None:
+            source, ts, ident = "event_rcpts r CROSS JOIN events e", "r.event_ts", "r.event_id"
+            clauses.append("e.id = r.event_id AND r.rcpt = lower(?)")
+            params.append(f.rcpt.strip())
+            for bound, op in ((f.since, ">="), (f.until, "<=")):
+                if bound is not None:  # also on r, so the walk stops at the window's edge
+                    clauses.append(f"r.event_ts {op} ?")
+                    params.append(bound)
+        for cursor, op in ((before, "<"), (after, ">")):
+            if cursor is not None:
+                clauses.append(f"({ts}, {ident}) {op} (?, ?)")
+                params += [cursor.ts, cursor.id]
+        order = "ASC" if after is not None else "DESC"
+        rows = await self._rows(
+            f"SELECT {ident}, {_QUALIFIED} FROM {source}"
+            + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            + f" ORDER BY {ts} {order}, {ident} {order} LIMIT ?",
+            [*params, f.limit + 1],
+        )
+        more = len(rows) > f.limit
+        rows = rows[: f.limit]
+        if after is not None:
+            rows.reverse()
+        cursors = [Cursor(float(r[1]), int(r[0])) for r in rows]
+        events = tuple(_event(r[1:]) for r in rows)
+        if after is None:
+            newer = cursors[0] if before is not None and cursors else None
+            return SearchPage(events, cursors[-1] if more else None, newer)
+        return SearchPage(events, cursors[-1] if cursors else None, cursors[0] if more else None)
+
+    # --- dashboard ---------------------------------------------------------
+
+    async def activity(
+        self, since: float, until: float, width: float, events: Sequence[str]
+    ) -> tuple[Bucket, ...]:
+        """Events per bucket of `width` seconds, aligned on the epoch (UTC hours, days); the
+        first and last bucket are cut to the window, which includes `until`.
+
+        One count per bucket and event, each a range of the (event, ts) index: counting ranges
+        is several times faster than grouping every row of the window by a computed bucket.
+        """
+        first, last = math.floor(since / width), math.floor(until / width)
+        end = math.nextafter(until, math.inf)
+        ranges = [
+            (n, max(n * width, since), min((n + 1) * width, end)) for n in range(first, last + 1)
+        ]
+        rows = await self._rows(
+            f"WITH b (n, lo, hi) AS (VALUES {','.join('(?, ?, ?)' for _ in ranges)}),"
+            f" k (event) AS (VALUES {','.join('(?)' for _ in events)})"
+            " SELECT b.n, k.event, (SELECT count(*) FROM events"
+            "  WHERE event = k.event AND ts >= b.lo AND ts < b.hi) FROM b, k",
+            [*(v for r in ranges for v in r), *events],
+        )
+        return tuple(Bucket(int(n) * width, str(event), int(c)) for n, event, c in rows if c)
+
+    async def repeat_sources(self, since: float, until: float) -> tuple[RepeatSource, ...]:
+        """Duplicates in the window, counted by client, user, rule, strategy and action at once."""
+        rows = await self._rows(
+            "SELECT client, user, detail, strategy, action, count(*) FROM events"
+            " WHERE event = 'duplicate' AND ts >= ? AND ts <= ?"
+            " GROUP BY client, user, detail, strategy, action",
+            (since, until),
+        )
+        return tuple(
+            RepeatSource(
+                client=client,
+                user=user,
+                rule=detail[5:] if detail and detail.startswith("rule=") else None,
+                strategy=strategy,
+                action=action,
+                count=int(count),
+            )
+            for client, user, detail, strategy, action, count in rows
+        )
+
+    async def message_head(self, queue_id: str, limit: int = 65536) -> bytes | None:
+        """The first `limit` bytes of a stored message (None when its body is gone)."""
+        rows = await self._rows(
+            "SELECT substr(data, 1, ?) FROM bodies WHERE queue_id = ?", (limit, queue_id)
+        )
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # --- show --------------------------------------------------------------
 
@@ -302,15 +449,19 @@ class Reader:
     async def _counts(self, sql: str, params: Sequence[Any]) -> tuple[Count, ...]:
         return tuple(Count(str(name), int(n)) for name, n in await self._rows(sql, params))
 
-    async def stats(self, since: float, until: float) -> Stats:
-        window = (since, until)
-        by = " FROM events WHERE ts >= ? AND ts <= ? AND event = 'duplicate'"
+    async def queue_depth(self) -> tuple[QueueDepth, ...]:
+        """Messages not yet finished, per state, and when the oldest of each was received."""
         queue = await self._rows(
             "SELECT state, count(*), min(received_at) FROM messages"
             f" WHERE state IN ({','.join('?' * len(PENDING_STATES))}) GROUP BY state",
             PENDING_STATES,
         )
         depth = {str(r[0]): QueueDepth(str(r[0]), int(r[1]), r[2]) for r in queue}
+        return tuple(depth.get(s, QueueDepth(s, 0, None)) for s in PENDING_STATES)
+
+    async def stats(self, since: float, until: float) -> Stats:
+        window = (since, until)
+        by = " FROM events WHERE ts >= ? AND ts <= ? AND event = 'duplicate'"
         latencies = sorted(
             float(r[0])
             for r in await self._rows(
@@ -341,7 +492,7 @@ class Reader:
                 f"SELECT coalesce(client, '-'), count(*){by} GROUP BY 1 ORDER BY 2 DESC, 1",
                 window,
             ),
-            queue=tuple(depth.get(s, QueueDepth(s, 0, None)) for s in PENDING_STATES),
+            queue=await self.queue_depth(),
             latency=Latency(
                 count=len(latencies),
                 p50=percentile(latencies, 0.50),

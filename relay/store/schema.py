@@ -106,3 +106,50 @@ CREATE INDEX IF NOT EXISTS events_message_id ON events (message_id);
 CREATE INDEX IF NOT EXISTS events_key ON events (key);
 CREATE INDEX IF NOT EXISTS events_original ON events (original);
 """
+
+
+def _split(rcpts: str) -> str:
+    """`a,b` as the JSON array `["a","b"]`; json_quote escapes, and no escape holds a comma."""
+    return f"'[' || replace(json_quote({rcpts}), ',', '\",\"') || ']'"
+
+
+# Review searches page through an index in (value, ts) order (keyset paging), so a search costs
+# the page it shows, not a scan of the whole audit trail. `rcpts` is a comma-joined list no index
+# can search, so `event_rcpts` holds one row per recipient of each event; triggers keep it in
+# step with every insert and purge, whoever writes the event (a one-recipient event, the common
+# case, skips the JSON split).
+TABLES += f"""
+CREATE INDEX IF NOT EXISTS events_event ON events (event, ts);
+CREATE INDEX IF NOT EXISTS events_sender ON events (sender COLLATE NOCASE, ts);
+CREATE INDEX IF NOT EXISTS events_client ON events (client, ts);
+CREATE INDEX IF NOT EXISTS events_user ON events (user, ts) WHERE user IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS event_rcpts (
+    rcpt     TEXT NOT NULL,
+    event_ts REAL NOT NULL,
+    event_id INTEGER NOT NULL,
+    PRIMARY KEY (rcpt, event_ts, event_id)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS events_rcpt_insert AFTER INSERT ON events
+WHEN NEW.rcpts <> '' AND instr(NEW.rcpts, ',') = 0 BEGIN
+    INSERT OR IGNORE INTO event_rcpts (rcpt, event_ts, event_id)
+    VALUES (lower(NEW.rcpts), NEW.ts, NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS events_rcpts_insert AFTER INSERT ON events
+WHEN instr(NEW.rcpts, ',') > 0 BEGIN
+    INSERT OR IGNORE INTO event_rcpts (rcpt, event_ts, event_id)
+    SELECT lower(value), NEW.ts, NEW.id FROM json_each({_split("NEW.rcpts")}) WHERE value <> '';
+END;
+CREATE TRIGGER IF NOT EXISTS events_rcpts_delete AFTER DELETE ON events
+WHEN OLD.rcpts <> '' BEGIN
+    DELETE FROM event_rcpts WHERE event_id = OLD.id AND event_ts = OLD.ts
+    AND rcpt IN (SELECT lower(value) FROM json_each({_split("OLD.rcpts")}));
+END;
+-- A store made before event_rcpts existed is filled once; `todo` first, so later opens skip it.
+INSERT OR IGNORE INTO event_rcpts (rcpt, event_ts, event_id)
+SELECT lower(r.value), e.ts, e.id
+FROM (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM meta WHERE name = 'event_rcpts')) AS todo
+CROSS JOIN events e, json_each({_split("e.rcpts")}) r
+WHERE e.rcpts <> '' AND r.value <> '';
+INSERT OR IGNORE INTO meta (name, value) VALUES ('event_rcpts', 'filled');
+"""

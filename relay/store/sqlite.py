@@ -14,6 +14,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -22,11 +23,14 @@ import aiosqlite
 from relay.audit import FIELDS, Event
 from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
 from relay.store import (
+    PENDING_STATES,
     Claim,
     Lease,
     LeaseBatch,
     MessageState,
+    OnBatch,
     OnCommit,
+    QueueDepth,
     StoreError,
     Submission,
     Update,
@@ -39,8 +43,10 @@ from relay.store.writer import BatchResult, GroupCommit, Outcome
 __all__ = [
     "INLINE_BODY_LIMIT",
     "PURGE_CHUNK",
+    "Backup",
     "SqliteStore",
     "Tx",
+    "backup",
     "connect",
     "run_batch",
 ]
@@ -135,6 +141,7 @@ class SqliteStore:
         *,
         keep_bodies: float = 0.0,
         on_commit: OnCommit | None = None,
+        on_batch: OnBatch | None = None,
         connection_factory: type[sqlite3.Connection] = sqlite3.Connection,
     ) -> None:
         self.path = path
@@ -143,7 +150,9 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
-        self.writer: GroupCommit[Job] = GroupCommit(self._run_batch, on_commit=on_commit)
+        self.writer: GroupCommit[Job] = GroupCommit(
+            self._run_batch, on_commit=on_commit, on_batch=on_batch
+        )
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -185,7 +194,8 @@ class SqliteStore:
         self._thread.shutdown(wait=True)
 
     @property
-    def is_open(self) -> bool:
+    def running(self) -> bool:
+        """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
         return self.writer.running
 
     @property
@@ -306,6 +316,14 @@ class SqliteStore:
             return len(rcpts)
 
         return await self._run(job)
+
+    async def probe(self, now: float) -> None:
+        await self._run(lambda tx: tx.execute(sql.READY_PROBE, {"now": repr(now)}).rowcount)
+
+    async def queue_depth(self) -> tuple[QueueDepth, ...]:
+        from relay.store.reader import Reader  # the reader module imports this one
+
+        return await Reader(self.reader).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
         """A chunk per transaction, so a big purge never holds up the intake for long."""
@@ -469,3 +487,51 @@ def _purge_messages(tx: Tx, cutoff: float) -> int:
     for statement in sql.DELETE_MESSAGE_ROWS:
         tx.executemany(statement, ids)
     return len(ids)
+
+
+@dataclass(frozen=True)
+class Backup:
+    size: int
+    pending: int
+
+
+def backup(path: str, target: str) -> Backup:
+    """A consistent copy of a live store, by SQLite's online backup API, written atomically.
+
+    One backup step copies every page inside one read transaction, so the copy is a single
+    snapshot even while the relay commits; in WAL mode that read never blocks the writer.
+    The copy is written beside the target and renamed over it only once it checks out.
+    """
+    source = sqlite3.connect(
+        Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True, timeout=10.0
+    )
+    final = Path(target)
+    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        source.execute("PRAGMA busy_timeout=10000")
+        copy = sqlite3.connect(partial, isolation_level=None)
+        try:
+            source.backup(copy)
+            # One self-contained file: the relay turns WAL back on when it opens a restored copy.
+            copy.execute("PRAGMA journal_mode=DELETE")
+            (verdict,) = copy.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"the copy failed its check: {verdict}")
+            marks = ",".join("?" * len(PENDING_STATES))
+            (pending,) = copy.execute(
+                f"SELECT count(*) FROM messages WHERE state IN ({marks})", PENDING_STATES
+            ).fetchone()
+        finally:
+            copy.close()
+        with partial.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, final)
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    finally:
+        source.close()
+        partial.unlink(missing_ok=True)
+    return Backup(final.stat().st_size, int(pending))

@@ -33,6 +33,7 @@ __all__ = [
     "LEASE_DUE",
     "MESSAGE_FOR_EVENTS",
     "NEXT_DUE",
+    "READY_PROBE",
     "RECIPIENTS_IN_STATE",
     "RECIPIENT_STATES",
     "SELECT_BODY",
@@ -157,6 +158,11 @@ END_LEASE = (
 )
 DELETE_BODY = "DELETE FROM bodies WHERE queue_id = :queue_id"
 RECIPIENTS_IN_STATE = "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state"
+
+READY_PROBE = (
+    "INSERT INTO meta (name, value) VALUES ('ready-probe', :now)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
 
 # --- purge -------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -44,11 +45,13 @@ class GroupCommit(Generic[J]):
         *,
         limit: int = BATCH_LIMIT,
         on_commit: Callable[[list[Event]], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
         name: str = "store-writer",
     ) -> None:
         self._run_batch = run_batch
         self._limit = limit
         self._on_commit = on_commit
+        self._on_batch = on_batch
         self._name = name
         self._jobs: asyncio.Queue[tuple[J, asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -103,6 +106,7 @@ class GroupCommit(Generic[J]):
                 await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[J, asyncio.Future[Any]]]) -> None:
+        started = time.perf_counter()
         try:
             outcomes, events = await self._run_batch([job for job, _ in batch])
         except Exception as exc:
@@ -114,6 +118,8 @@ class GroupCommit(Generic[J]):
             return
         self.batches += 1
         self.jobs_run += len(batch)
+        if self._on_batch is not None:
+            self._on_batch(len(batch), time.perf_counter() - started)
         for (_, future), (result, error) in zip(batch, outcomes, strict=True):
             if future.done():
                 continue

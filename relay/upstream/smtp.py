@@ -19,15 +19,26 @@ from relay.upstream.replies import Kind, classify, classify_error, upstream_queu
 __all__ = ["SmtpTransport", "wire_payload"]
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
 def wire_payload(data: bytes) -> bytes:
-    """CRLF line endings, dot-stuffed, terminated: never lets a bare LF end the DATA early."""
-    text = _LINE_ENDINGS.sub(b"\r\n", data)
-    if not text.endswith(b"\r\n"):
-        text += b"\r\n"
-    return _LEADING_DOT.sub(b"..", text) + b".\r\n"
+    """CRLF line endings, dot-stuffed, terminated: never lets a bare LF end the DATA early.
+
+    Each rewrite is skipped when a search finds nothing to rewrite, so a clean message
+    (the front door already normalised its line endings) is copied once, not three times.
+    """
+    text = _LINE_ENDINGS.sub(b"\r\n", data) if _BARE_LINE_END.search(data) else data
+    if text.startswith(b".") or b"\n." in text:
+        text = _LEADING_DOT.sub(b"..", text)
+    return text + (b".\r\n" if text.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+def _unsendable(error: ValueError) -> str:
+    if isinstance(error, UnicodeEncodeError):
+        return "a non-ASCII address in a message not sent with SMTPUTF8"
+    return "the address cannot be written on an SMTP command line"
 
 
 class SmtpTransport:
@@ -113,6 +124,10 @@ class SmtpTransport:
                 results[rcpt] = RecipientResult(
                     rcpt, classify(exc.code, "rcpt"), exc.code, exc.message
                 )
+            except ValueError as exc:
+                # Refused by the client library before anything was sent: this recipient
+                # can never be sent, and must not hold back the others.
+                results[rcpt] = RecipientResult(rcpt, Kind.PERMANENT, None, _unsendable(exc))
             else:
                 accepted.append(rcpt)
                 results[rcpt] = RecipientResult(rcpt, Kind.DELIVERED, reply.code, reply.message)
@@ -148,9 +163,12 @@ class SmtpTransport:
                     554, "5.6.7 the message needs SMTPUTF8, which the upstream does not offer"
                 )
             options.append("SMTPUTF8")
-        await client.mail(
-            message.sender, options=options, encoding="utf-8" if message.smtputf8 else "ascii"
-        )
+        try:
+            await client.mail(
+                message.sender, options=options, encoding="utf-8" if message.smtputf8 else "ascii"
+            )
+        except ValueError as exc:
+            raise aiosmtplib.SMTPResponseException(553, _unsendable(exc)) from None
 
     async def _data(self, client: aiosmtplib.SMTP, message: Outgoing) -> aiosmtplib.SMTPResponse:
         start = await client.execute_command(b"DATA")

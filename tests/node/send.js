@@ -6,10 +6,14 @@
 //   node send.js -             the request as JSON on stdin (large attachments)
 //   node send.js PORT [HOST]   a fixed test message to HOST (default 127.0.0.1)
 //
-// Request: {"port": 2525, "host": "127.0.0.1", "transport": {...}, "message": {...}}
+// Request: {"port": 2525, "host": "127.0.0.1", "transport": {...}, "message": {...},
+//           "transcript": false}
 // "transport" overrides the SMTP transport options below; "tls.caFile" is read
-// into "tls.ca". "message" is passed to sendMail() unchanged (from, to, subject,
-// text, html, attachments, headers such as Idempotency-Key, messageId, ...).
+// into "tls.ca" (so "secure", "requireTLS", "auth" and "localAddress" work as in an
+// app). "message" is passed to sendMail() unchanged (from, to, subject, text, html,
+// attachments, headers such as Idempotency-Key, messageId, ...). With "transcript",
+// the SMTP dialog as nodemailer logs it (credentials masked by nodemailer) and
+// whether the socket was encrypted come back in the result.
 //
 // Prints one JSON line: {"ok": true, "messageId", "response", ...} on success,
 // or {"ok": false, "error": {...}} with exit status 1 when the send fails.
@@ -69,6 +73,22 @@ function errorInfo(err) {
     };
 }
 
+// A bunyan-style logger that keeps nodemailer's SMTP transcript lines.
+function transcriptLogger(lines) {
+    const keep = (entry, message, ...args) => {
+        let text = String(message);
+        for (const arg of args) {
+            text = text.replace(/%[sdj]/, String(arg));
+        }
+        lines.push(text);
+    };
+    const logger = {};
+    for (const level of ['trace', 'debug', 'info', 'warn', 'error', 'fatal']) {
+        logger[level] = keep;
+    }
+    return logger;
+}
+
 async function main() {
     let request;
     try {
@@ -77,13 +97,20 @@ async function main() {
         process.stdout.write(JSON.stringify({ ok: false, error: errorInfo(err) }) + '\n');
         return 2;
     }
-    const transporter = nodemailer.createTransport(transportOptions(request));
+    const options = transportOptions(request);
+    const transcript = [];
+    if (request.transcript) {
+        options.logger = transcriptLogger(transcript);
+        options.debug = true;
+    }
+    const transporter = nodemailer.createTransport(options);
+    const extra = request.transcript ? { transcript } : {};
     try {
         const info = await transporter.sendMail(request.message || {});
-        process.stdout.write(JSON.stringify({ ok: true, ...info }) + '\n');
+        process.stdout.write(JSON.stringify({ ok: true, ...info, ...extra }) + '\n');
         return 0;
     } catch (err) {
-        process.stdout.write(JSON.stringify({ ok: false, error: errorInfo(err) }) + '\n');
+        process.stdout.write(JSON.stringify({ ok: false, error: errorInfo(err), ...extra }) + '\n');
         return 1;
     } finally {
         transporter.close();
