@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from relay.store import StoreError
-from relay.store import Store
+from relay.store import Store, StoreError
 
 __all__ = ["OK", "WRITE_DEADLINE", "Health", "Verdict"]
 
