@@ -181,10 +181,9 @@ class Delivery:
             if free <= 0:
                 await self._wake.wait()
                 continue
+            now = self.clock.time()
             try:
-                batch = await self.store.lease(
-                    self.instance, free, self.clock.time(), self.lease_for
-                )
+                batch = await self.store.lease(self.instance, free, now, self.lease_for)
             except Exception:
                 log.exception("could not lease messages for delivery")
                 batch = LeaseBatch((), None)
@@ -193,10 +192,14 @@ class Delivery:
                 self._queue.put_nowait(lease)
             if batch.leases:
                 continue
-            timeout = POLL_INTERVAL
+            # Measured from the time the lease looked, so a due time that passed while it
+            # looked (or a clock moved meanwhile) is leased at once, not one poll later.
+            until = now + POLL_INTERVAL
             if batch.next_due is not None:
-                timeout = min(POLL_INTERVAL, max(batch.next_due - self.clock.time(), 0.0))
-            await self.clock.wait(self._wake, max(timeout, 0.01))
+                until = min(until, batch.next_due)
+            remaining = until - self.clock.time()
+            if remaining > 0:
+                await self.clock.wait(self._wake, remaining)
 
     async def _work(self, transport: Transport) -> None:
         idle = max(self.config.upstream.idle_timeout, 0.1)
