@@ -10,14 +10,15 @@ import signal
 from collections.abc import Callable
 
 from relay.audit import Emitter, Event
-from relay.config import Config
+from relay.clock import SYSTEM, Clock
+from relay.config import Config, StoreConfig
 from relay.delivery import Delivery
 from relay.health import Health
 from relay.http import Mount, SidePort, build_app
 from relay.intake import Intake
 from relay.metrics import Metrics
 from relay.server import FrontDoor
-from relay.store.sqlite import SqliteStore
+from relay.store import OnBatch, OnCommit, Store, open_store
 from relay.upstream import Transport, describe, open_transport
 
 __all__ = ["App", "serve"]
@@ -25,24 +26,33 @@ __all__ = ["App", "serve"]
 log = logging.getLogger("relay")
 
 
+StoreFactory = Callable[[StoreConfig, OnCommit, OnBatch], Store]
+
+
 class App:
+    """The relay in one process; the store, the clock and the transports can be swapped.
+
+    Tests give a store that fails on cue, a clock they move by hand, or a transport
+    of their own; in service every one is the default.
+    """
+
     def __init__(
-        self, config: Config, transport_factory: Callable[[], Transport] | None = None
+        self,
+        config: Config,
+        transport_factory: Callable[[], Transport] | None = None,
+        *,
+        clock: Clock = SYSTEM,
+        store_factory: StoreFactory = open_store,
     ) -> None:
         self.config = config
         self.emitter = Emitter(config.audit.output)
         self.metrics = Metrics(config.runtime.instance)
-        self.store = SqliteStore(
-            config.store.path,
-            keep_bodies=config.store.keep_bodies,
-            on_commit=self._committed,
-            on_batch=self.metrics.observe_batch,
-        )
+        self.store = store_factory(config.store, self._committed, self.metrics.observe_batch)
         factory = transport_factory or (
             lambda: open_transport(config.upstream, config.runtime.instance)
         )
-        self.delivery = Delivery(config, self.store, factory)
-        self.intake = Intake(config, self.store, on_spooled=self.delivery.wake)
+        self.delivery = Delivery(config, self.store, factory, clock=clock)
+        self.intake = Intake(config, self.store, on_spooled=self.delivery.wake, clock=clock)
         self.front = FrontDoor(
             config.listen, self.intake, auth=config.auth, record=self.store.record
         )

@@ -15,17 +15,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from relay import __version__
-from relay.config import Config, ConfigError, Layers, read_layers, to_yaml_with_sources
+from relay import __version__, review
+from relay.config import Config, Layers, read_layers, to_yaml_with_sources
+from relay.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    RelayError,
+    UsageError,
+)
 
 __all__ = ["DEFAULT_CONFIG", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 DEFAULT_CONFIG = "config/relay.yaml"
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input on the command line; printed as one line, exit status 2."""
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("user", metavar="USER")
     passwd.add_argument("--users-file", required=True, metavar="FILE", help="the auth.users_file")
 
-    from relay import review
-
     review.add_commands(commands, _config_arg)
     return parser
 
@@ -111,15 +112,15 @@ def _serve(config: Config) -> int:
         asyncio.run(serve(config))
     except ListenError as exc:
         print(f"dedup-relay: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except OSError as exc:
         print(
             f"dedup-relay: error: cannot listen on {config.listen.host}:"
             f"{config.listen.port}: {exc.strerror}",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _with_instance(config: Config, instance: str | None) -> Config:
@@ -134,7 +135,7 @@ def _check_config(config: Config, layers: Layers) -> int:
     source = layers.file or "no config file, defaults and environment only"
     print(f"# {source}: valid. Effective config (secrets masked) and where each value came from:")
     print(to_yaml_with_sources(config, layers), end="")
-    return 0
+    return EXIT_OK
 
 
 def _health(config: Config) -> int:
@@ -142,7 +143,7 @@ def _health(config: Config) -> int:
 
     healthy, why = check(config)
     print(f"{'healthy' if healthy else 'unhealthy'}: {why}")
-    return 0 if healthy else 1
+    return EXIT_OK if healthy else EXIT_FAILURE
 
 
 def _backup(config: Config, target: str) -> int:
@@ -163,19 +164,19 @@ def _backup(config: Config, target: str) -> int:
         result = backup(str(store), str(destination))
     except (sqlite3.Error, OSError) as exc:
         print(f"dedup-relay: error: backup of {store} failed: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(
         f"{store} -> {destination}: {result.size} bytes, {result.pending} message(s) pending,"
         f" one consistent snapshot in {time.monotonic() - started:.1f}s"
     )
-    return 0
+    return EXIT_OK
 
 
 def _requeue(config: Config, queue_id: str) -> int:
-    from relay.store.sqlite import SqliteStore
+    from relay.store import open_store
 
     async def run() -> int:
-        store = SqliteStore(config.store.path)
+        store = open_store(config.store)
         await store.open()
         try:
             return await store.requeue(queue_id, time.time())
@@ -185,9 +186,9 @@ def _requeue(config: Config, queue_id: str) -> int:
     count = asyncio.run(run())
     if not count:
         print(f"dedup-relay: nothing held for {queue_id}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     print(f"{queue_id}: {count} recipient(s) queued again")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,11 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         if args.command in handlers:
             return handlers[args.command]()
-        from relay import review
-
         return review.run(args, config)
-    except (ConfigError, UsageError) as exc:
+    except RelayError as exc:
         print(f"dedup-relay: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

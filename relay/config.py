@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from relay.errors import ConfigError
 from relay.units import UnitError, format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -60,10 +61,6 @@ DEFAULT_WINDOWS: Mapping[str, float] = {
     "message-id": 24 * 3600.0,
     "fingerprint": 3600.0,
 }
-
-
-class ConfigError(ValueError):
-    """A config problem, already phrased as `key: what is wrong`."""
 
 
 @dataclass(frozen=True)

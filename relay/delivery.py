@@ -11,17 +11,24 @@ import contextlib
 import hashlib
 import logging
 import random
-import time
 from collections.abc import Callable
 
 from relay import headers, logs
+from relay.clock import SYSTEM, Clock
 from relay.config import Config
-from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Update
-from relay.store.sqlite import SqliteStore
+from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Store, Update
 from relay.upstream import Attempt, Outgoing, RecipientResult, Transport, describe
 from relay.upstream.replies import Kind
 
-__all__ = ["HOUSEKEEPING_INTERVAL", "POLL_INTERVAL", "Delivery", "backoff", "idempotency_value"]
+__all__ = [
+    "HOUSEKEEPING_INTERVAL",
+    "POLL_INTERVAL",
+    "Delivery",
+    "backoff",
+    "idempotency_value",
+    "next_attempt",
+    "recipient_outcome",
+]
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +36,55 @@ POLL_INTERVAL = 1.0
 HOUSEKEEPING_INTERVAL = 60.0
 
 
-def backoff(config: Config, attempts: int) -> float:
+Jitter = Callable[[float, float], float]
+
+
+def backoff(config: Config, attempts: int, jitter: Jitter = random.uniform) -> float:
     """Exponential from retry_initial, capped at retry_max, with jitter so retries spread out."""
     d = config.delivery
     delay: float = min(d.retry_max, d.retry_initial * 2.0 ** max(attempts - 1, 0))
-    return min(d.retry_max, delay * random.uniform(0.8, 1.2))
+    return min(d.retry_max, delay * jitter(0.8, 1.2))
+
+
+def next_attempt(
+    config: Config, lease: Lease, now: float, jitter: Jitter = random.uniform
+) -> float:
+    """After the backoff, but never past the message's max_age, when it gets one last try."""
+    due = min(
+        now + backoff(config, lease.attempts, jitter), lease.received_at + config.delivery.max_age
+    )
+    return max(due, now)
+
+
+def recipient_outcome(
+    config: Config, lease: Lease, result: RecipientResult, upstream_id: str | None, now: float
+) -> RecipientUpdate:
+    """What one recipient's result means: delivered, failed, held, queued again, or expired.
+
+    A permanent failure or an expiry frees the dedupe key (`release_on_failure`), so a
+    legitimate resend is not taken for a repeat of mail that never arrived.
+    """
+    release = config.dedupe.release_on_failure
+    too_old = now >= lease.received_at + config.delivery.max_age
+
+    def update(state: RecipientState, event: str, *, released: bool = False) -> RecipientUpdate:
+        delivered_as = upstream_id if state == "delivered" else None
+        return RecipientUpdate(
+            result.rcpt, state, event, result.code, result.reply, delivered_as, released
+        )
+
+    if result.kind is Kind.DELIVERED:
+        return update("delivered", "delivered")
+    if result.kind is Kind.PERMANENT:
+        return update("failed", "failed", released=release)
+    if result.kind is Kind.AMBIGUOUS:
+        if config.delivery.on_ambiguous == "hold":
+            return update("held", "ambiguous")
+        if not too_old:
+            return update("queued", "ambiguous")
+    if too_old:
+        return update("expired", "expired", released=release)
+    return update("queued", "deferred")
 
 
 def idempotency_value(lease: Lease) -> str:
@@ -54,11 +105,14 @@ class Delivery:
     def __init__(
         self,
         config: Config,
-        store: SqliteStore,
+        store: Store,
         transport_factory: Callable[[], Transport],
+        *,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.config = config
         self.store = store
+        self.clock = clock
         self._factory = transport_factory
         self.upstream = describe(config.upstream)
         self.instance = config.runtime.instance
@@ -77,7 +131,7 @@ class Delivery:
         self._wake.set()
 
     async def start(self) -> None:
-        now = time.time()
+        now = self.clock.time()
         stuck = await self.store.recover(
             self.instance, now, hold=self.config.delivery.on_ambiguous == "hold"
         )
@@ -102,7 +156,7 @@ class Delivery:
                 await self._housekeeper
         if self._dispatcher is not None:
             await self._dispatcher
-        now = time.time()
+        now = self.clock.time()
         while not self._queue.empty():
             lease = self._queue.get_nowait()
             if lease is not None:
@@ -127,8 +181,9 @@ class Delivery:
             if free <= 0:
                 await self._wake.wait()
                 continue
+            now = self.clock.time()
             try:
-                batch = await self.store.lease(self.instance, free, time.time(), self.lease_for)
+                batch = await self.store.lease(self.instance, free, now, self.lease_for)
             except Exception:
                 log.exception("could not lease messages for delivery")
                 batch = LeaseBatch((), None)
@@ -137,11 +192,14 @@ class Delivery:
                 self._queue.put_nowait(lease)
             if batch.leases:
                 continue
-            timeout = POLL_INTERVAL
+            # Measured from the time the lease looked, so a due time that passed while it
+            # looked (or a clock moved meanwhile) is leased at once, not one poll later.
+            until = now + POLL_INTERVAL
             if batch.next_due is not None:
-                timeout = min(POLL_INTERVAL, max(batch.next_due - time.time(), 0.0))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(timeout, 0.01))
+                until = min(until, batch.next_due)
+            remaining = until - self.clock.time()
+            if remaining > 0:
+                await self.clock.wait(self._wake, remaining)
 
     async def _work(self, transport: Transport) -> None:
         idle = max(self.config.upstream.idle_timeout, 0.1)
@@ -160,7 +218,9 @@ class Delivery:
             except Exception:
                 log.exception("delivery of %s failed unexpectedly", lease.queue_id)
                 with contextlib.suppress(Exception):
-                    await self.store.unlease(lease.queue_id, time.time() + backoff(self.config, 1))
+                    await self.store.unlease(
+                        lease.queue_id, self.clock.time() + backoff(self.config, 1)
+                    )
             finally:
                 logs.bind(queue_id=None)
                 self._in_flight -= 1
@@ -201,25 +261,22 @@ class Delivery:
                 )
                 await self._record(lease, Attempt(results, None, 0.0))
             else:
-                await self.store.unlease(lease.queue_id, time.time())
+                await self.store.unlease(lease.queue_id, self.clock.time())
             raise
         await self._record(lease, attempt)
 
     async def _record(self, lease: Lease, attempt: Attempt) -> None:
-        now = time.time()
-        updates = tuple(self._decide(lease, r, attempt.upstream_id, now) for r in attempt.results)
-        next_attempt = None
-        if any(u.state == "queued" for u in updates):
-            next_attempt = min(
-                now + backoff(self.config, lease.attempts),
-                lease.received_at + self.config.delivery.max_age,
-            )
-            next_attempt = max(next_attempt, now)
+        now = self.clock.time()
+        updates = tuple(
+            recipient_outcome(self.config, lease, r, attempt.upstream_id, now)
+            for r in attempt.results
+        )
+        again = any(u.state == "queued" for u in updates)
         await self.store.update(
             Update(
                 queue_id=lease.queue_id,
                 recipients=updates,
-                next_attempt=next_attempt,
+                next_attempt=next_attempt(self.config, lease, now) if again else None,
                 upstream=self.upstream,
                 duration=attempt.duration,
                 ts=now,
@@ -227,37 +284,14 @@ class Delivery:
             )
         )
 
-    def _decide(
-        self, lease: Lease, result: RecipientResult, upstream_id: str | None, now: float
-    ) -> RecipientUpdate:
-        release = self.config.dedupe.release_on_failure
-        too_old = now >= lease.received_at + self.config.delivery.max_age
-
-        def update(state: RecipientState, event: str, *, released: bool = False) -> RecipientUpdate:
-            delivered_as = upstream_id if state == "delivered" else None
-            return RecipientUpdate(
-                result.rcpt, state, event, result.code, result.reply, delivered_as, released
-            )
-
-        if result.kind is Kind.DELIVERED:
-            return update("delivered", "delivered")
-        if result.kind is Kind.PERMANENT:
-            return update("failed", "failed", released=release)
-        if result.kind is Kind.AMBIGUOUS:
-            if self.config.delivery.on_ambiguous == "hold":
-                return update("held", "ambiguous")
-            if not too_old:
-                return update("queued", "ambiguous")
-        if too_old:
-            return update("expired", "expired", released=release)
-        return update("queued", "deferred")
-
     async def _housekeeping(self) -> None:
         """Purge what has outlived its window, and rescue leases abandoned by dead replicas."""
         while True:
             try:
-                now = time.time()
-                await self.store.recover("", now, hold=self.config.delivery.on_ambiguous == "hold")
+                now = self.clock.time()
+                hold = self.config.delivery.on_ambiguous == "hold"
+                if await self.store.recover("", now, hold=hold):
+                    self.wake()
                 counts = await self.store.purge(now, self.config.audit.retention)
                 if any(counts.values()):
                     log.info("purged %s", ", ".join(f"{v} {k}" for k, v in counts.items() if v))
@@ -265,4 +299,4 @@ class Delivery:
                 raise
             except Exception:
                 log.exception("housekeeping failed")
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            await self.clock.sleep(HOUSEKEEPING_INTERVAL)

@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from relay.store import StoreError
-from relay.store.sqlite import SqliteStore
+from relay.store import Store, StoreError
 
 __all__ = ["OK", "WRITE_DEADLINE", "Health", "Verdict"]
 
@@ -49,7 +48,7 @@ class Health:
         self,
         *,
         listening: Callable[[], bool],
-        store: SqliteStore,
+        store: Store,
         write_deadline: float = WRITE_DEADLINE,
     ) -> None:
         self._listening = listening

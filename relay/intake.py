@@ -1,7 +1,9 @@
 """Turns one accepted SMTP transaction into one store call and one SMTP reply.
 
-Everything that decides whether the message is "the same email" as an earlier
-one happens here, before the store; the store then settles it atomically.
+Everything that says what would make the message "the same email" as an earlier
+one (rules, keys, fingerprint) happens here, before the store; the store then
+claims the key and reaches the verdict (`relay.decision`) in one transaction,
+and the verdict carries the reply.
 """
 
 from __future__ import annotations
@@ -9,25 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 
 from relay import headers, keys, rules
 from relay.audit import Event
+from relay.clock import SYSTEM, Clock
 from relay.config import Config
+from relay.decision import Claim, normalise_rcpt
+from relay.errors import BadKey, StoreError
 from relay.fingerprint import fingerprint
 from relay.ids import new_queue_id
-from relay.store import Acceptance, Claim, StoreError, Submission
-from relay.store.sqlite import SqliteStore, normalise_rcpt
+from relay.store import Store, Submission
 
-__all__ = ["THREAD_THRESHOLD", "Intake", "Transaction", "unique_recipients"]
+__all__ = ["STORE_FAILURE_REPLY", "THREAD_THRESHOLD", "Intake", "Transaction", "unique_recipients"]
 
 log = logging.getLogger(__name__)
 
 # Fingerprinting a large message is CPU work; above this size it leaves the event loop.
 THREAD_THRESHOLD = 256 * 1024
+STORE_FAILURE_REPLY = "451 4.3.0 Temporary storage failure, message not accepted; try again later"
 
 
 @dataclass(frozen=True)
@@ -55,15 +59,21 @@ def unique_recipients(rcpts: list[str]) -> tuple[str, ...]:
 
 class Intake:
     def __init__(
-        self, config: Config, store: SqliteStore, on_spooled: Callable[[], None] | None = None
+        self,
+        config: Config,
+        store: Store,
+        on_spooled: Callable[[], None] | None = None,
+        *,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.config = config
         self.store = store
+        self.clock = clock
         self._on_spooled = on_spooled
 
     async def submit(self, tx: Transaction) -> str:
         """The reply line for the end of DATA; 250 only after the store has committed."""
-        now = time.time()
+        now = self.clock.time()
         queue_id = new_queue_id(now)
         found = headers.fields(tx.data)
         policy = rules.select(self.config, found, tx.sender, tx.recipients, tx.user)
@@ -71,7 +81,7 @@ class Intake:
         scope = keys.scope_value(policy.scope, tx.user, tx.sender)
         try:
             claim, derived = await self._claim(tx, found, policy, scope)
-        except keys.BadKey as exc:
+        except BadKey as exc:
             return await self._refuse(tx, queue_id, now, message_id, str(exc))
         data = tx.data
         strategy = derived.strategy if derived else ""
@@ -97,13 +107,13 @@ class Intake:
             rule=policy.rule,
         )
         try:
-            result = await self.store.accept(submission)
+            verdict = await self.store.accept(submission)
         except StoreError as exc:
-            log.error("could not spool a message from %s: %s", tx.client, exc)
-            return "451 4.3.0 Temporary storage failure, message not accepted; try again later"
-        if result.forwarded and self._on_spooled is not None:
+            log.error("%s: could not spool a message from %s: %s", queue_id, tx.client, exc)
+            return STORE_FAILURE_REPLY
+        if verdict.forward and self._on_spooled is not None:
             self._on_spooled()
-        return self._reply(result, claim)
+        return verdict.reply
 
     async def _claim(
         self, tx: Transaction, found: list[headers.Field], policy: rules.Policy, scope: str
@@ -181,36 +191,3 @@ class Intake:
             f" with {protocol} id {queue_id}; {when}"
         )
         return headers.fold("Received", value)
-
-    def _reply(self, result: Acceptance, claim: Claim | None) -> str:
-        if result.conflict_with is not None:
-            assert claim is not None
-            if claim.on_conflict == "reject":
-                return (
-                    f"554 5.7.0 Key conflict: {claim.strategy} was first used by message"
-                    f" {result.conflict_with} with different content; not forwarded"
-                )
-            if claim.on_conflict == "drop":
-                return (
-                    f"250 2.0.0 Ok: not forwarded, key conflicts with message"
-                    f" {result.conflict_with} (id {result.queue_id})"
-                )
-        originals = ", ".join(result.originals)
-        if not result.forwarded:
-            assert claim is not None
-            if claim.on_duplicate == "reject":
-                return (
-                    f"550 5.7.0 Duplicate of message {originals} ({claim.strategy}); not forwarded"
-                )
-            return f"250 2.0.0 Ok: duplicate of {originals}, not forwarded (id {result.queue_id})"
-        if (
-            result.duplicates
-            and claim is not None
-            and not claim.shadow
-            and (claim.on_duplicate != "tag")
-        ):
-            return (
-                f"250 2.0.0 Ok: queued as {result.queue_id} for {len(result.forwarded)} new"
-                f" recipient(s); {len(result.duplicates)} already had it from {originals}"
-            )
-        return f"250 2.0.0 Ok: queued as {result.queue_id}"

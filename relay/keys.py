@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from relay import headers
 from relay.config import DedupeConfig, KeySpec, Scope
+from relay.errors import BadKey
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -29,10 +30,6 @@ __all__ = [
 MAX_KEY_LENGTH = 255
 _PRINTABLE = re.compile(r"^[\x20-\x7e]+$")
 _ANGLE = re.compile(r"<([^<>]*)>")
-
-
-class BadKey(ValueError):
-    """An idempotency header the app got wrong; the client must hear about it, not lose mail."""
 
 
 @dataclass(frozen=True)

@@ -19,26 +19,23 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from relay.audit import EVENTS, FIELDS, Event, iso_time, to_json
-from relay.cli import UsageError
 from relay.config import Config
+from relay.errors import EXIT_FAILURE, EXIT_OK, UnitError, UsageError
 from relay.escape import spreadsheet_safe
 from relay.store.reader import (
     EventFilter,
     Reader,
-    ReadError,
     RecipientState,
     Stats,
     Timeline,
     open_reader,
 )
-from relay.units import UnitError, parse_duration
+from relay.units import parse_duration
 
 __all__ = [
     "ADDRESS_WIDTH",
     "DEFAULT_LIMIT",
     "EVENT_HEADERS",
-    "EXIT_NOT_FOUND",
-    "EXIT_USAGE",
     "INFO_WIDTH",
     "add_commands",
     "clip",
@@ -61,8 +58,6 @@ __all__ = [
 ]
 
 DEFAULT_LIMIT = 1000
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 1
 INFO_WIDTH = 72
 ADDRESS_WIDTH = 32
 
@@ -343,7 +338,7 @@ async def _log(reader: Reader, f: EventFilter, args: argparse.Namespace, out: Te
             f"-- showing the newest {f.limit} matches; narrow with --since or raise --limit --",
             file=sys.stderr,
         )
-    return 0
+    return EXIT_OK
 
 
 # --- show ------------------------------------------------------------------
@@ -468,17 +463,17 @@ async def _show(reader: Reader, ident: str, args: argparse.Namespace, out: TextI
             f"dedup-relay: no message matches {ident!r} (queue id, Message-ID or key)",
             file=sys.stderr,
         )
-        return EXIT_NOT_FOUND
+        return EXIT_FAILURE
     timelines = [await reader.timeline(q) for q in queue_ids]
     if args.json:
         for t in timelines:
             _json_line(out, _timeline_json(t))
-        return 0
+        return EXIT_OK
     blocks = ["\n".join(render_timeline(t, args.utc)) for t in timelines]
     if len(timelines) > 1:
         out.write(f"-- {printable(ident)} matches {len(timelines)} messages --\n\n")
     out.write("\n\n".join(blocks) + "\n")
-    return 0
+    return EXIT_OK
 
 
 # --- stats -----------------------------------------------------------------
@@ -558,7 +553,7 @@ async def _stats(
         _json_line(out, _stats_json(s, now))
     else:
         out.write("\n".join(render_stats(s, args.utc, now)) + "\n")
-    return 0
+    return EXIT_OK
 
 
 # --- entry -----------------------------------------------------------------
@@ -581,16 +576,14 @@ def _job(args: argparse.Namespace, now: float) -> Job:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    """Bad filters raise UsageError and an unreadable store ReadError; the CLI prints them."""
     job = _job(args, time.time())
     try:
         return asyncio.run(_with_reader(config.store.path, job))
-    except ReadError as exc:
-        print(f"dedup-relay: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:
         # `log | head`: the reader left; point stdout at /dev/null so the exit flush is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_OK
 
 
 async def _with_reader(path: str, job: Job) -> int:

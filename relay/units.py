@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from relay.errors import UnitError
+
 __all__ = ["UnitError", "format_duration", "format_size", "parse_duration", "parse_size"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -26,10 +28,6 @@ _SIZE_UNITS = {
     "gb": 1000**3,
     "gib": 1024**3,
 }
-
-
-class UnitError(ValueError):
-    """A value that is not a duration or size; the message says what is expected."""
 
 
 def parse_duration(value: object) -> float:

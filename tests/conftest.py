@@ -32,8 +32,10 @@ import pytest
 import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.app import App
+from relay.app import App, StoreFactory
+from relay.clock import SYSTEM, Clock
 from relay.config import from_mapping
+from relay.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -165,13 +167,31 @@ class Delivered:
 
 @dataclass
 class Script:
-    """How the upstream misbehaves; tests change it while the relay runs."""
+    """How the upstream misbehaves; tests change it while the relay runs.
+
+    `stall` makes the upstream stop answering at one stage ("rcpt": before the payload,
+    "data": with the whole payload received) and set `stalled`, so a test can act on the
+    relay while its worker waits there; `go_on()` lets it answer again.
+    """
 
     rcpt: dict[str, str] = field(default_factory=dict)
     mail: str | None = None
     data: list[str] = field(default_factory=list)
     drop_after_data: int = 0
     data_delay: float = 0.0
+    stall: str | None = None
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)
+    _go_on: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stall_at(self, stage: str) -> None:
+        if self.stall == stage:
+            self.stalled.set()
+            await self._go_on.wait()
+
+    def go_on(self) -> None:
+        """End the stall: sessions waiting in it carry on, later ones do not stop."""
+        self.stall = None
+        self._go_on.set()
 
 
 class Upstream:
@@ -207,6 +227,7 @@ class Upstream:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        await self.script.stall_at("rcpt")
         reply = self.script.rcpt.get(address)
         if reply:
             return reply
@@ -221,9 +242,10 @@ class Upstream:
             envelope.mail_from or "",
             list(envelope.rcpt_tos),
             bytes(envelope.original_content or b""),
-            session.ssl is not None,
+            session.ssl is not None or server.transport.get_extra_info("ssl_object") is not None,
             login,
         )
+        await self.script.stall_at("data")
         if self.script.data_delay:
             await asyncio.sleep(self.script.data_delay)
         if self.script.drop_after_data > 0:
@@ -384,15 +406,51 @@ class Relay:
         await self.app.stop()
 
 
+async def left_mid_attempt(path: Path, owner: str, now: float, lease_for: float = 600.0) -> str:
+    """A store as a relay that died during an attempt leaves it: one message, leased by `owner`
+    at `now`, no outcome recorded. Returns its queue id."""
+    from relay.decision import Claim
+    from relay.store import Submission
+    from relay.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        sub = Submission(
+            queue_id="LEFT1",
+            received_at=now,
+            sender="shop@example.com",
+            recipients=("alice@example.org",),
+            data=make_message(message_id="<left@example.com>"),
+            message_id="left@example.com",
+            client="127.0.0.1",
+            user=None,
+            helo="test",
+            smtputf8=False,
+            body8bit=False,
+            claim=Claim(
+                "global", "left@example.com", "message-id", "f" * 64, 86400.0, "drop", "reject"
+            ),
+        )
+        assert (await store.accept(sub)).forward == sub.recipients
+        batch = await store.lease(owner, 10, now, lease_for)
+        assert [lease.queue_id for lease in batch.leases] == [sub.queue_id]
+    finally:
+        await store.close()
+    return sub.queue_id
+
+
 @pytest.fixture
 async def make_relay(
     tmp_path: Path, upstream: Upstream
 ) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
     running: list[Relay] = []
 
-    async def make(**overrides: Any) -> Relay:
+    async def make(
+        *, clock: Clock = SYSTEM, store_factory: StoreFactory = open_store, **overrides: Any
+    ) -> Relay:
         raw = deep_merge(base_config(tmp_path, upstream.port), overrides)
-        app = App(from_mapping(raw))
+        app = App(from_mapping(raw), clock=clock, store_factory=store_factory)
         await app.start()
         relay = Relay(app)
         running.append(relay)
@@ -400,7 +458,7 @@ async def make_relay(
 
     yield make
     for relay in running:
-        if relay.app.store._writer is not None:
+        if relay.app.store.running:
             await relay.stop()
 
 

@@ -125,12 +125,17 @@ async def test_upstream_down_then_back_gets_every_message(make_relay, upstream: 
     await upstream.stop()
     for n in range(5):
         assert (await send(relay.port, make_message(f"order {n}"))).code == 250
-    await eventually(
-        lambda: relay.rows("SELECT count(*) FROM events WHERE event = 'deferred'"),
-        what="a deferral",
-    )
+
+    async def all_deferred() -> bool:
+        rows = await relay.rows(
+            "SELECT count(DISTINCT queue_id) FROM events WHERE event = 'deferred'"
+        )
+        return rows == [(5,)]
+
+    await eventually(all_deferred, what="every message deferred")
+    assert upstream.messages == []
     deferred = await relay.events("deferred")
-    assert deferred and all(e["code"] is None for e in deferred)
+    assert all(e["code"] is None for e in deferred)
     await upstream.start()
     await upstream.wait_for(5)
     await relay.idle()
@@ -201,8 +206,12 @@ async def test_implicit_tls_upstream(make_relay, certificates: Certificates) -> 
                 "ca_file": str(certificates.ca_file),
             }
         )
-        await send(relay.port, make_message())
-        await tls_upstream.wait_for(1)
+        assert (await send(relay.port, make_message())).code == 250
+        [delivered] = await tls_upstream.wait_for(1)
+        assert delivered.tls
+        await relay.idle()
+        [event] = await relay.events("delivered")
+        assert event["upstream"] == f"smtps://127.0.0.1:{tls_upstream.port}"
 
 
 @contextlib.asynccontextmanager
@@ -277,3 +286,17 @@ async def test_wrong_upstream_password_defers_and_never_fails_the_mail(
         assert deferred["code"] == 535
         assert await relay.events("failed") == []
         assert await relay.rows("SELECT state FROM recipients") == [("queued",)]
+
+
+async def test_a_message_too_big_to_ride_with_its_lease_is_read_apart_and_delivered_whole(
+    relay: Relay, upstream: Upstream
+) -> None:
+    from relay.store.sqlite import INLINE_BODY_LIMIT
+
+    body = "".join(f"line {n:07d} of a long statement\n" for n in range(INLINE_BODY_LIMIT // 20))
+    message = make_message("big", body)
+    assert len(message) > INLINE_BODY_LIMIT
+    assert (await send(relay.port, message)).code == 250
+    [delivered] = await upstream.wait_for(1)
+    assert delivered.data.endswith(message.split(b"\r\n\r\n", 1)[1])
+    assert delivered.data.count(b" of a long statement") == INLINE_BODY_LIMIT // 20

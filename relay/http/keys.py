@@ -10,11 +10,11 @@ from aiohttp import web
 from relay.config import Config
 from relay.health import Health
 from relay.metrics import Metrics
-from relay.store.sqlite import SqliteStore
+from relay.store import Store
 
 __all__ = ["CONFIG", "HEALTH", "METRICS", "STORE"]
 
 CONFIG = web.AppKey("config", Config)
 HEALTH = web.AppKey("health", Health)
 METRICS = web.AppKey("metrics", Metrics)
-STORE = web.AppKey("store", SqliteStore)
+STORE = web.AppKey("store", Store)

@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from relay.config import Config, HttpConfig
+from relay.errors import RelayError
 from relay.health import Health
 from relay.http import metrics as metrics_routes
 from relay.http import probes
 from relay.http.keys import CONFIG, HEALTH, METRICS, STORE
 from relay.metrics import Metrics
-from relay.store.sqlite import SqliteStore
+from relay.store import Store
 
 __all__ = ["ListenError", "Mount", "SidePort", "build_app"]
 
@@ -23,7 +24,7 @@ Mount = Callable[[web.Application], None]
 SHUTDOWN_TIMEOUT = 1.0
 
 
-class ListenError(Exception):
+class ListenError(RelayError):
     """The side port could not be opened; the message names the key and the reason."""
 
 
@@ -32,7 +33,7 @@ def build_app(
     config: Config,
     health: Health,
     metrics: Metrics,
-    store: SqliteStore,
+    store: Store,
     mounts: Sequence[Mount] = (),
 ) -> web.Application:
     app = web.Application()

@@ -2,38 +2,32 @@
 
 The front half hands the store a `Submission` and replies 250 only once the
 store has committed it; the back half leases `Lease`s and reports `Update`s.
-A PostgreSQL twin of `SqliteStore` would implement the same methods.
+Intake, delivery, the CLI and the app know only the `Store` protocol; the SQLite
+backend (`relay.store.sqlite`) is one implementation, and a PostgreSQL one
+would sit beside it. The store never reads a clock: every time it compares
+against is passed in, from the caller's injected clock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from relay.audit import Event
+from relay.decision import Claim, Verdict
+from relay.errors import StoreError
+
+if TYPE_CHECKING:
+    from relay.config import StoreConfig
 
 RecipientState = Literal["queued", "delivered", "failed", "expired", "held"]
+MessageState = Literal["queued", "sending", "held", "done"]
 # Message states that still owe an outcome.
 PENDING_STATES = ("queued", "sending", "held")
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What makes a submission "the same email" as an earlier one, and what to do if it is."""
-
-    scope: str
-    key: str
-    strategy: str
-    fingerprint: str
-    window: float
-    on_duplicate: Literal["drop", "reject", "tag"]
-    on_conflict: Literal["reject", "drop", "forward"]
-    shadow: bool = False
-
-    @property
-    def namespaced(self) -> str:
-        """Keys of different strategies never match each other."""
-        return f"{self.strategy.lower()}\x1f{self.key}"
+OnCommit = Callable[[list[Event]], None]
+# Called after each committed batch with its size and how long it took (for metrics).
+OnBatch = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
@@ -51,20 +45,6 @@ class Submission:
     body8bit: bool
     claim: Claim | None
     rule: str | None = None
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    """The store's verdict: who gets the message, who already had it, or a conflict."""
-
-    queue_id: str
-    forwarded: tuple[str, ...]
-    duplicates: tuple[tuple[str, str], ...] = ()
-    conflict_with: str | None = None
-
-    @property
-    def originals(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(original for _, original in self.duplicates))
 
 
 @dataclass(frozen=True)
@@ -128,20 +108,88 @@ class QueueDepth:
     oldest: float | None
 
 
-class StoreError(RuntimeError):
-    """The store could not commit; the client gets a 4xx and keeps the message."""
+class Store(Protocol):
+    """What the relay needs from durable storage; every method is one transaction.
+
+    A method returns only after its transaction has committed, and raises
+    `StoreError` when it did not: then nothing of it is stored, and the caller
+    answers 4xx or tries again later. Events a method records are handed to
+    `on_commit` (given to the constructor) after the commit, never before.
+    """
+
+    @property
+    def running(self) -> bool:
+        """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
+        ...
+
+    async def open(self) -> None:
+        """Create or upgrade the schema and start the writer."""
+
+    async def close(self) -> None:
+        """Finish the jobs already queued, then close; later calls raise StoreError."""
+
+    async def accept(self, sub: Submission) -> Verdict:
+        """Claim the key, spool what the verdict forwards, record it; only then may 250 go out."""
+
+    async def record(self, event: Event) -> None:
+        """An event with no state change, such as a submission refused for a bad key."""
+
+    async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> LeaseBatch:
+        """Take up to `limit` messages due at `now` for `owner` until `now + lease_for`."""
+
+    async def body(self, queue_id: str) -> bytes | None:
+        """A spooled body the lease did not carry (a large one); None if it is gone."""
+
+    async def update(self, update: Update) -> MessageState:
+        """Apply an attempt's outcome and end the lease; returns the message's new state."""
+
+    async def unlease(self, queue_id: str, next_attempt: float) -> None:
+        """Give back a lease whose attempt never reached the upstream; it does not count."""
+
+    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        """Take back `owner`'s leases and any expired before `now`: their recipients are
+        ambiguous, queued again or (`hold`) held. Returns the queue ids."""
+
+    async def requeue(self, queue_id: str, now: float) -> int:
+        """An operator's decision to send held recipients again; returns how many."""
+
+    async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
+        """Drop expired claims, kept bodies past their time and audit rows past retention."""
+
+    async def probe(self, now: float) -> None:
+        """Commit one tiny write: ready means the store takes writes, not only that it opened."""
+
+    async def queue_depth(self) -> tuple[QueueDepth, ...]:
+        """What is still to be delivered, per pending state, with the oldest receipt time."""
+
+
+def open_store(
+    config: StoreConfig, on_commit: OnCommit | None = None, on_batch: OnBatch | None = None
+) -> Store:
+    """The backend `store` in the config names; SQLite is the only one so far."""
+    from relay.store.sqlite import SqliteStore
+
+    return SqliteStore(
+        config.path, keep_bodies=config.keep_bodies, on_commit=on_commit, on_batch=on_batch
+    )
 
 
 __all__ = [
     "PENDING_STATES",
-    "Acceptance",
     "Claim",
     "Event",
     "Lease",
     "LeaseBatch",
+    "MessageState",
+    "OnBatch",
+    "OnCommit",
     "QueueDepth",
+    "RecipientState",
     "RecipientUpdate",
+    "Store",
     "StoreError",
     "Submission",
     "Update",
+    "Verdict",
+    "open_store",
 ]

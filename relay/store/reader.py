@@ -19,6 +19,7 @@ from typing import Any
 import aiosqlite
 
 from relay.audit import FIELDS, Event
+from relay.errors import ReadError
 from relay.keys import normalise_message_id
 from relay.store import PENDING_STATES, QueueDepth
 from relay.store.sqlite import connect
@@ -47,10 +48,6 @@ __all__ = [
 _COLUMNS = ", ".join(FIELDS)
 _QUALIFIED = ", ".join(f"e.{name}" for name in FIELDS)
 _RCPTS = FIELDS.index("rcpts")
-
-
-class ReadError(Exception):
-    """The store cannot be read; the message names the file and why, for one line on stderr."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The SQLite store: the spool, the dedupe claims and the audit trail in one file.
 
-One writer task owns the write connection. Callers queue jobs to it; it runs
-everything waiting in one transaction (a savepoint per job, so one bad job
-cannot spoil the others) and commits once. That single fsync per batch is
-what lets durability keep up with many concurrent SMTP sessions.
+One writer thread owns the write connection; `GroupCommit` feeds it batches of
+jobs, and `run_batch` runs each batch in one transaction with a savepoint per
+job and one commit. The SQL is in `statements`; what the SQL decides is in
+`relay.decision` and `relay.store.changes`.
 """
 
 from __future__ import annotations
@@ -11,78 +11,111 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
 from relay.audit import FIELDS, Event
+from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
 from relay.store import (
     PENDING_STATES,
-    Acceptance,
     Claim,
     Lease,
     LeaseBatch,
+    MessageState,
+    OnBatch,
+    OnCommit,
     QueueDepth,
-    RecipientUpdate,
     StoreError,
     Submission,
     Update,
+    changes,
     schema,
 )
+from relay.store import statements as sql
+from relay.store.writer import BatchResult, GroupCommit, Outcome
 
 __all__ = [
-    "BATCH_LIMIT",
     "INLINE_BODY_LIMIT",
     "PURGE_CHUNK",
     "Backup",
     "SqliteStore",
+    "Tx",
     "backup",
     "connect",
-    "normalise_rcpt",
+    "run_batch",
 ]
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
-Job = Callable[[sqlite3.Connection], Any]
 
-BATCH_LIMIT = 512
 # Bodies up to this size are read in the lease itself, sparing a round-trip per message.
 INLINE_BODY_LIMIT = 256 * 1024
 PURGE_CHUNK = 5000
 
-_EVENT_COLUMNS = ", ".join(FIELDS)
-_EVENT_INSERT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({','.join('?' * len(FIELDS))})"
+
+class Tx:
+    """One job's view of the batch's transaction: the connection and the events to record."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.events: list[Event] = []
+
+    def execute(self, statement: str, params: dict[str, Any] | None = None) -> sqlite3.Cursor:
+        return self.db.execute(statement, params or {})
+
+    def executemany(self, statement: str, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            self.db.executemany(statement, rows)
+
+    def record(self, events: Sequence[Event]) -> None:
+        """Audit events, in the same transaction as the change they describe."""
+        if events:
+            self.db.executemany(sql.INSERT_EVENT, [_event_row(e) for e in events])
+            self.events.extend(events)
 
 
-def normalise_rcpt(rcpt: str) -> str:
-    """Claims compare recipients case-insensitively: Bob@X and bob@x are one mailbox in practice."""
-    return rcpt.strip().lower()
-
-
-def _submission_fields(sub: Submission) -> dict[str, Any]:
-    """The audit fields every event about a submission shares."""
-    return {
-        "queue_id": sub.queue_id,
-        "key": sub.claim.key if sub.claim else None,
-        "strategy": sub.claim.strategy if sub.claim else None,
-        "message_id": sub.message_id,
-        "sender": sub.sender,
-        "size": len(sub.data),
-        "client": sub.client,
-        "user": sub.user,
-    }
+Job = Callable[[Tx], Any]
 
 
 def _event_row(e: Event) -> tuple[Any, ...]:
     return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
+
+
+def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
+    """Every job in one transaction, a savepoint each, one commit.
+
+    A job that raises is rolled back to its savepoint (its events with it) and the
+    others still commit. An error outside the jobs (begin, savepoint, commit) rolls
+    back the whole batch and propagates: then nothing of it is stored.
+    """
+    tx = Tx(db)
+    outcomes: list[Outcome] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for job in jobs:
+            mark = len(tx.events)
+            db.execute("SAVEPOINT job")
+            try:
+                result = job(tx)
+            except Exception as exc:  # one failing job must not spoil the batch
+                del tx.events[mark:]
+                db.execute("ROLLBACK TO job")
+                db.execute("RELEASE job")
+                outcomes.append((None, exc))
+            else:
+                db.execute("RELEASE job")
+                outcomes.append((result, None))
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return outcomes, tx.events
 
 
 async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:
@@ -95,32 +128,44 @@ async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:
 
 
 class SqliteStore:
+    """The `Store` on one SQLite file; replicas on one host may share the file.
+
+    `connection_factory` is the `sqlite3.Connection` class for the write connection:
+    tests pass a subclass that fails chosen statements, to prove what a failed
+    commit or a failed job does.
+    """
+
     def __init__(
         self,
         path: str,
         *,
         keep_bodies: float = 0.0,
-        on_commit: Callable[[list[Event]], None] | None = None,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_commit: OnCommit | None = None,
+        on_batch: OnBatch | None = None,
+        connection_factory: type[sqlite3.Connection] = sqlite3.Connection,
     ) -> None:
         self.path = path
         self.keep_bodies = keep_bodies
-        self._on_commit = on_commit
-        self._on_batch = on_batch
+        self._factory = connection_factory
         self._db: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
-        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]] | None] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
-        self._events: list[Event] = []
-        self.batches = 0
-        self.jobs_run = 0
+        self.writer: GroupCommit[Job] = GroupCommit(
+            self._run_batch, on_commit=on_commit, on_batch=on_batch
+        )
 
     # --- lifecycle ---------------------------------------------------------
 
     def _open_writer(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(
+            self.path,
+            timeout=10.0,
+            isolation_level=None,
+            check_same_thread=False,
+            factory=self._factory,
+        )
+        db.row_factory = sqlite3.Row
         for pragma in schema.PRAGMAS:
             db.execute(pragma)
         db.executescript(schema.TABLES)
@@ -131,15 +176,15 @@ class SqliteStore:
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._open_writer)
+        try:
+            await loop.run_in_executor(self._thread, self._open_writer)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
         self._reader = await connect(self.path)
-        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        self.writer.start()
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._jobs.put(None)
-            await self._writer
-            self._writer = None
+        await self.writer.stop()
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -149,575 +194,299 @@ class SqliteStore:
         self._thread.shutdown(wait=True)
 
     @property
+    def running(self) -> bool:
+        """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
+        return self.writer.running
+
+    @property
     def reader(self) -> aiosqlite.Connection:
         if self._reader is None:
             raise StoreError("store is not open")
         return self._reader
 
-    @property
-    def running(self) -> bool:
-        """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
-        return self._writer is not None and not self._writer.done()
-
-    # --- the writer --------------------------------------------------------
-
-    async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        if self._writer is None or self._writer.done():
-            raise StoreError("store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait((job, future))
-        return await future
-
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            item = await self._jobs.get()
-            batch: list[tuple[Job, asyncio.Future[Any]]] = []
-            while True:
-                if item is None:
-                    stopping = True
-                else:
-                    batch.append(item)
-                if stopping or len(batch) >= BATCH_LIMIT or self._jobs.empty():
-                    break
-                item = self._jobs.get_nowait()
-            if not batch:
-                continue
-            jobs = [job for job, _ in batch]
-            started = time.perf_counter()
-            try:
-                outcomes, events = await loop.run_in_executor(self._thread, self._run_batch, jobs)
-            except sqlite3.Error as exc:
-                log.error("store: batch of %d not committed: %s", len(batch), exc)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreError(f"store unavailable: {exc}"))
-                continue
-            self.batches += 1
-            self.jobs_run += len(batch)
-            if self._on_batch is not None:
-                self._on_batch(len(batch), time.perf_counter() - started)
-            for (_, future), (result, error) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if error is not None:
-                    log.error("store job failed: %r", error)
-                    future.set_exception(
-                        error if isinstance(error, StoreError) else StoreError(str(error))
-                    )
-                else:
-                    future.set_result(result)
-            if self._on_commit is not None and events:
-                self._on_commit(events)
-
-    def _run_batch(self, jobs: list[Job]) -> tuple[list[tuple[Any, Exception | None]], list[Event]]:
-        """On the writer thread: every job in one transaction, a savepoint each, one commit."""
+    async def _run_batch(self, jobs: list[Job]) -> BatchResult:
         db = self._db
-        assert db is not None
-        self._events = []
-        outcomes: list[tuple[Any, Exception | None]] = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for job in jobs:
-                mark = len(self._events)
-                db.execute("SAVEPOINT job")
-                try:
-                    result = job(db)
-                except Exception as exc:  # one failing job must not spoil the batch
-                    del self._events[mark:]
-                    db.execute("ROLLBACK TO job")
-                    db.execute("RELEASE job")
-                    outcomes.append((None, exc))
-                else:
-                    db.execute("RELEASE job")
-                    outcomes.append((result, None))
-            db.execute("COMMIT")
-        except sqlite3.Error:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-        events, self._events = self._events, []
-        return outcomes, events
+        if db is None:
+            raise StoreError("store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run_batch, db, jobs)
 
-    def _insert_events(self, db: sqlite3.Connection, events: Sequence[Event]) -> None:
-        if events:
-            db.executemany(_EVENT_INSERT, [_event_row(e) for e in events])
-            self._events.extend(events)
+    async def _run(self, job: Callable[[Tx], T]) -> T:
+        return cast(T, await self.writer.run(job))
 
     # --- the front half ----------------------------------------------------
 
-    async def accept(self, sub: Submission) -> Acceptance:
-        """Claim, spool and record in one transaction; only then may the client get 250."""
-        return await self._run(lambda db: self._accept(db, sub))
+    async def accept(self, sub: Submission) -> Verdict:
+        return await self._run(lambda tx: self._accept(tx, sub))
 
-    def _accept(self, db: sqlite3.Connection, sub: Submission) -> Acceptance:
-        claim = sub.claim
-        common = _submission_fields(sub)
-        events: list[Event] = []
-        forwarded = sub.recipients
-        duplicates: list[tuple[str, str]] = []
-        duplicate_of: str | None = None
-        if claim is not None:
-            claimed, others = self._take_claims(db, sub, claim)
-            conflicting = [o for o in others if o[2] != claim.fingerprint]
-            if conflicting:
-                original = str(conflicting[0][1])
-                if claimed:
-                    db.execute("DELETE FROM claims WHERE queue_id = ?", (sub.queue_id,))
-                events.append(
-                    Event(
-                        ts=sub.received_at,
-                        event="conflict",
-                        rcpts=sub.recipients,
-                        original=original,
-                        action=claim.on_conflict,
-                        detail="same key, different content",
-                        **common,
-                    )
-                )
-                if claim.on_conflict != "forward":
-                    self._insert_events(db, events)
-                    return Acceptance(sub.queue_id, (), conflict_with=original)
-            else:
-                by_norm = {normalise_rcpt(r): r for r in sub.recipients}
-                duplicates = [
-                    (by_norm[rcpt], str(original))
-                    for rcpt, original, _ in others
-                    if rcpt in by_norm and rcpt not in claimed
-                ]
-            if duplicates:
-                events.append(
-                    Event(
-                        ts=sub.received_at,
-                        event="duplicate",
-                        rcpts=tuple(r for r, _ in duplicates),
-                        original=duplicates[0][1],
-                        action="shadow" if claim.shadow else claim.on_duplicate,
-                        detail=f"rule={sub.rule}" if sub.rule else None,
-                        **common,
-                    )
-                )
-                if not claim.shadow:  # shadow mode forwards to everyone and only records
-                    if claim.on_duplicate == "tag":
-                        duplicate_of = duplicates[0][1]
-                    else:
-                        forwarded = tuple(r for r in sub.recipients if normalise_rcpt(r) in claimed)
-        if forwarded:
-            self._spool(db, sub, forwarded, duplicate_of)
-            received = Event(
-                ts=sub.received_at,
-                event="received",
-                rcpts=forwarded,
-                detail=f"rule={sub.rule}" if sub.rule else None,
-                **common,
-            )
-            events.insert(0, received)
-        self._insert_events(db, events)
-        return Acceptance(sub.queue_id, forwarded, tuple(duplicates))
-
-    def _take_claims(
-        self, db: sqlite3.Connection, sub: Submission, claim: Claim
-    ) -> tuple[set[str], list[tuple[str, str, str]]]:
-        """Claim the key for every recipient; the unique index decides, not a prior read.
-
-        Returns the recipients claimed now, and the live claims of other messages on this key
-        (their recipient, queue id and content fingerprint).
-        """
-        now = sub.received_at
-        rcpts = sorted({normalise_rcpt(r) for r in sub.recipients})
-        params: list[Any] = []
-        for rcpt in rcpts:
-            params += [
-                claim.scope,
-                claim.namespaced,
-                rcpt,
-                sub.queue_id,
-                claim.fingerprint,
-                now,
-                now + claim.window,
-            ]
-        inserted = db.execute(
-            "INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at,"
-            " expires_at, pending) VALUES "
-            + ",".join("(?,?,?,?,?,?,?,1)" for _ in rcpts)
-            + " ON CONFLICT (scope, key, rcpt) DO UPDATE SET queue_id = excluded.queue_id,"
-            " fingerprint = excluded.fingerprint, claimed_at = excluded.claimed_at,"
-            " expires_at = excluded.expires_at, pending = 1"
-            " WHERE claims.expires_at <= ? AND claims.pending = 0"
-            " RETURNING rcpt",
-            [*params, now],
-        ).fetchall()
-        claimed = {row[0] for row in inserted}
-        if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
-            return claimed, []  # a fingerprint key cannot conflict with its own content
-        others = db.execute(
-            "SELECT rcpt, queue_id, fingerprint FROM claims"
-            " WHERE scope = ? AND key = ? AND queue_id <> ?"
-            " AND (expires_at > ? OR pending = 1) ORDER BY claimed_at",
-            (claim.scope, claim.namespaced, sub.queue_id, now),
-        ).fetchall()
-        return claimed, [(str(r), str(q), str(f)) for r, q, f in others]
-
-    def _spool(
-        self,
-        db: sqlite3.Connection,
-        sub: Submission,
-        recipients: tuple[str, ...],
-        duplicate_of: str | None,
-    ) -> None:
-        claim = sub.claim
-        db.execute(
-            "INSERT INTO messages (queue_id, received_at, state, sender, size, message_id, scope,"
-            " key, strategy, fingerprint, rule, client, user, helo, smtputf8, body8bit,"
-            " duplicate_of, next_attempt) VALUES (?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                sub.queue_id,
-                sub.received_at,
-                sub.sender,
-                len(sub.data),
-                sub.message_id,
-                claim.scope if claim else None,
-                claim.key if claim else None,
-                claim.strategy if claim else None,
-                claim.fingerprint if claim else None,
-                sub.rule,
-                sub.client,
-                sub.user,
-                sub.helo,
-                int(sub.smtputf8),
-                int(sub.body8bit),
-                duplicate_of,
-                sub.received_at,
-            ),
-        )
-        db.execute("INSERT INTO bodies (queue_id, data) VALUES (?, ?)", (sub.queue_id, sub.data))
-        db.executemany(
-            "INSERT INTO recipients (queue_id, rcpt, state, updated_at) VALUES (?, ?, 'queued', ?)",
-            [(sub.queue_id, r, sub.received_at) for r in recipients],
-        )
+    def _accept(self, tx: Tx, sub: Submission) -> Verdict:
+        result = None if sub.claim is None else _take_claims(tx, sub, sub.claim)
+        verdict = decide(sub.queue_id, sub.recipients, sub.claim, result)
+        if verdict.unclaim:
+            tx.execute(sql.DELETE_CLAIMS_OF_MESSAGE, {"queue_id": sub.queue_id})
+        if verdict.forward:
+            _spool(tx, sub, verdict)
+        tx.record(changes.accept_events(sub, verdict))
+        return verdict
 
     async def record(self, event: Event) -> None:
-        """An event with no state change, such as a submission refused for a bad key."""
-        await self._run(lambda db: self._insert_events(db, [event]))
+        await self._run(lambda tx: tx.record([event]))
 
     # --- the back half -----------------------------------------------------
 
     async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> LeaseBatch:
-        return await self._run(lambda db: self._lease(db, owner, limit, now, lease_for))
-
-    def _lease(
-        self, db: sqlite3.Connection, owner: str, limit: int, now: float, lease_for: float
-    ) -> LeaseBatch:
-        rows = db.execute(
-            "UPDATE messages SET state = 'sending', lease_owner = ?, lease_until = ?,"
-            " attempts = attempts + 1 WHERE queue_id IN (SELECT queue_id FROM messages"
-            " WHERE state = 'queued' AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)"
-            " RETURNING queue_id, sender, received_at, attempts, message_id, key, strategy,"
-            " scope, size, smtputf8, body8bit, duplicate_of",
-            (owner, now + lease_for, now, limit),
-        ).fetchall()
-        (next_due,) = db.execute(
-            "SELECT min(next_attempt) FROM messages WHERE state = 'queued'"
-        ).fetchone()
-        if not rows:
-            return LeaseBatch((), next_due)
-        ids = [row[0] for row in rows]
-        marks = ",".join("?" * len(ids))
-        rcpts: dict[str, list[str]] = {qid: [] for qid in ids}
-        for qid, rcpt in db.execute(
-            "SELECT queue_id, rcpt FROM recipients"
-            f" WHERE state = 'queued' AND queue_id IN ({marks})",
-            ids,
-        ).fetchall():
-            rcpts[qid].append(rcpt)
-        small = [row[0] for row in rows if row[8] <= INLINE_BODY_LIMIT]
-        bodies: dict[str, bytes] = {}
-        if small:
-            bodies = {
-                qid: bytes(data)
-                for qid, data in db.execute(
-                    f"SELECT queue_id, data FROM bodies WHERE queue_id IN"
-                    f" ({','.join('?' * len(small))})",
-                    small,
-                ).fetchall()
-            }
-        leases = tuple(
-            Lease(
-                queue_id=r[0],
-                sender=r[1],
-                recipients=tuple(rcpts[r[0]]),
-                received_at=r[2],
-                attempts=r[3],
-                message_id=r[4],
-                key=r[5],
-                strategy=r[6],
-                scope=r[7],
-                size=r[8],
-                smtputf8=bool(r[9]),
-                body8bit=bool(r[10]),
-                duplicate_of=r[11],
-                data=bodies.get(r[0]),
-            )
-            for r in rows
-        )
-        return LeaseBatch(leases, next_due)
+        return await self._run(lambda tx: _lease(tx, owner, limit, now, lease_for))
 
     async def body(self, queue_id: str) -> bytes | None:
-        async with self.reader.execute(
-            "SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)
-        ) as cursor:
+        async with self.reader.execute(sql.SELECT_BODY, {"queue_id": queue_id}) as cursor:
             row = await cursor.fetchone()
         return None if row is None else bytes(row[0])
 
-    async def update(self, update: Update) -> str:
-        """Apply an attempt's outcome; returns the message's new state."""
-        return await self._run(lambda db: self._update(db, update))
+    async def update(self, update: Update) -> MessageState:
+        return await self._run(lambda tx: self._update(tx, update))
 
-    def _update(self, db: sqlite3.Connection, u: Update) -> str:
-        row = db.execute(
-            "SELECT key, strategy, message_id, sender, size, client, user, scope"
-            " FROM messages WHERE queue_id = ?",
-            (u.queue_id,),
-        ).fetchone()
+    def _update(self, tx: Tx, u: Update) -> MessageState:
+        row = tx.execute(sql.MESSAGE_FOR_EVENTS, {"queue_id": u.queue_id}).fetchone()
         if row is None:
             raise StoreError(f"no message {u.queue_id}")
-        db.executemany(
-            "UPDATE recipients SET state = ?, code = ?, reply = ?, upstream_id = ?, updated_at = ?"
-            " WHERE queue_id = ? AND rcpt = ?",
+        message = changes.MessageFields(**dict(zip(row.keys(), row, strict=True)))
+        tx.executemany(
+            sql.UPDATE_RECIPIENT,
             [
-                (r.state, r.code, r.reply, r.upstream_id, u.ts, u.queue_id, r.rcpt)
+                {
+                    "state": r.state,
+                    "code": r.code,
+                    "reply": r.reply,
+                    "upstream_id": r.upstream_id,
+                    "ts": u.ts,
+                    "queue_id": u.queue_id,
+                    "rcpt": r.rcpt,
+                }
                 for r in u.recipients
             ],
         )
-        released = self._settle_claims(db, u)
-        state = self._message_state(db, u)
-        names = ("key", "strategy", "message_id", "sender", "size", "client", "user")
-        common: dict[str, Any] = dict(zip(names, row[:7], strict=True))
-        events = [
-            Event(
-                ts=u.ts,
-                event=group[0].event,
-                queue_id=u.queue_id,
-                rcpts=tuple(r.rcpt for r in group),
-                upstream=u.upstream,
-                code=group[0].code,
-                reply=group[0].reply,
-                upstream_id=group[0].upstream_id,
-                duration=u.duration,
-                detail=u.detail,
-                **common,
-            )
-            for group in _group(u.recipients)
-        ]
-        if released:
-            events.append(
-                Event(
-                    ts=u.ts,
-                    event="released",
-                    queue_id=u.queue_id,
-                    rcpts=released,
-                    detail=f"key released in scope {row[7]} after final failure",
-                    **common,
-                )
-            )
-        self._insert_events(db, events)
+        released = _settle_claims(tx, u)
+        state = self._end_lease(tx, u)
+        tx.record(changes.update_events(u, message, released))
         return state
 
-    def _settle_claims(self, db: sqlite3.Connection, u: Update) -> tuple[str, ...]:
-        """A final outcome lets a claim expire with its window, or frees it (returned)."""
-        settled = [r for r in u.recipients if r.state in ("delivered", "failed", "expired")]
-        db.executemany(
-            "UPDATE claims SET pending = 0 WHERE queue_id = ? AND rcpt = ?",
-            [(u.queue_id, normalise_rcpt(r.rcpt)) for r in settled if not r.release],
-        )
-        released = [r.rcpt for r in settled if r.release]
-        db.executemany(
-            "DELETE FROM claims WHERE queue_id = ? AND rcpt = ?",
-            [(u.queue_id, normalise_rcpt(rcpt)) for rcpt in released],
-        )
-        return tuple(released)
-
-    def _message_state(self, db: sqlite3.Connection, u: Update) -> str:
-        """A message is queued while any recipient is, held while any is held, else done."""
-        states = {
-            state
-            for (state,) in db.execute(
-                "SELECT DISTINCT state FROM recipients WHERE queue_id = ?", (u.queue_id,)
-            )
-        }
-        state = "queued" if "queued" in states else "held" if "held" in states else "done"
-        db.execute(
-            "UPDATE messages SET state = ?, next_attempt = ?, lease_owner = NULL,"
-            " lease_until = NULL, finished_at = ? WHERE queue_id = ?",
-            (
-                state,
-                u.next_attempt if state == "queued" else None,
-                u.ts if state == "done" else None,
-                u.queue_id,
-            ),
+    def _end_lease(self, tx: Tx, u: Update) -> MessageState:
+        states = [
+            row["state"] for row in tx.execute(sql.RECIPIENT_STATES, {"queue_id": u.queue_id})
+        ]
+        state = changes.message_state(states)
+        tx.execute(
+            sql.END_LEASE,
+            {
+                "state": state,
+                "next_attempt": u.next_attempt if state == "queued" else None,
+                "finished_at": u.ts if state == "done" else None,
+                "queue_id": u.queue_id,
+            },
         )
         if state == "done" and self.keep_bodies <= 0:
-            db.execute("DELETE FROM bodies WHERE queue_id = ?", (u.queue_id,))
+            tx.execute(sql.DELETE_BODY, {"queue_id": u.queue_id})
         return state
 
     async def unlease(self, queue_id: str, next_attempt: float) -> None:
-        """Give back a message whose attempt was stopped before anything reached the upstream."""
-
-        def job(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE messages SET state = 'queued', next_attempt = ?, lease_owner = NULL,"
-                " lease_until = NULL, attempts = max(attempts - 1, 0)"
-                " WHERE queue_id = ? AND state = 'sending'",
-                (next_attempt, queue_id),
+        await self._run(
+            lambda tx: (
+                tx.execute(
+                    sql.UNLEASE, {"queue_id": queue_id, "next_attempt": next_attempt}
+                ).rowcount
             )
-
-        await self._run(job)
+        )
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
-        """Messages left mid-attempt by a crash: their fate upstream is unknown (ambiguous)."""
-        return await self._run(lambda db: self._recover(db, owner, now, hold))
+        return await self._run(lambda tx: self._recover(tx, owner, now, hold))
 
-    def _recover(self, db: sqlite3.Connection, owner: str, now: float, hold: bool) -> list[str]:
+    def _recover(self, tx: Tx, owner: str, now: float, hold: bool) -> list[str]:
         stuck = [
-            row[0]
-            for row in db.execute(
-                "SELECT queue_id FROM messages WHERE state = 'sending'"
-                " AND (lease_owner = ? OR lease_until < ?)",
-                (owner, now),
-            ).fetchall()
+            row["queue_id"] for row in tx.execute(sql.STUCK_LEASES, {"owner": owner, "now": now})
         ]
-        for qid in stuck:
-            rcpts = [
-                row[0]
-                for row in db.execute(
-                    "SELECT rcpt FROM recipients WHERE queue_id = ? AND state = 'queued'", (qid,)
-                ).fetchall()
-            ]
-            self._update(
-                db,
-                Update(
-                    queue_id=qid,
-                    recipients=tuple(
-                        RecipientUpdate(r, "held" if hold else "queued", "ambiguous") for r in rcpts
-                    ),
-                    next_attempt=now,
-                    upstream=None,
-                    duration=None,
-                    ts=now,
-                    detail=(
-                        "the relay stopped during a delivery attempt; "
-                        + ("held for an operator" if hold else "will be retried")
-                    ),
-                ),
-            )
+        for queue_id in stuck:
+            rcpts = _recipients_in(tx, queue_id, "queued")
+            self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold))
         return stuck
 
     async def requeue(self, queue_id: str, now: float) -> int:
-        """An operator's decision to send held recipients again."""
-
-        def job(db: sqlite3.Connection) -> int:
-            rcpts = [
-                row[0]
-                for row in db.execute(
-                    "SELECT rcpt FROM recipients WHERE queue_id = ? AND state = 'held'",
-                    (queue_id,),
-                ).fetchall()
-            ]
+        def job(tx: Tx) -> int:
+            rcpts = _recipients_in(tx, queue_id, "held")
             if rcpts:
-                self._update(
-                    db,
-                    Update(
-                        queue_id=queue_id,
-                        recipients=tuple(RecipientUpdate(r, "queued", "requeued") for r in rcpts),
-                        next_attempt=now,
-                        upstream=None,
-                        duration=None,
-                        ts=now,
-                        detail="requeued by an operator",
-                    ),
-                )
+                self._update(tx, changes.requeue_update(queue_id, rcpts, now))
             return len(rcpts)
 
         return await self._run(job)
 
     async def probe(self, now: float) -> None:
-        """Commit one tiny write: ready means the store takes writes, not only that it opened."""
-
-        def job(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO meta (name, value) VALUES ('ready-probe', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (repr(now),),
-            )
-
-        await self._run(job)
+        await self._run(lambda tx: tx.execute(sql.READY_PROBE, {"now": repr(now)}).rowcount)
 
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
-        """What is still to be delivered, per state, with the oldest receipt time of each."""
         from relay.store.reader import Reader  # the reader module imports this one
 
         return await Reader(self.reader).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
-        """Drop expired claims, kept bodies and old audit rows, a chunk per transaction."""
+        """A chunk per transaction, so a big purge never holds up the intake for long."""
         totals = {"claims": 0, "bodies": 0, "events": 0, "messages": 0}
         statements = {
-            "claims": (
-                "DELETE FROM claims WHERE rowid IN (SELECT rowid FROM claims"
-                " WHERE expires_at <= ? AND pending = 0 LIMIT ?)",
-                now,
-            ),
-            "bodies": (
-                "DELETE FROM bodies WHERE queue_id IN (SELECT queue_id FROM messages"
-                " WHERE state = 'done' AND finished_at <= ? LIMIT ?)",
-                now - self.keep_bodies,
-            ),
-            "events": (
-                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE ts < ? LIMIT ?)",
-                now - audit_retention,
-            ),
+            "claims": (sql.DELETE_EXPIRED_CLAIMS, now),
+            "bodies": (sql.DELETE_KEPT_BODIES, now - self.keep_bodies),
+            "events": (sql.DELETE_OLD_EVENTS, now - audit_retention),
         }
-        for name, (sql, cutoff) in statements.items():
-            while True:
-                deleted = max(await self._run(_deleter(sql, cutoff)), 0)
-                totals[name] += deleted
-                if deleted < PURGE_CHUNK:
-                    break
-        while True:
-            deleted = await self._run(lambda db: self._purge_messages(db, now - audit_retention))
-            totals["messages"] += deleted
-            if deleted < PURGE_CHUNK:
-                break
+        for name, (statement, cutoff) in statements.items():
+            totals[name] = await self._chunks(_deleter(statement, cutoff))
+        totals["messages"] = await self._chunks(
+            lambda tx: _purge_messages(tx, now - audit_retention)
+        )
         return totals
 
-    def _purge_messages(self, db: sqlite3.Connection, cutoff: float) -> int:
-        ids = [
-            (row[0],)
-            for row in db.execute(
-                "SELECT queue_id FROM messages WHERE state = 'done' AND finished_at < ? LIMIT ?",
-                (cutoff, PURGE_CHUNK),
-            ).fetchall()
-        ]
-        for table in ("recipients", "bodies", "messages"):
-            db.executemany(f"DELETE FROM {table} WHERE queue_id = ?", ids)
-        return len(ids)
+    async def _chunks(self, job: Callable[[Tx], int]) -> int:
+        total = 0
+        while True:
+            deleted = max(await self._run(job), 0)
+            total += deleted
+            if deleted < PURGE_CHUNK:
+                return total
 
 
-def _deleter(sql: str, cutoff: float) -> Callable[[sqlite3.Connection], int]:
-    def job(db: sqlite3.Connection) -> int:
-        cursor = db.execute(sql, (cutoff, PURGE_CHUNK))
-        return cursor.rowcount
+def _take_claims(tx: Tx, sub: Submission, claim: Claim) -> ClaimResult:
+    """Claim the key for every recipient; the unique index decides, not a prior read."""
+    now = sub.received_at
+    rcpts = sorted({normalise_rcpt(r) for r in sub.recipients})
+    params: dict[str, Any] = {
+        "scope": claim.scope,
+        "key": claim.namespaced,
+        "queue_id": sub.queue_id,
+        "fingerprint": claim.fingerprint,
+        "now": now,
+        "expires_at": now + claim.window,
+    }
+    params.update({f"rcpt{n}": rcpt for n, rcpt in enumerate(rcpts)})
+    claimed = frozenset(row["rcpt"] for row in tx.execute(sql.claim(len(rcpts)), params))
+    if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
+        return ClaimResult(claimed)  # a fingerprint key cannot conflict with its own content
+    holders = tx.execute(
+        sql.CLAIMS_OF_OTHERS,
+        {"scope": claim.scope, "key": claim.namespaced, "queue_id": sub.queue_id, "now": now},
+    )
+    return ClaimResult(
+        claimed,
+        tuple(Holder(row["rcpt"], row["queue_id"], row["fingerprint"]) for row in holders),
+    )
+
+
+def _spool(tx: Tx, sub: Submission, verdict: Verdict) -> None:
+    claim = sub.claim
+    tx.execute(
+        sql.INSERT_MESSAGE,
+        {
+            "queue_id": sub.queue_id,
+            "received_at": sub.received_at,
+            "sender": sub.sender,
+            "size": len(sub.data),
+            "message_id": sub.message_id,
+            "scope": claim.scope if claim else None,
+            "key": claim.key if claim else None,
+            "strategy": claim.strategy if claim else None,
+            "fingerprint": claim.fingerprint if claim else None,
+            "rule": sub.rule,
+            "client": sub.client,
+            "user": sub.user,
+            "helo": sub.helo,
+            "smtputf8": int(sub.smtputf8),
+            "body8bit": int(sub.body8bit),
+            "duplicate_of": verdict.duplicate_of,
+        },
+    )
+    tx.execute(sql.INSERT_BODY, {"queue_id": sub.queue_id, "data": sub.data})
+    tx.executemany(
+        sql.INSERT_RECIPIENT,
+        [
+            {"queue_id": sub.queue_id, "rcpt": r, "updated_at": sub.received_at}
+            for r in verdict.forward
+        ],
+    )
+
+
+def _lease(tx: Tx, owner: str, limit: int, now: float, lease_for: float) -> LeaseBatch:
+    rows = tx.execute(
+        sql.LEASE_DUE, {"owner": owner, "until": now + lease_for, "now": now, "limit": limit}
+    ).fetchall()
+    next_due = tx.execute(sql.NEXT_DUE).fetchone()["next_due"]
+    if not rows:
+        return LeaseBatch((), next_due)
+    ids = [row["queue_id"] for row in rows]
+    rcpts: dict[str, list[str]] = {queue_id: [] for queue_id in ids}
+    for row in tx.execute(sql.queued_recipients_of(len(ids)), sql.in_params(ids)):
+        rcpts[row["queue_id"]].append(row["rcpt"])
+    small = [row["queue_id"] for row in rows if row["size"] <= INLINE_BODY_LIMIT]
+    bodies: dict[str, bytes] = {}
+    if small:
+        bodies = {
+            row["queue_id"]: bytes(row["data"])
+            for row in tx.execute(sql.bodies_of(len(small)), sql.in_params(small))
+        }
+    leases = tuple(
+        Lease(
+            queue_id=row["queue_id"],
+            sender=row["sender"],
+            recipients=tuple(rcpts[row["queue_id"]]),
+            received_at=row["received_at"],
+            attempts=row["attempts"],
+            message_id=row["message_id"],
+            key=row["key"],
+            strategy=row["strategy"],
+            scope=row["scope"],
+            size=row["size"],
+            smtputf8=bool(row["smtputf8"]),
+            body8bit=bool(row["body8bit"]),
+            duplicate_of=row["duplicate_of"],
+            data=bodies.get(row["queue_id"]),
+        )
+        for row in rows
+    )
+    return LeaseBatch(leases, next_due)
+
+
+def _settle_claims(tx: Tx, u: Update) -> tuple[str, ...]:
+    """A final outcome lets a claim expire with its window, or frees it (returned)."""
+    settled = [r for r in u.recipients if r.state in ("delivered", "failed", "expired")]
+    tx.executemany(
+        sql.SETTLE_CLAIM,
+        [
+            {"queue_id": u.queue_id, "rcpt": normalise_rcpt(r.rcpt)}
+            for r in settled
+            if not r.release
+        ],
+    )
+    released = tuple(r.rcpt for r in settled if r.release)
+    tx.executemany(
+        sql.DELETE_RECIPIENT_CLAIM,
+        [{"queue_id": u.queue_id, "rcpt": normalise_rcpt(rcpt)} for rcpt in released],
+    )
+    return released
+
+
+def _recipients_in(tx: Tx, queue_id: str, state: str) -> list[str]:
+    rows = tx.execute(sql.RECIPIENTS_IN_STATE, {"queue_id": queue_id, "state": state})
+    return [row["rcpt"] for row in rows]
+
+
+def _deleter(statement: str, cutoff: float) -> Callable[[Tx], int]:
+    def job(tx: Tx) -> int:
+        return tx.execute(statement, {"cutoff": cutoff, "chunk": PURGE_CHUNK}).rowcount
 
     return job
 
 
-def _group(updates: Sequence[RecipientUpdate]) -> list[list[RecipientUpdate]]:
-    """One audit event per distinct outcome, listing every recipient it applies to."""
-    groups: dict[tuple[Any, ...], list[RecipientUpdate]] = {}
-    for r in updates:
-        groups.setdefault((r.event, r.code, r.reply, r.upstream_id), []).append(r)
-    return list(groups.values())
+def _purge_messages(tx: Tx, cutoff: float) -> int:
+    ids = [
+        {"queue_id": row["queue_id"]}
+        for row in tx.execute(sql.FINISHED_MESSAGES, {"cutoff": cutoff, "chunk": PURGE_CHUNK})
+    ]
+    for statement in sql.DELETE_MESSAGE_ROWS:
+        tx.executemany(statement, ids)
+    return len(ids)
 
 
 @dataclass(frozen=True)

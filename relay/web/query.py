@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 from multidict import MultiMapping
 
-from relay.cli import UsageError
+from relay.errors import UsageError
 from relay.review import parse_events, parse_limit, parse_when
 from relay.store.reader import Cursor, EventFilter
 

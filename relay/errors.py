@@ -1,0 +1,69 @@
+"""The relay's error vocabulary and the exit status each error ends a command with.
+
+Every error the relay raises on purpose is a `RelayError`, already phrased as
+one line for a person; the command line prints it and exits with the error's
+`exit_code`, never with a traceback. Exceptions that are not `RelayError`s are
+bugs. The module imports nothing from the relay, so any module may use it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "BadKey",
+    "ConfigError",
+    "ReadError",
+    "RelayError",
+    "StoreError",
+    "UnitError",
+    "UsageError",
+]
+
+EXIT_OK = 0
+# The command ran but could not do what was asked: nothing held to requeue, no such message,
+# the listening port is taken, the store would not commit.
+EXIT_FAILURE = 1
+# The operator's input is wrong (flags, config, a store that is not one); fix it and run again.
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class RelayError(Exception):
+    """Base of every error the relay raises on purpose; its text is for a person."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(RelayError):
+    """Bad input on the command line."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(RelayError, ValueError):
+    """A config problem, already phrased as `key: what is wrong`."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnitError(RelayError, ValueError):
+    """A value that is not a duration or size; the message says what is expected."""
+
+    exit_code = EXIT_USAGE
+
+
+class ReadError(RelayError):
+    """The store cannot be read; the message names the file and why."""
+
+    exit_code = EXIT_USAGE
+
+
+class StoreError(RelayError, RuntimeError):
+    """The store could not commit; an SMTP client gets a 4xx and keeps the message."""
+
+
+class BadKey(RelayError, ValueError):
+    """An idempotency header the app got wrong; the client must hear about it, not lose mail."""

@@ -1,0 +1,179 @@
+"""What every store backend records the same way, whatever SQL it speaks.
+
+The audit events for an accept and for an attempt's outcome, a message's state
+derived from its recipients', and the updates that recovery and `requeue` make.
+A backend only runs SQL around these, so two backends cannot drift apart in
+what the audit log says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relay.audit import Event
+from relay.decision import Verdict
+from relay.store import MessageState, RecipientUpdate, Submission, Update
+
+__all__ = [
+    "MessageFields",
+    "accept_events",
+    "message_state",
+    "recovery_update",
+    "requeue_update",
+    "update_events",
+]
+
+
+@dataclass(frozen=True)
+class MessageFields:
+    """The audit fields a message's events share, as the store holds them."""
+
+    key: str | None
+    strategy: str | None
+    message_id: str | None
+    sender: str | None
+    size: int | None
+    client: str | None
+    user: str | None
+    scope: str | None
+
+
+def _submission_fields(sub: Submission) -> dict[str, Any]:
+    return {
+        "queue_id": sub.queue_id,
+        "key": sub.claim.key if sub.claim else None,
+        "strategy": sub.claim.strategy if sub.claim else None,
+        "message_id": sub.message_id,
+        "sender": sub.sender,
+        "size": len(sub.data),
+        "client": sub.client,
+        "user": sub.user,
+    }
+
+
+def accept_events(sub: Submission, verdict: Verdict) -> list[Event]:
+    """`received` for what is spooled, then the conflict or duplicate the verdict found."""
+    common = _submission_fields(sub)
+    rule = f"rule={sub.rule}" if sub.rule else None
+    events: list[Event] = []
+    if verdict.forward:
+        events.append(
+            Event(
+                ts=sub.received_at, event="received", rcpts=verdict.forward, detail=rule, **common
+            )
+        )
+    claim = sub.claim
+    if claim is None:
+        return events
+    if verdict.conflict_with is not None:
+        events.append(
+            Event(
+                ts=sub.received_at,
+                event="conflict",
+                rcpts=sub.recipients,
+                original=verdict.conflict_with,
+                action=claim.on_conflict,
+                detail="same key, different content",
+                **common,
+            )
+        )
+    elif verdict.duplicates:
+        events.append(
+            Event(
+                ts=sub.received_at,
+                event="duplicate",
+                rcpts=tuple(r for r, _ in verdict.duplicates),
+                original=verdict.duplicates[0][1],
+                action="shadow" if claim.shadow else claim.on_duplicate,
+                detail=rule,
+                **common,
+            )
+        )
+    return events
+
+
+def _group(updates: Sequence[RecipientUpdate]) -> list[list[RecipientUpdate]]:
+    """One audit event per distinct outcome, listing every recipient it applies to."""
+    groups: dict[tuple[Any, ...], list[RecipientUpdate]] = {}
+    for r in updates:
+        groups.setdefault((r.event, r.code, r.reply, r.upstream_id), []).append(r)
+    return list(groups.values())
+
+
+def update_events(u: Update, message: MessageFields, released: tuple[str, ...]) -> list[Event]:
+    """One event per distinct outcome, and `released` for keys freed by a final failure."""
+    common: dict[str, Any] = {
+        "key": message.key,
+        "strategy": message.strategy,
+        "message_id": message.message_id,
+        "sender": message.sender,
+        "size": message.size,
+        "client": message.client,
+        "user": message.user,
+    }
+    events = [
+        Event(
+            ts=u.ts,
+            event=group[0].event,
+            queue_id=u.queue_id,
+            rcpts=tuple(r.rcpt for r in group),
+            upstream=u.upstream,
+            code=group[0].code,
+            reply=group[0].reply,
+            upstream_id=group[0].upstream_id,
+            duration=u.duration,
+            detail=u.detail,
+            **common,
+        )
+        for group in _group(u.recipients)
+    ]
+    if released:
+        events.append(
+            Event(
+                ts=u.ts,
+                event="released",
+                queue_id=u.queue_id,
+                rcpts=released,
+                detail=f"key released in scope {message.scope} after final failure",
+                **common,
+            )
+        )
+    return events
+
+
+def message_state(recipient_states: Iterable[str]) -> MessageState:
+    """A message is queued while any recipient is, held while any is held, else done."""
+    states = set(recipient_states)
+    return "queued" if "queued" in states else "held" if "held" in states else "done"
+
+
+def recovery_update(queue_id: str, rcpts: Sequence[str], now: float, *, hold: bool) -> Update:
+    """A message left mid-attempt: whether the upstream has it is unknown, so it is ambiguous."""
+    return Update(
+        queue_id=queue_id,
+        recipients=tuple(
+            RecipientUpdate(r, "held" if hold else "queued", "ambiguous") for r in rcpts
+        ),
+        next_attempt=now,
+        upstream=None,
+        duration=None,
+        ts=now,
+        detail=(
+            "the relay stopped during a delivery attempt; "
+            + ("held for an operator" if hold else "will be retried")
+        ),
+    )
+
+
+def requeue_update(queue_id: str, rcpts: Sequence[str], now: float) -> Update:
+    return Update(
+        queue_id=queue_id,
+        recipients=tuple(RecipientUpdate(r, "queued", "requeued") for r in rcpts),
+        next_attempt=now,
+        upstream=None,
+        duration=None,
+        ts=now,
+        detail="requeued by an operator",
+    )

@@ -1,0 +1,91 @@
+"""Fault injection for the store: SQLite statements that fail on cue, with SQLite's own errors.
+
+`Faults.fail("COMMIT")` makes the next COMMIT raise as a full or failing disk
+would; `when` narrows a fault to one job (say, the body insert of one message).
+The faults live in a `sqlite3.Connection` subclass given to the real
+`SqliteStore`, so everything around the failing statement runs for real.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from relay.config import StoreConfig
+from relay.store import OnBatch, OnCommit, Store
+from relay.store.sqlite import SqliteStore
+
+__all__ = ["DISK_FULL", "Fault", "Faults"]
+
+DISK_FULL = "database or disk is full"
+
+
+@dataclass
+class Fault:
+    statement: str
+    error: str
+    times: int
+    when: Callable[[Any], bool] | None
+
+
+class Faults:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._planned: list[Fault] = []
+        self.fired: list[str] = []
+
+    def fail(
+        self,
+        statement: str,
+        error: str = "disk I/O error",
+        *,
+        times: int = 1,
+        when: Callable[[Any], bool] | None = None,
+    ) -> None:
+        """The next `times` statements starting with `statement` (and matching `when`) fail."""
+        with self._lock:
+            self._planned.append(Fault(statement, error, times, when))
+
+    def check(self, statement: str, params: Any) -> None:
+        with self._lock:
+            for fault in self._planned:
+                if fault.times <= 0 or not statement.lstrip().startswith(fault.statement):
+                    continue
+                if fault.when is not None and not fault.when(params):
+                    continue
+                fault.times -= 1
+                self.fired.append(fault.statement)
+                raise sqlite3.OperationalError(fault.error)
+
+    def connection(self) -> type[sqlite3.Connection]:
+        faults = self
+
+        class FaultyConnection(sqlite3.Connection):
+            def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+                faults.check(sql, parameters)
+                return super().execute(sql, parameters)
+
+            def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+                rows = list(parameters)
+                for row in rows:
+                    faults.check(sql, row)
+                return super().executemany(sql, rows)
+
+        return FaultyConnection
+
+    def store_factory(self) -> Callable[[StoreConfig, OnCommit, OnBatch], Store]:
+        """For `App(store_factory=...)`: the real SQLite store on a faulty connection."""
+
+        def make(config: StoreConfig, on_commit: OnCommit, on_batch: OnBatch) -> Store:
+            return SqliteStore(
+                config.path,
+                keep_bodies=config.keep_bodies,
+                on_commit=on_commit,
+                on_batch=on_batch,
+                connection_factory=self.connection(),
+            )
+
+        return make

@@ -1,0 +1,147 @@
+"""The group-commit writer on its own: batching, a savepoint per job, all or nothing per commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.audit import Event
+from relay.errors import StoreError
+from relay.store.sqlite import Tx, run_batch
+from relay.store.writer import BatchResult, GroupCommit
+from tests.faults import Faults
+
+
+class Harness:
+    """A GroupCommit over SQLite's own batch runner, on a one-table database."""
+
+    def __init__(self, path: Path, faults: Faults, limit: int) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, factory=faults.connection())
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("CREATE TABLE notes (text TEXT NOT NULL)")
+        self.db.execute(
+            "CREATE TABLE events (ts REAL, event TEXT, queue_id TEXT, key TEXT, strategy TEXT,"
+            " message_id TEXT, sender TEXT, rcpts TEXT, size INTEGER, client TEXT, user TEXT,"
+            " upstream TEXT, code INTEGER, reply TEXT, upstream_id TEXT, duration REAL,"
+            " original TEXT, action TEXT, detail TEXT)"
+        )
+        self.committed: list[list[Event]] = []
+        self.batch_sizes: list[int] = []
+        self.writer: GroupCommit[Callable[[Tx], Any]] = GroupCommit(
+            self._run, limit=limit, on_commit=self.committed.append
+        )
+
+    async def _run(self, jobs: list[Callable[[Tx], Any]]) -> BatchResult:
+        self.batch_sizes.append(len(jobs))
+        return run_batch(self.db, jobs)
+
+    def notes(self) -> list[str]:
+        return [row["text"] for row in self.db.execute("SELECT text FROM notes ORDER BY rowid")]
+
+
+def note(text: str, *, fail: bool = False) -> Callable[[Tx], str]:
+    """A job that writes a row and an event, then (if `fail`) raises after writing."""
+
+    def job(tx: Tx) -> str:
+        tx.execute("INSERT INTO notes (text) VALUES (:text)", {"text": text})
+        tx.record([Event(ts=0.0, event="received", queue_id=text)])
+        if fail:
+            raise ValueError(f"{text} broke after writing")
+        return text
+
+    return job
+
+
+@pytest.fixture
+def faults() -> Faults:
+    return Faults()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, faults: Faults) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path / "writer.db", faults, limit=4)
+    h.writer.start()
+    yield h
+    await h.writer.stop()
+    h.db.close()
+
+
+async def test_jobs_waiting_together_share_one_commit(harness: Harness) -> None:
+    futures = [harness.writer.submit(note(f"n{i}")) for i in range(3)]
+    assert await asyncio.gather(*futures) == ["n0", "n1", "n2"]
+    assert harness.batch_sizes == [3]
+    assert harness.notes() == ["n0", "n1", "n2"]
+    assert [[e.queue_id for e in batch] for batch in harness.committed] == [["n0", "n1", "n2"]]
+
+
+async def test_a_batch_never_exceeds_its_limit(harness: Harness) -> None:
+    futures = [harness.writer.submit(note(f"n{i}")) for i in range(10)]
+    await asyncio.gather(*futures)
+    assert harness.batch_sizes == [4, 4, 2]
+    assert harness.writer.batches == 3 and harness.writer.jobs_run == 10
+
+
+async def test_a_failing_job_is_rolled_back_to_its_savepoint_and_the_others_commit(
+    harness: Harness,
+) -> None:
+    futures = [
+        harness.writer.submit(note("first")),
+        harness.writer.submit(note("broken", fail=True)),
+        harness.writer.submit(note("third")),
+    ]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0] == "first" and results[2] == "third"
+    assert isinstance(results[1], StoreError)
+    assert "broken broke after writing" in str(results[1])
+    assert harness.batch_sizes == [3]
+    assert harness.notes() == ["first", "third"]
+    assert [e.queue_id for e in harness.committed[0]] == ["first", "third"]
+
+
+async def test_a_failed_commit_fails_every_job_of_the_batch_and_keeps_nothing(
+    harness: Harness, faults: Faults
+) -> None:
+    faults.fail("COMMIT", "disk I/O error")
+    futures = [harness.writer.submit(note(f"lost{i}")) for i in range(3)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, StoreError) for r in results)
+    assert "disk I/O error" in str(results[0])
+    assert harness.notes() == []
+    assert harness.committed == []
+    assert harness.writer.failed_batches == 1
+    assert await harness.writer.run(note("after")) == "after"
+    assert harness.notes() == ["after"]
+
+
+async def test_a_batch_that_cannot_begin_fails_and_the_writer_goes_on(
+    harness: Harness, faults: Faults
+) -> None:
+    faults.fail("BEGIN", "database is locked")
+    with pytest.raises(StoreError, match="database is locked"):
+        await harness.writer.run(note("refused"))
+    assert await harness.writer.run(note("next")) == "next"
+    assert harness.notes() == ["next"]
+
+
+async def test_an_error_in_the_savepoint_machinery_fails_the_whole_batch(
+    harness: Harness, faults: Faults
+) -> None:
+    faults.fail("RELEASE", "disk I/O error")
+    futures = [harness.writer.submit(note("a")), harness.writer.submit(note("b"))]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, StoreError) for r in results)
+    assert harness.notes() == []
+
+
+async def test_stop_runs_what_is_queued_then_refuses_new_jobs(harness: Harness) -> None:
+    queued = harness.writer.submit(note("last"))
+    await harness.writer.stop()
+    assert queued.result() == "last"
+    with pytest.raises(StoreError, match="not open"):
+        harness.writer.submit(note("late"))
+    harness.writer.start()  # for the fixture's stop
