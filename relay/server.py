@@ -20,7 +20,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
@@ -386,8 +386,9 @@ class RelaySMTP(SMTP):
             super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _hang_up(self, reply: bytes) -> None:
-        transport = self.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance here.
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is None or transport.is_closing():
             return
         transport.write(reply)
         if not (self.in_data and transport.can_write_eof()):
@@ -402,7 +403,7 @@ class RelaySMTP(SMTP):
         self._discarding = True
         self.in_data = False
         self._give_back()
-        if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+        if not transport.is_reading():
             transport.resume_reading()
         self.loop.call_later(LINGER, transport.close)
 
