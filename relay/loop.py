@@ -2,8 +2,8 @@
 
 uvloop (libuv under asyncio's API) runs the same code with less CPU per
 connection and per write. It is an optional extra (`pip install
-'dedup-relay[uvloop]'`) rather than a dependency, so the relay still installs where
-no wheel exists; `runtime.event_loop` chooses, and `auto` takes uvloop when present.
+'dedup-relay[uvloop]'`, in the Docker image) rather than a dependency, so the relay
+still installs where no wheel exists; `serve` takes it whenever it is importable.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ SIGHUP, and exits 0 once every worker has shut down cleanly.
 
 Workers are started as new interpreters (`python -m relay serve --workers 1 ...`), as
 uvicorn does, not forked: nothing of the parent's event loop or threads leaks into one.
-Each worker gets its own lease owner name (`<instance>/<slot>`), so a restarted worker
+Each worker gets its own instance name (`<instance>.w<slot>`) for its delivery leases (and
+for the store's lock on a live name), so two workers never share one, and a restarted worker
 takes back the leases its predecessor held, exactly as a restarted relay does. A worker
 dies with the parent (`PR_SET_PDEATHSIG`), so `kill -9` of the parent is `kill -9` of
 the relay, which the store is built to survive.
@@ -42,6 +43,7 @@ __all__ = [
     "default_workers",
     "die_with_parent",
     "parse_worker_option",
+    "worker_instance",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ WORKER_OPTION = "--worker-slot"
 STABLE_AFTER = 10.0
 MAX_PAUSE = 30.0
 _PR_SET_PDEATHSIG = 1
+
+
+def worker_instance(instance: str, slot: int) -> str:
+    """The instance name of the worker in `slot`: stable across its restarts, unique per slot."""
+    return f"{instance}.w{slot}"
 
 
 def default_workers() -> int:
@@ -184,7 +191,7 @@ class Supervisor:
                 "--workers",
                 "1",
                 "--instance",
-                f"{self.instance}/{slot}",
+                worker_instance(self.instance, slot),
                 WORKER_OPTION,
                 f"{slot}:{write_end}:{os.getpid()}",
                 env=self._env(),
