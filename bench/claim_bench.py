@@ -7,7 +7,10 @@ Every key is seeded through the same `SqliteStore.accept` the SMTP path uses.
     python bench/claim_bench.py [--keys 1000000] [--sample 20000] [--dir DIR]
 
 Prints accepts per second (256 in flight, as many SMTP sessions would) and the
-latency of one accept at a time, for new keys and for repeats, at 0 and N keys.
+latency of one accept at a time, for new keys and for repeats, at 0 and N keys;
+then bytes on disk per live key, table by table and index by index (SQLite's
+`dbstat`), so the cost of a claim can be told from the spool and audit rows that
+every accepted message also writes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import os
 import random
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -116,6 +120,19 @@ async def main() -> None:
         await measure(store, f"{args.keys:,} keys", seeded, args.sample, 50_000_000)
     finally:
         await store.close()
+    space(path, args.keys)
+
+
+def space(path: Path, keys: int) -> None:
+    """Bytes on disk per live key, by table and index (pages in use, from `dbstat`)."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC"
+        ).fetchall()
+    total = sum(size for _, size in rows)
+    print(f"bytes on disk per live key: {total / keys:,.0f} (file {path.stat().st_size:,} B)")
+    for name, size in rows[:12]:
+        print(f"  {name:<40} {size / keys:8,.0f} B/key")
 
 
 if __name__ == "__main__":

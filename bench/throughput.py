@@ -184,15 +184,19 @@ def relay(
         "listen": {"port": port, **(listen or {})},
         "upstream": {"url": f"smtp://127.0.0.1:{sink.port}"},
         "store": {"path": str(folder / "relay.db")},
-        "audit": {"output": "none"},
-        "runtime": {"log_level": "warning"},
     }
     path = folder / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "relay", "serve", "--config", str(path)]
     if workers is not None:
         command += ["--workers", str(workers)]
-    proc = subprocess.Popen(command, cwd=ROOT, stderr=(folder / "relay.log").open("wb"))
+    # The default audit output is JSON lines on stdout and logs on stderr: both to files.
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=(folder / "audit.jsonl").open("ab"),
+        stderr=(folder / "relay.log").open("ab"),
+    )
     try:
         wait_port(port)
         # Until the process tree has stopped growing: every worker forked and listening.
