@@ -14,8 +14,6 @@ from typing import Any
 from tests.conftest import (
     RelayProcess,
     Upstream,
-    base_config,
-    deep_merge,
     eventually,
     free_port,
     http_get,
@@ -24,13 +22,7 @@ from tests.conftest import (
     send,
 )
 from tests.test_metrics import scrape
-from tests.test_restart import message_ids
-
-
-def config_for(tmp_path: Path, upstream: Upstream, **extra: Any) -> dict[str, Any]:
-    config = base_config(tmp_path, upstream.port)
-    config["listen"]["port"] = free_port()
-    return deep_merge(config, extra)
+from tests.test_restart import message_ids, process_config
 
 
 def worker_pids(relay: RelayProcess) -> dict[int, int]:
@@ -53,7 +45,7 @@ async def test_default_is_one_worker_per_cpu_each_leasing_under_its_own_name(
     tmp_path: Path, upstream: Upstream, relay_process: Any
 ) -> None:
     upstream.script.data_delay = 0.5
-    relay = relay_process(config_for(tmp_path, upstream))
+    relay = relay_process(process_config(tmp_path, upstream))
     relay.instance = "edge"
     await asyncio.to_thread(relay.start)
     relay.drain_stderr()
@@ -80,7 +72,7 @@ async def test_kill_9_of_a_worker_starts_a_new_one_that_delivers_what_the_dead_o
     tmp_path: Path, upstream: Upstream, relay_process: Any
 ) -> None:
     upstream.script.data_delay = 0.3
-    relay = relay_process(config_for(tmp_path, upstream))
+    relay = relay_process(process_config(tmp_path, upstream))
     await asyncio.to_thread(relay.start)
     relay.drain_stderr()
     promised = set()
@@ -118,7 +110,7 @@ async def test_side_port_speaks_for_every_worker(
     tmp_path: Path, upstream: Upstream, relay_process: Any
 ) -> None:
     http_port = free_port()
-    config = config_for(tmp_path, upstream, http={"listen": f"127.0.0.1:{http_port}"})
+    config = process_config(tmp_path, upstream, http={"listen": f"127.0.0.1:{http_port}"})
     relay = relay_process(config, env={})
     relay.instance = "edge"
     await asyncio.to_thread(relay.start)

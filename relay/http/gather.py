@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,7 @@ from prometheus_client.samples import Sample
 
 from relay.config import HttpConfig
 from relay.health import OK, Verdict
-from relay.http.site import SHUTDOWN_TIMEOUT, ListenError
+from relay.http.site import SidePort
 
 if TYPE_CHECKING:
     from relay.workers import Supervisor
@@ -93,30 +92,19 @@ class GatherPort:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_route("*", "/{tail:.*}", self.proxy)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        self._site = SidePort(config, app)
         self._client: aiohttp.ClientSession | None = None
 
     @property
     def port(self) -> int:
-        for address in self._runner.addresses:
-            return int(address[1])
-        raise RuntimeError("the HTTP side port is not listening")
+        return self._site.port
 
     async def start(self) -> None:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenError(
-                f"cannot listen on {self.config.listen} (http.listen): {reason}"
-            ) from None
+        await self._site.start()
         self._client = aiohttp.ClientSession(timeout=_TIMEOUT, auto_decompress=False)
 
     async def stop(self) -> None:
-        await self._runner.cleanup()
+        await self._site.stop()
         if self._client is not None:
             await self._client.close()
 
