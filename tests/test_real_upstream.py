@@ -219,7 +219,12 @@ async def test_tempfail_at_each_stage_defers_then_a_clean_upstream_gets_it_once(
     relay = await relay_to(make_relay, faulty.port)
     assert (await send(relay.port, make_message(f"tempfail at {stage}"))).code == 250
     deferred = await wait_for_event(relay, "deferred", count=2)
-    assert all(e["code"] is not None and e["code"] // 100 == 4 for e in deferred), deferred
+    # An attempt that reached the upstream records its 4xx. One refused before MAIL marks the
+    # upstream down for a while: attempts meanwhile are deferred untried, with that reason.
+    tried = [e for e in deferred if "down:" not in (e["detail"] or "")]
+    assert tried[0] == deferred[0]
+    assert all(e["code"] is not None and e["code"] // 100 == 4 for e in tried), deferred
+    assert all("command failed" in e["reply"] for e in deferred), deferred
     assert await relay.events("failed") == []
     assert (await message_state(relay))[0] in ("queued", "sending")
     # smtp-sink keeps the bytes it got before refusing the final dot, and only then.
@@ -268,9 +273,13 @@ async def test_hardfail_before_mail_defers_and_keeps_the_message(
     await eventually(outcome, what="the relay to decide about a 5xx before MAIL")
     failed = await relay.events("failed")
     assert failed == [], f"a 5xx at {stage} failed the message for good: {failed[0]['reply']!r}"
-    # What the relay does: each attempt is a deferral that records the upstream's 5xx reply.
+    # What the relay does: each attempt is a deferral that records the upstream's 5xx reply;
+    # while the upstream is marked down for it, attempts are deferred with that reason untried.
     deferred = await relay.events("deferred")
-    assert all(e["code"] == 500 and "command failed" in e["reply"] for e in deferred), deferred
+    tried = [e for e in deferred if "down:" not in (e["detail"] or "")]
+    assert tried[0] == deferred[0]
+    assert all(e["code"] == 500 for e in tried), deferred
+    assert all("command failed" in e["reply"] for e in deferred), deferred
     assert (await message_state(relay))[0] in ("queued", "sending")
     assert mail_commands(faulty) == 0
     await asyncio.to_thread(faulty.stop)
