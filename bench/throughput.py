@@ -79,15 +79,20 @@ class Sink:
 
 
 @contextmanager
-def relay(folder: Path, sink_port: int, processes: int) -> Iterator[int]:
-    """`processes` relays on one port (SO_REUSEPORT) sharing one store, as in production."""
+def relay(
+    folder: Path, sink_port: int, processes: int, extra: dict[str, object] | None = None
+) -> Iterator[int]:
+    """`processes` relays on one port (SO_REUSEPORT) sharing one store, as in production.
+
+    `extra` adds top-level config sections (such as `upstreams`)."""
     port = free_port()
-    config = {
+    config: dict[str, object] = {
         "listen": {"port": port, "max_connections": 1000, "reuse_port": processes > 1},
         "upstream": {"url": f"smtp://127.0.0.1:{sink_port}"},
         "store": {"path": str(folder / "relay.db")},
         "audit": {"output": "none"},
         "runtime": {"log_level": "warning"},
+        **(extra or {}),
     }
     path = folder / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
