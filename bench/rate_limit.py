@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import Sink, load, relay
+from throughput import Sink, load, relay, require_tools
 
 
 def run(
@@ -58,9 +58,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=50, help="messages per second when paced")
     parser.add_argument("--sessions", type=int, default=20)
     args = parser.parse_args()
-    for tool in ("smtp-source", "smtp-sink"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
+    require_tools()
     folder = Path(tempfile.mkdtemp(prefix="rate-limit-"))
     print(
         f"2,000-byte messages over {args.sessions} sessions; {os.cpu_count()} CPUs;"

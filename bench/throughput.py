@@ -135,6 +135,12 @@ def load(port: int, messages: int, sessions: int, size: int, fixed: Path | None 
     return began
 
 
+def require_tools() -> None:
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
+
+
 def report(label: str, messages: int, began: float, accepted: float, delivered: float) -> None:
     print(
         f"{label:<34} accepted {messages / (accepted - began):7,.0f} msg/s"
@@ -207,9 +213,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--postfix", action="store_true", help="also measure Postfix itself")
     args = parser.parse_args()
-    for tool in ("smtp-source", "smtp-sink"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
+    require_tools()
     folder = Path(tempfile.mkdtemp(prefix="throughput-"))
     print(
         f"{args.messages:,} messages of {args.size:,} bytes over {args.sessions} sessions; "

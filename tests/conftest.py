@@ -395,6 +395,15 @@ class Relay:
             columns = [c[0] for c in cursor.description]
             return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
 
+    async def wait_for_events(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+        """Every `name` event, once at least `count` of them are in the store."""
+
+        async def enough() -> bool:
+            return len(await self.events(name)) >= count
+
+        await eventually(enough, what=f"{count} {name!r} event(s)")
+        return await self.events(name)
+
     async def idle(self, timeout: float = DEADLINE) -> None:
         """Wait until nothing is queued or being sent (held messages do not count)."""
 

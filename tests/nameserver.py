@@ -15,9 +15,7 @@ import re
 import socket
 import subprocess
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import TracebackType
+from dataclasses import dataclass
 from typing import Self
 
 import dns.message
@@ -25,7 +23,7 @@ import dns.nameserver
 import dns.rcode
 import dns.resolver
 
-from tests.mta import LOOPBACK, _make_workdir, free_port, require_program, wait_until
+from tests.mta import LOOPBACK, _make_workdir, _Server, free_port, require_program, wait_until
 
 __all__ = ["Dnsmasq", "Zone"]
 
@@ -73,19 +71,16 @@ class _Servfail:
         self.sock.close()
 
 
-@dataclass
-class Dnsmasq:
+class Dnsmasq(_Server):
     """dnsmasq on 127.0.0.1 and a port of its own, serving `zone`; a context manager."""
 
-    zone: Zone
-    port: int = 0
-    workdir: Path = field(default_factory=lambda: _make_workdir("dnsmasq-"))
-    _proc: subprocess.Popen[bytes] | None = None
-    _servfail: _Servfail | None = None
-
-    @property
-    def log_file(self) -> Path:
-        return self.workdir / "dnsmasq.log"
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.port = 0
+        self.workdir = _make_workdir("dnsmasq-")
+        self.log_file = self.workdir / "dnsmasq.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._servfail: _Servfail | None = None
 
     @property
     def address(self) -> str:
@@ -153,12 +148,6 @@ class Dnsmasq:
             return None
         return True
 
-    def log(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def queries(self, name: str, rdtype: str) -> int:
         """How many times a resolver asked for `name`'s `rdtype` records."""
         pattern = rf"query\[{re.escape(rdtype)}\] {re.escape(name)} from "
@@ -179,14 +168,3 @@ class Dnsmasq:
         if self._servfail is not None:
             self._servfail.close()
             self._servfail = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

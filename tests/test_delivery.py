@@ -22,14 +22,6 @@ from tests.conftest import (
 )
 
 
-async def wait_for_events(relay: Relay, name: str, count: int = 1) -> list[dict[str, Any]]:
-    async def enough() -> bool:
-        return len(await relay.events(name)) >= count
-
-    await eventually(enough, what=f"{count} {name!r} event(s)")
-    return await relay.events(name)
-
-
 async def test_tempfail_is_retried_until_delivered(make_relay, upstream: Upstream) -> None:
     upstream.script.data = ["451 4.3.0 try later", "421 4.7.0 busy"]
     relay = await make_relay()
@@ -268,7 +260,7 @@ async def test_password_is_never_sent_to_an_upstream_without_tls(
 ) -> None:
     async with relay_behind_login(make_relay, monkeypatch, "s3cret-pass", None) as (relay, up):
         assert (await send(relay.port, make_message())).code == 250
-        [deferred, *_] = await wait_for_events(relay, "deferred")
+        [deferred, *_] = await relay.wait_for_events("deferred")
         assert "offers no TLS, so its password was not sent" in deferred["reply"]
         assert "allow_plaintext_auth" in deferred["reply"]
         assert up.auth_attempts == 0

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests import mta
-from tests.conftest import Certificates, Relay, Upstream, eventually, make_message, send
+from tests.conftest import Certificates, Relay, Upstream, make_message, send
 from tests.mta import SmtpSink, free_port
 from tests.nameserver import Dnsmasq, Zone
 
@@ -85,14 +85,6 @@ async def direct_relay(
     return await make_relay(upstream=upstream, **overrides)
 
 
-async def outcome(relay: Relay, name: str) -> dict[str, Any]:
-    async def found() -> bool:
-        return bool(await relay.events(name))
-
-    await eventually(found, what=f"a {name!r} event")
-    return (await relay.events(name))[0]
-
-
 async def test_recipients_are_grouped_by_domain_and_each_domain_reaches_its_own_servers(
     make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
 ) -> None:
@@ -149,7 +141,7 @@ async def test_an_unreachable_mx_hands_the_message_to_the_next_one(
     port, servers = mail_servers
     relay = await direct_relay(make_relay, dnsmasq, port)
     await send(relay.port, make_message(), rcpts=("dee@dead.test",))
-    event = await outcome(relay, "delivered")
+    event = (await relay.wait_for_events("delivered"))[0]
     assert "relay=up.dead.test[127.0.0.7]" in event["reply"]
     assert [m.rcpts for m in servers["127.0.0.7"].messages] == [["dee@dead.test"]]
 
@@ -175,7 +167,7 @@ async def test_a_domain_that_does_not_exist_fails_for_good(
     port, _ = mail_servers
     relay = await direct_relay(make_relay, dnsmasq, port)
     await send(relay.port, make_message(), rcpts=("who@nope.test",))
-    event = await outcome(relay, "failed")
+    event = (await relay.wait_for_events("failed"))[0]
     assert "no such domain" in event["reply"]
 
 
@@ -185,7 +177,7 @@ async def test_a_dns_failure_defers_and_keeps_the_message(
     port, _ = mail_servers
     relay = await direct_relay(make_relay, dnsmasq, port)
     await send(relay.port, make_message(), rcpts=("ann@servfail.test",))
-    event = await outcome(relay, "deferred")
+    event = (await relay.wait_for_events("deferred"))[0]
     assert "SERVFAIL" in event["reply"] and event["reply"].startswith("4.4.3")
     assert await relay.events("failed") == []
     assert await relay.rows("SELECT state FROM recipients") == [("queued",)]

@@ -72,14 +72,6 @@ async def message_state(relay: Relay) -> tuple[str, int]:
     return str(state), int(attempts)
 
 
-async def wait_for_event(relay: Relay, name: str, count: int = 1) -> list[dict[str, Any]]:
-    async def enough() -> bool:
-        return len(await relay.events(name)) >= count
-
-    await eventually(enough, what=f"{count} {name!r} event(s)")
-    return await relay.events(name)
-
-
 def mail_commands(sink: SmtpSink) -> int:
     """MAIL FROM commands in smtp-sink's transcript: one per delivery attempt that got that far."""
     return len(re.findall(r"^\S*smtp-sink: MAIL FROM:", sink.log(), re.MULTILINE))
@@ -162,7 +154,7 @@ async def test_untrusted_postfix_certificate_defers_and_never_sends_in_clear(
         upstream["ca_file"] = str(other.cert_file)
     relay = await relay_to(make_relay, postfix.port, upstream=upstream)
     assert (await send(relay.port, make_message("never in clear"))).code == 250
-    deferred = await wait_for_event(relay, "deferred", count=2)
+    deferred = await relay.wait_for_events("deferred", count=2)
     assert all("certificate" in e["reply"].lower() for e in deferred), deferred
     assert (await message_state(relay))[0] in ("queued", "sending")
     assert await relay.events("delivered") == []
@@ -218,7 +210,7 @@ async def test_tempfail_at_each_stage_defers_then_a_clean_upstream_gets_it_once(
     faulty = await start_sink(sink_factory, tempfail=STAGES[stage])
     relay = await relay_to(make_relay, faulty.port)
     assert (await send(relay.port, make_message(f"tempfail at {stage}"))).code == 250
-    deferred = await wait_for_event(relay, "deferred", count=2)
+    deferred = await relay.wait_for_events("deferred", count=2)
     # An attempt that reached the upstream records its 4xx. One refused before MAIL marks the
     # upstream down for a while: attempts meanwhile are deferred untried, with that reason.
     tried = [e for e in deferred if "down:" not in (e["detail"] or "")]
@@ -246,7 +238,7 @@ async def test_hardfail_in_the_transaction_fails_the_message_and_never_retries(
     sink = await start_sink(sink_factory, hardfail=STAGES[stage])
     relay = await relay_to(make_relay, sink.port)
     assert (await send(relay.port, make_message(f"hardfail at {stage}"))).code == 250
-    [failed] = await wait_for_event(relay, "failed")
+    [failed] = await relay.wait_for_events("failed")
     await relay.idle()
     assert failed["code"] // 100 == 5, failed
     assert await relay.events("deferred") == []
@@ -297,7 +289,7 @@ async def test_lost_reply_after_data_is_ambiguous_and_retried_at_least_once(
     faulty = await start_sink(sink_factory, drop=[END_OF_DATA])
     relay = await relay_to(make_relay, faulty.port, delivery=delivery)
     assert (await send(relay.port, make_message("reply lost"))).code == 250
-    [ambiguous] = await wait_for_event(relay, "ambiguous")
+    [ambiguous] = await relay.wait_for_events("ambiguous")
     assert "after the message was sent" in ambiguous["reply"]
     await asyncio.to_thread(faulty.stop)
     clean = await start_sink(sink_factory, port=faulty.port)
@@ -318,7 +310,7 @@ async def test_lost_reply_after_data_is_held_and_not_retried_under_hold(
     sink = await start_sink(sink_factory, drop=[END_OF_DATA])
     relay = await relay_to(make_relay, sink.port, delivery={"on_ambiguous": "hold"})
     assert (await send(relay.port, make_message("reply lost, hold"))).code == 250
-    [ambiguous] = await wait_for_event(relay, "ambiguous")
+    [ambiguous] = await relay.wait_for_events("ambiguous")
     await relay.idle()
     assert await message_state(relay) == ("held", 1)
     assert await relay.rows("SELECT state FROM recipients") == [("held",)]

@@ -274,18 +274,10 @@ async def test_mail_matching_no_route_goes_to_the_first_upstream_alone(
         routes=[{"match": {"sender": "*@elsewhere.example"}, "upstreams": ["second"]}],
     )
     await send(relay.port, make_message())
-    deferred = await eventually_event(relay, "deferred")
+    deferred = (await relay.wait_for_events("deferred"))[0]
     assert deferred["upstream"] == "first"
     assert await relay.events("failover") == []
     assert upstream.connections == 0
-
-
-async def eventually_event(relay: Relay, name: str) -> dict[str, Any]:
-    async def found() -> bool:
-        return bool(await relay.events(name))
-
-    await eventually(found, what=f"a {name!r} event")
-    return (await relay.events(name))[0]
 
 
 # --- connections, throttling, rate ------------------------------------------------------------
@@ -316,7 +308,7 @@ async def test_a_throttling_reply_pauses_that_upstream_instead_of_retrying_hard(
         upstreams=[{"name": "provider", "url": url(upstream.port)}],
     )
     await send(relay.port, make_message("throttled"))
-    deferred = await eventually_event(relay, "deferred")
+    deferred = (await relay.wait_for_events("deferred"))[0]
     assert "Rate limit" in deferred["reply"]
     pacer = relay.app.delivery.upstreams.pools["provider"].pacer
     await send(relay.port, make_message("next"))
