@@ -103,6 +103,23 @@ async def first_outcome(relay: Relay) -> dict[str, Any]:
     return (await relay.events())[1]
 
 
+async def deferred_unsent_then_sent_once(
+    relay: Relay, server: RawUpstream, mend: Callable[[], None]
+) -> dict[str, Any]:
+    """The first attempt sends no payload and is deferred; once the upstream is `mend`ed, the
+    message goes exactly once. Returns the deferred event."""
+    event = await first_outcome(relay)
+    assert event["event"] == "deferred", event
+    assert await relay.events("delivered") == []
+    assert server.payloads == [] and not any(server.partial)
+    mend()
+    await eventually(lambda: server.payloads, what="the payload once the upstream is sane")
+    await relay.idle()
+    assert len(server.payloads) == 1
+    assert len(await relay.events("delivered")) == 1
+    return event
+
+
 # --- only 354 lets the payload go ----------------------------------------------------------
 
 
@@ -117,18 +134,12 @@ async def test_a_reply_to_data_other_than_354_is_a_failed_attempt_never_a_delive
     async with raw_upstream(DATA=reply) as server:
         relay = await relay_to_raw(make_relay, server)
         assert (await send(relay.port, make_message("no body went out"))).code == 250
-        event = await first_outcome(relay)
-        assert event["event"] == "deferred", event
-        assert "instead of 354" in event["reply"]
-        assert await relay.events("delivered") == []
-        assert server.payloads == [] and not any(server.partial)
         # The upstream mends its ways: the message is still there, and goes exactly once.
-        server.replies["DATA"] = GOOD["DATA"]
-        await eventually(lambda: server.payloads, what="the payload at last")
-        await relay.idle()
-        assert len(server.payloads) == 1
+        event = await deferred_unsent_then_sent_once(
+            relay, server, lambda: server.replies.update(DATA=GOOD["DATA"])
+        )
+        assert "instead of 354" in event["reply"]
         assert b"no body went out" in server.payloads[0]
-        assert len(await relay.events("delivered")) == 1
 
 
 async def test_a_5xx_to_data_fails_the_message_without_sending_it(
@@ -155,15 +166,9 @@ async def test_a_stray_reply_that_shifts_the_stream_is_a_failed_attempt_never_a_
     async with raw_upstream(RCPT=GOOD["RCPT"] + stray) as server:
         relay = await relay_to_raw(make_relay, server)
         assert (await send(relay.port, make_message("shifted"))).code == 250
-        event = await first_outcome(relay)
-        assert event["event"] == "deferred", event
-        assert await relay.events("delivered") == []
-        assert server.payloads == [] and not any(server.partial)
-        server.replies["RCPT"] = GOOD["RCPT"]
-        await eventually(lambda: server.payloads, what="the payload once the stream is sane")
-        await relay.idle()
-        assert len(server.payloads) == 1
-        assert len(await relay.events("delivered")) == 1
+        await deferred_unsent_then_sent_once(
+            relay, server, lambda: server.replies.update(RCPT=GOOD["RCPT"])
+        )
 
 
 # --- after the payload, only a clear reply is an answer ----------------------------------
