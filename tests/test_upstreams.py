@@ -139,6 +139,42 @@ async def test_a_421_before_the_payload_fails_over_and_the_message_is_sent_once(
     assert len(upstream.messages) == 1
 
 
+@pytest.mark.parametrize("fault", ["greeting", "ehlo", "tls"])
+async def test_a_primary_failing_before_mail_fails_over_without_counting_an_attempt(
+    make_relay: RelayFactory,
+    upstream: Upstream,
+    sink_factory: SinkFactory,
+    certificates: Certificates,
+    fault: str,
+) -> None:
+    if fault == "tls":
+        # A certificate from a CA the relay was not given: the handshake fails.
+        refusing = Upstream(tls_context=certificates.server_context(), implicit_tls=True)
+        await refusing.start()
+        primary = f"smtps://127.0.0.1:{refusing.port}"
+    else:
+        commands = ["CONNECT"] if fault == "greeting" else mta.FAULT_STAGES["helo"]
+        primary = url((await start_sink(sink_factory, hardfail=commands)).port)
+    try:
+        relay = await make_relay(
+            upstreams=[
+                {"name": "primary", "url": primary},
+                {"name": "backup", "url": url(upstream.port)},
+            ],
+            routes=[{"upstreams": ["primary", "backup"]}],
+        )
+        first = queue_id(await send(relay.port, make_message()))
+        await upstream.wait_for(1)
+        await relay.idle()
+        events = await events_of(relay, first)
+        assert [e["event"] for e in events] == ["received", "failover", "delivered"]
+        assert (events[1]["upstream"], events[2]["upstream"]) == ("primary", "backup")
+        assert await relay.rows("SELECT attempts FROM messages WHERE queue_id = ?", first) == [(1,)]
+    finally:
+        if fault == "tls":
+            await refusing.stop()
+
+
 async def two_upstreams(make_relay: RelayFactory, primary: Upstream, **overrides: Any) -> Relay:
     return await make_relay(
         upstreams=[
