@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -135,9 +136,9 @@ def rss_mb(pid: int) -> float:
 class Sink:
     """smtp-sink counting messages; its -c counter is the only thing read back."""
 
-    def __init__(self, folder: Path, name: str) -> None:
+    def __init__(self, folder: Path, name: str = "") -> None:
         self.port = free_port()
-        self.out = folder / f"sink-{name}.txt"
+        self.out = folder / f"sink-{name or self.port}.txt"
         self.proc = subprocess.Popen(
             ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1000"],
             stdout=self.out.open("wb"),
@@ -176,14 +177,18 @@ class Server:
 
 @contextmanager
 def relay(
-    folder: Path, sink: Sink, workers: int | None, listen: dict[str, object] | None = None
+    folder: Path, sink: Sink, workers: int | None, extra: dict[str, Any] | None = None
 ) -> Iterator[Server]:
-    """`serve` with the defaults, apart from the upstream URL (and a port and a store path)."""
+    """`serve` with the defaults, apart from the upstream URL (and a port and a store path).
+
+    `extra` adds top-level config sections (`upstreams`; keys of `listen` are merged)."""
     port = free_port()
+    extra = dict(extra or {})
     config = {
-        "listen": {"port": port, **(listen or {})},
+        "listen": {"port": port, **extra.pop("listen", {})},
         "upstream": {"url": f"smtp://127.0.0.1:{sink.port}"},
         "store": {"path": str(folder / "relay.db")},
+        **extra,
     }
     path = folder / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -229,11 +234,20 @@ def postfix(sink: Sink) -> Iterator[Server]:
 # --- load -----------------------------------------------------------------------
 
 
-def smtp_source(port: int, messages: int, sessions: int, size: int, fixed: Path | None) -> None:
+def load(port: int, messages: int, sessions: int, size: int, fixed: Path | None = None) -> float:
+    """smtp-source to the end; returns when it began (time.monotonic)."""
     command = ["smtp-source", "-s", str(sessions), "-m", str(messages)]
     command += ["-f", SENDER, "-t", RCPT, "-M", "bench.example"]
     command += ["-F", str(fixed)] if fixed is not None else ["-l", str(size)]
+    began = time.monotonic()
     subprocess.run([*command, f"127.0.0.1:{port}"], check=True)
+    return began
+
+
+def require_tools() -> None:
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
 
 
 @dataclass
@@ -251,8 +265,7 @@ def closed_loop(server: Server, messages: int, sessions: int, size: int) -> Run:
     meter = CpuMeter(server.root)
     base = server.sink.count()
     meter.start()
-    began = time.monotonic()
-    smtp_source(server.port, messages, sessions, size, None)
+    began = load(server.port, messages, sessions, size)
     accepted = time.monotonic()
     delivered = server.sink.wait_for(base + messages)
     cpu = meter.stop()
@@ -356,7 +369,7 @@ def identical(server: Server, messages: int, folder: Path) -> int:
         f"Message-ID: <same-receipt-{time.time_ns()}@example.com>\n\nThank you for your order.\n"
     )
     base = server.sink.count()
-    smtp_source(server.port, messages, 20, 0, fixed)
+    load(server.port, messages, 20, 0, fixed)
     server.sink.wait_for(base + 1)
     time.sleep(1.0)  # a benchmark may sleep: anything forwarded late would show here
     return server.sink.count() - base
@@ -364,7 +377,7 @@ def identical(server: Server, messages: int, folder: Path) -> int:
 
 def idle_sessions(folder: Path, sink: Sink, count: int) -> tuple[float, float, str]:
     """RSS of one relay process before and with `count` idle sessions (banner and EHLO done)."""
-    with relay(folder, sink, 1, {"max_connections": count + 10}) as server:
+    with relay(folder, sink, 1, {"listen": {"max_connections": count + 10}}) as server:
         pid = tree(server.root)
         worker = max(pid, key=lambda p: p != server.root)
         before = rss_mb(worker)
@@ -407,9 +420,7 @@ def main() -> None:
     )
     parser.add_argument("--no-postfix", action="store_true", help="the relay alone")
     args = parser.parse_args()
-    for tool in ("smtp-source", "smtp-sink"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
+    require_tools()
     folder = Path(tempfile.mkdtemp(prefix="throughput-"))
     sqlite = __import__("sqlite3").sqlite_version
     print(

@@ -9,10 +9,11 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from relay.audit import Emitter, Event
 from relay.clock import SYSTEM, Clock
-from relay.config import Config, StoreConfig
+from relay.config import Config, StoreConfig, UpstreamConfig
 from relay.delivery import Delivery
 from relay.health import Health
 from relay.http import Mount, SidePort, build_app
@@ -20,7 +21,10 @@ from relay.intake import Intake
 from relay.metrics import Metrics
 from relay.server import FrontDoor
 from relay.store import OnBatch, OnCommit, Store, open_store
-from relay.upstream import Transport, describe, open_transport
+from relay.upstream import Transport, open_transport
+
+if TYPE_CHECKING:
+    from relay.upstream.mx import Resolver
 
 __all__ = ["App", "listening_line", "serve"]
 
@@ -40,7 +44,7 @@ class App:
     def __init__(
         self,
         config: Config,
-        transport_factory: Callable[[], Transport] | None = None,
+        transport_factory: Callable[[UpstreamConfig], Transport] | None = None,
         *,
         clock: Clock = SYSTEM,
         store_factory: StoreFactory = open_store,
@@ -51,8 +55,9 @@ class App:
         self.emitter = Emitter(config.audit.output)
         self.metrics = Metrics(config.runtime.instance)
         self.store = store_factory(config.store, self._committed, self.metrics.observe_batch)
+        resolvers: dict[str, Resolver] = {}
         factory = transport_factory or (
-            lambda: open_transport(config.upstream, config.runtime.instance)
+            lambda upstream: open_transport(upstream, config.runtime.instance, resolvers)
         )
         self.delivery = Delivery(config, self.store, factory, clock=clock)
         self.intake = Intake(config, self.store, on_spooled=self.delivery.wake, clock=clock)
@@ -151,12 +156,18 @@ class App:
 
 
 def listening_line(config: Config, port: int, http_port: int | None) -> str:
-    """What a started relay says: where it listens, its upstream and its store."""
+    """What a started relay says: where it listens, its upstreams and its store."""
     http = f", http on {config.http.host}:{http_port}" if http_port is not None else ""
     return (
-        f"listening on {config.listen.host}:{port}, upstream {describe(config.upstream)},"
+        f"listening on {config.listen.host}:{port}, upstream {_upstreams(config)},"
         f" store {config.store.path}{http}"
     )
+
+
+def _upstreams(config: Config) -> str:
+    if not config.upstreams:
+        return config.upstream.label
+    return ", ".join(f"{u.name} ({u.url})" for u in config.upstreams)
 
 
 def _loopback(host: str) -> bool:
