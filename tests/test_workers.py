@@ -50,8 +50,11 @@ async def test_default_is_one_worker_per_cpu_each_leasing_under_its_own_name(
     await asyncio.to_thread(relay.start)
     relay.drain_stderr()
     cpus = len(os.sched_getaffinity(0))
-    await eventually(lambda: len(worker_pids(relay)) == cpus, what=f"{cpus} workers ready")
-    assert len(set(worker_pids(relay).values())) == cpus
+    # On one CPU the default is one process of its own, under the name as given.
+    names = {f"edge.w{slot}" for slot in range(cpus)} if cpus > 1 else {"edge"}
+    if cpus > 1:
+        await eventually(lambda: len(worker_pids(relay)) == cpus, what=f"{cpus} workers ready")
+        assert len(set(worker_pids(relay).values())) == cpus
     seen: set[str] = set()
     # Connections spread over the workers (SO_REUSEPORT); each leases what it accepted.
     for n in range(8 * cpus):
@@ -63,7 +66,7 @@ async def test_default_is_one_worker_per_cpu_each_leasing_under_its_own_name(
         return len(seen) == cpus
 
     await eventually(every_name_seen, what=f"leases under {cpus} names")
-    assert seen == {f"edge.w{slot}" for slot in range(cpus)}
+    assert seen == names
     await upstream.wait_for(8 * cpus)
     assert await asyncio.to_thread(relay.terminate) == 0
 
@@ -73,6 +76,7 @@ async def test_kill_9_of_a_worker_starts_a_new_one_that_delivers_what_the_dead_o
 ) -> None:
     upstream.script.data_delay = 0.3
     relay = relay_process(process_config(tmp_path, upstream))
+    relay.args = ["--workers", "2"]  # whatever the CPUs: this is about the parent
     await asyncio.to_thread(relay.start)
     relay.drain_stderr()
     promised = set()
@@ -111,8 +115,9 @@ async def test_side_port_speaks_for_every_worker(
 ) -> None:
     http_port = free_port()
     config = process_config(tmp_path, upstream, http={"listen": f"127.0.0.1:{http_port}"})
-    relay = relay_process(config, env={})
+    relay = relay_process(config)
     relay.instance = "edge"
+    relay.args = ["--workers", "2"]
     await asyncio.to_thread(relay.start)
     relay.drain_stderr()
     assert (await http_get(http_port, "/readyz")).json()["checks"]["workers"] == "ok"
