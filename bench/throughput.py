@@ -257,6 +257,7 @@ class Run:
     cpu_ms: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    refused: int = 0  # sends that got no 250 (a busy server's 421, a reset)
     load: str = field(default_factory=load_average)
 
 
@@ -298,7 +299,9 @@ async def one_message(port: int, n: int, size: int) -> float:
     """One message on its own connection; seconds from the final "." to its reply."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        await _reply(reader)
+        greeting = await _reply(reader)
+        if not greeting.startswith(b"220"):
+            raise RuntimeError(f"greeting: {greeting!r}")
         for command in (
             b"EHLO bench.example\r\n",
             f"MAIL FROM:<{SENDER}>\r\n".encode(),
@@ -335,7 +338,7 @@ def percentile(samples: list[float], p: float) -> float:
 def latency(server: Server, messages: int, size: int, rate: float | None) -> Run:
     """Accept latency, one message at a time (rate None) or open loop at `rate` per second."""
 
-    async def run() -> list[float]:
+    async def run() -> list[float | BaseException]:
         if rate is None:
             return [await one_message(server.port, n, size) for n in range(messages)]
         loop = asyncio.get_running_loop()
@@ -347,18 +350,20 @@ def latency(server: Server, messages: int, size: int, rate: float | None) -> Run
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one_message(server.port, n, size)))
-        return list(await asyncio.gather(*tasks))
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
 
     base = server.sink.count()
     meter = CpuMeter(server.root)
     meter.start()
-    samples = asyncio.run(run())
-    server.sink.wait_for(base + messages)
+    results = asyncio.run(run())
+    samples = [r for r in results if isinstance(r, float)]
+    server.sink.wait_for(base + len(samples))
     cpu = meter.stop()
     return Run(
-        cpu_ms=cpu / messages * 1000,
+        cpu_ms=cpu / max(len(samples), 1) * 1000,
         p50_ms=percentile(samples, 50) * 1000,
         p99_ms=percentile(samples, 99) * 1000,
+        refused=len(results) - len(samples),
     )
 
 
@@ -531,6 +536,13 @@ def _rows(label: str, kind: str, runs: list[Run]) -> list[tuple[str, str, str, s
         if other
         else ""
     )
+    refused = [
+        f"{r.refused} of the sends to {name} got no 250"
+        for r, name in zip(runs, ("the relay", "Postfix"), strict=False)
+        if r.refused
+    ]
+    if refused:
+        ratio += "; " + ", ".join(refused)
     return [(f"{label}: p50 / p99 ms", p50, other_p, ratio), ("  CPU ms per message", *cpu)]
 
 
