@@ -45,6 +45,9 @@ class Submission:
     body8bit: bool
     claim: Claim | None
     rule: str | None = None
+    # Said in the audit events of this submission: how its key was reached, when it is
+    # not the usual way (a fingerprint over the raw bytes of a message that cannot be parsed).
+    note: str | None = None
 
 
 @dataclass(frozen=True)

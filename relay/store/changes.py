@@ -56,7 +56,7 @@ def _submission_fields(sub: Submission) -> dict[str, Any]:
 def accept_events(sub: Submission, verdict: Verdict) -> list[Event]:
     """`received` for what is spooled, then the conflict or duplicate the verdict found."""
     common = _submission_fields(sub)
-    rule = f"rule={sub.rule}" if sub.rule else None
+    rule = "; ".join(filter(None, (f"rule={sub.rule}" if sub.rule else None, sub.note))) or None
     events: list[Event] = []
     if verdict.forward:
         events.append(
@@ -75,7 +75,7 @@ def accept_events(sub: Submission, verdict: Verdict) -> list[Event]:
                 rcpts=sub.recipients,
                 original=verdict.conflict_with,
                 action=claim.on_conflict,
-                detail="same key, different content",
+                detail="; ".join(filter(None, ("same key, different content", sub.note))),
                 **common,
             )
         )
