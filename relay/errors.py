@@ -18,6 +18,7 @@ __all__ = [
     "ReadError",
     "RelayError",
     "StoreError",
+    "StoreUnavailable",
     "UnitError",
     "UsageError",
 ]
@@ -63,6 +64,14 @@ class ReadError(RelayError):
 
 class StoreError(RelayError, RuntimeError):
     """The store could not commit; an SMTP client gets a 4xx and keeps the message."""
+
+
+class StoreUnavailable(StoreError):
+    """The store commits nothing now (a full disk, a read-only file, a lock): try again later.
+
+    Unlike a job of its own that failed, the same write may well succeed once the store
+    recovers, so a delivery outcome that meets this is kept and written again.
+    """
 
 
 class BadKey(RelayError, ValueError):

@@ -39,6 +39,9 @@ from relay.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
+# Tasks of an idle relay that wait on its clock: the dispatcher, housekeeping and lease
+# renewal. A test on a ManualClock waits for all of them.
+CLOCK_SLEEPERS = 3
 
 
 # --- waiting ---------------------------------------------------------------
@@ -60,6 +63,11 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def settled(clock: Any, what: str = "the relay to settle on its clock") -> None:
+    """Until every task of the relay that waits on `clock` (a ManualClock) is waiting."""
+    await eventually(lambda: clock.sleepers >= CLOCK_SLEEPERS, what=what)
 
 
 # --- messages --------------------------------------------------------------

@@ -10,13 +10,13 @@ against is passed in, from the caller's injected clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from relay.audit import Event
 from relay.decision import Claim, Verdict
-from relay.errors import StoreError
+from relay.errors import StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
     from relay.config import StoreConfig
@@ -116,7 +116,10 @@ class Store(Protocol):
 
     A method returns only after its transaction has committed, and raises
     `StoreError` when it did not: then nothing of it is stored, and the caller
-    answers 4xx or tries again later. Events a method records are handed to
+    answers 4xx or tries again later. `StoreUnavailable` (a subclass) means the
+    store committed nothing at all (a full disk, a read-only file, a lost
+    connection): the same call may succeed later, so delivery keeps an outcome
+    that met it and writes it again. Events a method records are handed to
     `on_commit` (given to the constructor) after the commit, never before.
     """
 
@@ -149,9 +152,22 @@ class Store(Protocol):
     async def unlease(self, queue_id: str, next_attempt: float) -> None:
         """Give back a lease whose attempt never reached the upstream; it does not count."""
 
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        """Extend `owner`'s leases on these messages to `until`, while its attempts are alive.
+
+        Only messages still `sending` under `owner` are extended; returns how many were.
+        """
+
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
-        """Take back `owner`'s leases and any expired before `now`: their recipients are
-        ambiguous, queued again or (`hold`) held. Returns the queue ids."""
+        """At start-up: take back `owner`'s own leases (its previous run stopped before
+        recording their outcome) and
+        any other lease expired before `now`. Their recipients are ambiguous: queued again
+        or (`hold`) held. Returns the queue ids."""
+
+    async def reclaim(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        """While running: take back leases of other owners that expired before `now` (a
+        replica that died), as `recover` does. Never `owner`'s own: this process still
+        holds them, even when it could not renew them in time. Returns the queue ids."""
 
     async def requeue(self, queue_id: str, now: float) -> int:
         """An operator's decision to send held recipients again; returns how many."""
@@ -191,6 +207,7 @@ __all__ = [
     "RecipientUpdate",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "Submission",
     "Update",
     "Verdict",

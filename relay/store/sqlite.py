@@ -48,6 +48,7 @@ __all__ = [
     "Tx",
     "backup",
     "connect",
+    "is_outage",
     "run_batch",
 ]
 
@@ -56,6 +57,8 @@ T = TypeVar("T")
 # Bodies up to this size are read in the lease itself, sparing a round-trip per message.
 INLINE_BODY_LIMIT = 256 * 1024
 PURGE_CHUNK = 5000
+# Leases renewed per statement, well inside SQLite's limit on parameters.
+RENEW_CHUNK = 500
 
 
 class Tx:
@@ -86,6 +89,15 @@ def _event_row(e: Event) -> tuple[Any, ...]:
     return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
 
 
+def is_outage(error: BaseException) -> bool:
+    """Whether a job's error is the store's state (full, read-only, locked, corrupt), not the job's.
+
+    Those fail any write alike and pass when the store recovers; an integrity or
+    programming error belongs to the one job.
+    """
+    return isinstance(error, sqlite3.OperationalError) or (type(error) is sqlite3.DatabaseError)
+
+
 def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
     """Every job in one transaction, a savepoint each, one commit.
 
@@ -95,6 +107,7 @@ def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
     """
     tx = Tx(db)
     outcomes: list[Outcome] = []
+    changes_before = db.total_changes
     db.execute("BEGIN IMMEDIATE")
     try:
         for job in jobs:
@@ -115,7 +128,7 @@ def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-    return outcomes, tx.events
+    return BatchResult(outcomes, tx.events, db.total_changes != changes_before)
 
 
 async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:
@@ -133,6 +146,7 @@ class SqliteStore:
     `connection_factory` is the `sqlite3.Connection` class for the write connection:
     tests pass a subclass that fails chosen statements, to prove what a failed
     commit or a failed job does.
+
     """
 
     def __init__(
@@ -151,7 +165,7 @@ class SqliteStore:
         self._reader: aiosqlite.Connection | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self.writer: GroupCommit[Job] = GroupCommit(
-            self._run_batch, on_commit=on_commit, on_batch=on_batch
+            self._run_batch, on_commit=on_commit, on_batch=on_batch, outage=is_outage
         )
 
     # --- lifecycle ---------------------------------------------------------
@@ -296,17 +310,35 @@ class SqliteStore:
             )
         )
 
-    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
-        return await self._run(lambda tx: self._recover(tx, owner, now, hold))
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        ids = list(queue_ids)
 
-    def _recover(self, tx: Tx, owner: str, now: float, hold: bool) -> list[str]:
+        def job(tx: Tx) -> int:
+            renewed = 0
+            for start in range(0, len(ids), RENEW_CHUNK):
+                chunk = ids[start : start + RENEW_CHUNK]
+                params = {"owner": owner, "until": until, **sql.in_params(chunk)}
+                renewed += tx.execute(sql.renew_leases(len(chunk)), params).rowcount
+            return renewed
+
+        return await self._run(job) if ids else 0
+
+    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        return await self._run(lambda tx: self._take_back(tx, sql.STUCK_LEASES, owner, now, hold))
+
+    async def reclaim(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        return await self._run(lambda tx: self._take_back(tx, sql.EXPIRED_LEASES, owner, now, hold))
+
+    def _take_back(self, tx: Tx, query: str, owner: str, now: float, hold: bool) -> list[str]:
         stuck = [
-            row["queue_id"] for row in tx.execute(sql.STUCK_LEASES, {"owner": owner, "now": now})
+            (row["queue_id"], row["lease_owner"])
+            for row in tx.execute(query, {"owner": owner, "now": now})
         ]
-        for queue_id in stuck:
+        for queue_id, holder in stuck:
             rcpts = _recipients_in(tx, queue_id, "queued")
-            self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold))
-        return stuck
+            other = None if holder == owner else holder or "an unknown process"
+            self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold, owner=other))
+        return [queue_id for queue_id, _ in stuck]
 
     async def requeue(self, queue_id: str, now: float) -> int:
         def job(tx: Tx) -> int:

@@ -25,6 +25,7 @@ __all__ = [
     "DELETE_OLD_EVENTS",
     "DELETE_RECIPIENT_CLAIM",
     "END_LEASE",
+    "EXPIRED_LEASES",
     "FINISHED_MESSAGES",
     "INSERT_BODY",
     "INSERT_EVENT",
@@ -46,6 +47,7 @@ __all__ = [
     "in_list",
     "in_params",
     "queued_recipients_of",
+    "renew_leases",
 ]
 
 # Generated from the Event fields, in their order: the one statement bound by position
@@ -135,9 +137,22 @@ UNLEASE = (
     " WHERE queue_id = :queue_id AND state = 'sending'"
 )
 STUCK_LEASES = (
-    "SELECT queue_id FROM messages WHERE state = 'sending'"
+    "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
     " AND (lease_owner = :owner OR lease_until < :now)"
 )
+EXPIRED_LEASES = (
+    "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
+    " AND lease_until < :now AND lease_owner IS NOT :owner"
+)
+
+
+def renew_leases(count: int) -> str:
+    """Parameters: owner, until, id0..idN-1. Only leases `owner` still holds are extended."""
+    return (
+        "UPDATE messages SET lease_until = :until"
+        " WHERE state = 'sending' AND lease_owner = :owner AND " + in_list("queue_id", count)
+    )
+
 
 # --- update ------------------------------------------------------------------
 
