@@ -18,6 +18,7 @@ __all__ = [
     "ReadError",
     "RelayError",
     "StoreError",
+    "StoreLost",
     "StoreUnavailable",
     "UnitError",
     "UsageError",
@@ -72,6 +73,10 @@ class StoreUnavailable(StoreError):
     Unlike a job of its own that failed, the same write may well succeed once the store
     recovers, so a delivery outcome that meets this is kept and written again.
     """
+
+
+class StoreLost(StoreUnavailable):
+    """The store's file was deleted or replaced under the running relay; only a restart helps."""
 
 
 class BadKey(RelayError, ValueError):

@@ -53,6 +53,8 @@ TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 LOCKED_OUT = "421 4.7.0 Too many failed logins from your address, try again later"
 BUSY_MEMORY = "4.3.1 Too much mail in flight on this relay, try again later"
 TOO_SLOW = b"421 4.4.2 DATA too slow or too long, closing connection\r\n"
+# The store can never be written again by this process (its file was deleted or replaced).
+STORE_LOST = "4.3.0 Mail store unavailable, not accepting mail; try again later"
 LINGER = 5.0  # seconds a cut-off client gets to stop sending before the socket closes
 
 
@@ -139,6 +141,8 @@ class Handler:
         front = self.front
         if front.closing:
             return "421 4.3.2 Service shutting down, try again later"
+        if front.intake.store.lost:
+            return f"451 {STORE_LOST}"
         if front.config.tls.required and session.ssl is None and not server.trusted:
             return TLS_REQUIRED
         user = _login(session)
@@ -302,6 +306,8 @@ class RelaySMTP(SMTP):
             refusal = "554 5.7.1 Relay access denied: client not in the relay's listen.networks"
         elif front.closing:
             refusal = SHUTDOWN_REPLY.decode().strip()
+        elif front.intake.store.lost:
+            refusal = f"421 {STORE_LOST}"
         elif front.guard.locked(self.client):
             log.warning("refused connection from %s: locked out after failed logins", self.client)
             refusal = LOCKED_OUT

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from relay.audit import Event
 from relay.decision import Claim, Verdict
-from relay.errors import StoreError, StoreUnavailable
+from relay.errors import StoreError, StoreLost, StoreUnavailable
 
 if TYPE_CHECKING:
     from relay.config import StoreConfig
@@ -128,6 +128,16 @@ class Store(Protocol):
         """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
         ...
 
+    @property
+    def lost(self) -> str | None:
+        """Why this process can never write its store again, or None.
+
+        Set when the store found that what it writes to is no longer the store at its
+        address (SQLite: the file was deleted or replaced, its st_dev/st_ino changed).
+        Every later call raises `StoreLost`; the front door refuses mail, readiness fails.
+        """
+        ...
+
     async def open(self) -> None:
         """Create or upgrade the schema and start the writer."""
 
@@ -207,6 +217,7 @@ __all__ = [
     "RecipientUpdate",
     "Store",
     "StoreError",
+    "StoreLost",
     "StoreUnavailable",
     "Submission",
     "Update",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from relay.store import (
     OnCommit,
     QueueDepth,
     StoreError,
+    StoreLost,
     Submission,
     Update,
     changes,
@@ -51,6 +53,8 @@ __all__ = [
     "is_outage",
     "run_batch",
 ]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -95,15 +99,21 @@ def is_outage(error: BaseException) -> bool:
     Those fail any write alike and pass when the store recovers; an integrity or
     programming error belongs to the one job.
     """
-    return isinstance(error, sqlite3.OperationalError) or (type(error) is sqlite3.DatabaseError)
+    return isinstance(error, sqlite3.OperationalError | StoreLost) or (
+        type(error) is sqlite3.DatabaseError
+    )
 
 
-def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
+def run_batch(
+    db: sqlite3.Connection,
+    jobs: Sequence[Job],
+    before_commit: Callable[[], None] | None = None,
+) -> BatchResult:
     """Every job in one transaction, a savepoint each, one commit.
 
     A job that raises is rolled back to its savepoint (its events with it) and the
-    others still commit. An error outside the jobs (begin, savepoint, commit) rolls
-    back the whole batch and propagates: then nothing of it is stored.
+    others still commit. An error outside the jobs (begin, savepoint, `before_commit`,
+    commit) rolls back the whole batch and propagates: then nothing of it is stored.
     """
     tx = Tx(db)
     outcomes: list[Outcome] = []
@@ -123,6 +133,8 @@ def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
             else:
                 db.execute("RELEASE job")
                 outcomes.append((result, None))
+        if before_commit is not None:
+            before_commit()
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -147,6 +159,11 @@ class SqliteStore:
     tests pass a subclass that fails chosen statements, to prove what a failed
     commit or a failed job does.
 
+    Before each commit the writer checks that the file at `path` is still the one it
+    opened (st_dev and st_ino): a store deleted or replaced under a running relay
+    would otherwise take commits into an unlinked file, lost at the next start. Once
+    that happens the store is `lost` for good, what the open file still holds is
+    copied beside it, and every call fails.
     """
 
     def __init__(
@@ -163,6 +180,8 @@ class SqliteStore:
         self._factory = connection_factory
         self._db: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._lost: str | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self.writer: GroupCommit[Job] = GroupCommit(
             self._run_batch, on_commit=on_commit, on_batch=on_batch, outage=is_outage
@@ -186,6 +205,8 @@ class SqliteStore:
         db.execute(
             "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)", (str(schema.VERSION),)
         )
+        found = os.stat(self.path)
+        self._identity = (found.st_dev, found.st_ino)
         self._db = db
 
     async def open(self) -> None:
@@ -213,6 +234,10 @@ class SqliteStore:
         return self.writer.running
 
     @property
+    def lost(self) -> str | None:
+        return self._lost
+
+    @property
     def reader(self) -> aiosqlite.Connection:
         if self._reader is None:
             raise StoreError("store is not open")
@@ -222,7 +247,58 @@ class SqliteStore:
         db = self._db
         if db is None:
             raise StoreError("store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, run_batch, db, jobs)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._batch, db, jobs)
+
+    def _batch(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
+        """In the writer thread: the batch, refused once the file is no longer the store."""
+        if self._lost is not None:
+            raise StoreLost(self._lost)
+        try:
+            return run_batch(db, jobs, self._check_file)
+        except StoreLost as exc:
+            self._rescue(db, str(exc))
+            self._lost = str(exc)  # after the copy, so whoever sees it can find the copy
+            raise
+
+    def _check_file(self) -> None:
+        try:
+            found = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreLost(f"the store file {self.path} was deleted") from None
+        if (found.st_dev, found.st_ino) != self._identity:
+            raise StoreLost(f"the store file {self.path} was replaced by another file")
+
+    def _rescue(self, db: sqlite3.Connection, reason: str) -> None:
+        """Copy what the open, now unreachable file holds beside its old path, and say so."""
+        stopped = (
+            f"store: {reason} while the relay was running. It now refuses mail (421/451) and"
+            " delivers nothing until restarted"
+        )
+        try:
+            target = _rescue_path(self.path)
+            copy = sqlite3.connect(target, isolation_level=None)
+            try:
+                db.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                copy.close()
+        except (sqlite3.Error, OSError) as exc:
+            hint = _open_as(self.path)
+            log.critical(
+                "%s. What the file held, queued mail included, could not be copied (%s); this"
+                " process still has it open%s: copy it out before stopping the relay",
+                stopped,
+                exc,
+                f" as {hint}" if hint else "",
+            )
+            return
+        log.critical(
+            "%s. Everything the file held, queued mail included, was copied to %s: stop the"
+            " relay, put that copy at %s (remove any -wal and -shm beside it) and start it",
+            stopped,
+            target,
+            self.path,
+        )
 
     async def _run(self, job: Callable[[Tx], T]) -> T:
         return cast(T, await self.writer.run(job))
@@ -497,6 +573,27 @@ def _settle_claims(tx: Tx, u: Update) -> tuple[str, ...]:
         [{"queue_id": u.queue_id, "rcpt": normalise_rcpt(rcpt)} for rcpt in released],
     )
     return released
+
+
+def _rescue_path(path: str) -> str:
+    """Beside the store, never over an earlier rescue."""
+    base = f"{path}.rescued-{os.getpid()}"
+    candidate, n = base, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def _open_as(path: str) -> str | None:
+    """/proc/self/fd/N for a file this process still has open after it was unlinked."""
+    gone = f"{os.path.abspath(path)} (deleted)"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == gone:
+                    return f"/proc/{os.getpid()}/fd/{fd}"
+    return None
 
 
 def _recipients_in(tx: Tx, queue_id: str, state: str) -> list[str]:
