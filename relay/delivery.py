@@ -137,6 +137,11 @@ class Delivery:
         self._wake.set()
 
     async def start(self) -> None:
+        """Take back what this instance's previous run left mid-attempt, then start sending.
+
+        Call it only while holding the instance name (`relay.instance`): recovery takes
+        every lease under the name, which must not be a live process's.
+        """
         now = self.clock.time()
         stuck = await self.store.recover(
             self.instance, now, hold=self.config.delivery.on_ambiguous == "hold"

@@ -15,6 +15,8 @@ __all__ = [
     "EXIT_USAGE",
     "BadKey",
     "ConfigError",
+    "InstanceBusy",
+    "ListenError",
     "ReadError",
     "RelayError",
     "StoreError",
@@ -77,6 +79,14 @@ class StoreUnavailable(StoreError):
 
 class StoreLost(StoreUnavailable):
     """The store's file was deleted or replaced under the running relay; only a restart helps."""
+
+
+class ListenError(RelayError):
+    """A port could not be opened; the message names the key and the reason."""
+
+
+class InstanceBusy(RelayError):
+    """Another live process holds this instance name in the store."""
 
 
 class BadKey(RelayError, ValueError):

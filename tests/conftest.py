@@ -39,9 +39,9 @@ from relay.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
-# Tasks of an idle relay that wait on its clock: the dispatcher, housekeeping and lease
-# renewal. A test on a ManualClock waits for all of them.
-CLOCK_SLEEPERS = 3
+# Tasks of an idle relay that wait on its clock: the dispatcher, housekeeping, lease
+# renewal and the instance heartbeat. A test on a ManualClock waits for all of them.
+CLOCK_SLEEPERS = 4
 
 
 # --- waiting ---------------------------------------------------------------
@@ -567,7 +567,7 @@ def relay_process(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
 
 
 def relay_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path
+    *args: str, env: dict[str, str] | None = None, cwd: Path, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """`python -m relay ARGS` with only the RELAY_* variables given here, none inherited."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
@@ -577,7 +577,7 @@ def relay_cli(
         text=True,
         env={**clean, **(env or {})},
         cwd=cwd,
-        timeout=60,
+        timeout=timeout,
     )
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from relay.audit import Event
 from relay.decision import Claim, Verdict
 from relay.errors import StoreError, StoreLost, StoreUnavailable
+from relay.instance import Instance
 
 if TYPE_CHECKING:
     from relay.config import StoreConfig
@@ -170,7 +171,7 @@ class Store(Protocol):
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
         """At start-up: take back `owner`'s own leases (its previous run stopped before
-        recording their outcome) and
+        recording their outcome; the instance lock proves no live process holds them) and
         any other lease expired before `now`. Their recipients are ambiguous: queued again
         or (`hold`) held. Returns the queue ids."""
 
@@ -191,6 +192,22 @@ class Store(Protocol):
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
         """What is still to be delivered, per pending state, with the oldest receipt time."""
 
+    async def acquire_instance(self, me: Instance, stale_after: float) -> Instance:
+        """Take the instance name `me.name` for this process, unless a live process holds it.
+
+        In one transaction: read the holder, ask `relay.instance.may_take(holder, me,
+        stale_after)`, and if it may, write `me` over it. Returns the holder afterwards:
+        `me` (same token) when taken, else the live holder, untouched.
+        """
+        ...
+
+    async def heartbeat_instance(self, me: Instance, now: float) -> bool:
+        """Say that `me` still lives; False when the name is no longer `me`'s (taken over)."""
+        ...
+
+    async def release_instance(self, me: Instance) -> None:
+        """Give the name up at a clean shutdown, if `me` still holds it."""
+
 
 def open_store(
     config: StoreConfig, on_commit: OnCommit | None = None, on_batch: OnBatch | None = None
@@ -207,6 +224,7 @@ __all__ = [
     "PENDING_STATES",
     "Claim",
     "Event",
+    "Instance",
     "Lease",
     "LeaseBatch",
     "MessageState",

@@ -15,17 +15,19 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from relay import instance
 from relay.audit import FIELDS, Event
 from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
 from relay.store import (
     PENDING_STATES,
     Claim,
+    Instance,
     Lease,
     LeaseBatch,
     MessageState,
@@ -427,6 +429,26 @@ class SqliteStore:
 
     async def probe(self, now: float) -> None:
         await self._run(lambda tx: tx.execute(sql.READY_PROBE, {"now": repr(now)}).rowcount)
+
+    async def acquire_instance(self, me: Instance, stale_after: float) -> Instance:
+        def job(tx: Tx) -> Instance:
+            row = tx.execute(sql.SELECT_INSTANCE, {"name": me.name}).fetchone()
+            holder = None if row is None else Instance(**dict(zip(row.keys(), row, strict=True)))
+            if not instance.may_take(holder, me, stale_after):
+                assert holder is not None
+                return holder
+            tx.execute(sql.TAKE_INSTANCE, asdict(me))
+            return me
+
+        return await self._run(job)
+
+    async def heartbeat_instance(self, me: Instance, now: float) -> bool:
+        params = {"name": me.name, "token": me.token, "now": now}
+        return await self._run(lambda tx: tx.execute(sql.HEARTBEAT_INSTANCE, params).rowcount > 0)
+
+    async def release_instance(self, me: Instance) -> None:
+        params = {"name": me.name, "token": me.token}
+        await self._run(lambda tx: tx.execute(sql.RELEASE_INSTANCE, params).rowcount)
 
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
         from relay.store.reader import Reader  # the reader module imports this one

@@ -27,6 +27,7 @@ __all__ = [
     "END_LEASE",
     "EXPIRED_LEASES",
     "FINISHED_MESSAGES",
+    "HEARTBEAT_INSTANCE",
     "INSERT_BODY",
     "INSERT_EVENT",
     "INSERT_MESSAGE",
@@ -37,9 +38,12 @@ __all__ = [
     "READY_PROBE",
     "RECIPIENTS_IN_STATE",
     "RECIPIENT_STATES",
+    "RELEASE_INSTANCE",
     "SELECT_BODY",
+    "SELECT_INSTANCE",
     "SETTLE_CLAIM",
     "STUCK_LEASES",
+    "TAKE_INSTANCE",
     "UNLEASE",
     "UPDATE_RECIPIENT",
     "bodies_of",
@@ -153,6 +157,21 @@ def renew_leases(count: int) -> str:
         " WHERE state = 'sending' AND lease_owner = :owner AND " + in_list("queue_id", count)
     )
 
+
+# --- instances -----------------------------------------------------------------
+
+SELECT_INSTANCE = (
+    "SELECT name, host, pid, token, started, since, heartbeat FROM instances WHERE name = :name"
+)
+TAKE_INSTANCE = (
+    "INSERT INTO instances (name, host, pid, token, started, since, heartbeat)"
+    " VALUES (:name, :host, :pid, :token, :started, :since, :heartbeat)"
+    " ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+    " token = excluded.token, started = excluded.started, since = excluded.since,"
+    " heartbeat = excluded.heartbeat"
+)
+HEARTBEAT_INSTANCE = "UPDATE instances SET heartbeat = :now WHERE name = :name AND token = :token"
+RELEASE_INSTANCE = "DELETE FROM instances WHERE name = :name AND token = :token"
 
 # --- update ------------------------------------------------------------------
 
