@@ -587,6 +587,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_config(tmp_path: Path, upstream: Upstream, **extra: Any) -> dict[str, Any]:
+    """A config for `relay_process`: the test's upstream, a port of its own, then `extra`."""
+    config = base_config(tmp_path, upstream.port)
+    config["listen"]["port"] = free_port()
+    return deep_merge(config, extra)
+
+
 # --- the HTTP side port -----------------------------------------------------
 
 

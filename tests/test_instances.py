@@ -14,17 +14,14 @@ import asyncio
 import socket
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 from tests.conftest import (
     DEADLINE,
     RelayProcess,
     Upstream,
-    base_config,
-    deep_merge,
     eventually,
-    free_port,
     make_message,
+    process_config,
     relay_cli,
     send,
 )
@@ -61,15 +58,10 @@ async def untouched(relay: RelayProcess, upstream: Upstream, tmp_path: Path) -> 
     assert len(upstream.messages) == 1
 
 
-def config(tmp_path: Path, upstream: Upstream, **extra: Any) -> dict[str, Any]:
-    settings = deep_merge(base_config(tmp_path, upstream.port), {"listen": {"port": free_port()}})
-    return deep_merge(settings, extra)
-
-
 async def test_a_second_serve_on_a_busy_port_exits_at_once_and_leaves_the_first_alone(
     tmp_path: Path, upstream: Upstream, relay_process
 ) -> None:
-    first = relay_process(config(tmp_path, upstream))
+    first = relay_process(process_config(tmp_path, upstream))
     await one_in_flight(first, upstream)
     status, said = await second_serve(first, tmp_path)
     assert status == 1
@@ -83,7 +75,7 @@ async def test_a_second_serve_on_a_busy_port_exits_at_once_and_leaves_the_first_
 async def test_two_reuse_port_processes_on_one_instance_name_refuse_the_second(
     tmp_path: Path, upstream: Upstream, relay_process
 ) -> None:
-    shared = config(tmp_path, upstream, listen={"reuse_port": True})
+    shared = process_config(tmp_path, upstream, listen={"reuse_port": True})
     del shared["runtime"]["instance"]  # the default: host:port, the same for both
     first = relay_process(shared)
     await one_in_flight(first, upstream)
@@ -101,7 +93,7 @@ async def test_two_reuse_port_processes_on_one_instance_name_refuse_the_second(
 async def test_a_relay_killed_outright_gives_its_name_to_the_next_start_at_once(
     tmp_path: Path, upstream: Upstream, relay_process
 ) -> None:
-    settings = config(tmp_path, upstream)
+    settings = process_config(tmp_path, upstream)
     first = relay_process(settings)
     await one_in_flight(first, upstream)
     first.kill()

@@ -19,12 +19,11 @@ from tests.conftest import (
     HttpReply,
     RelayProcess,
     Upstream,
-    base_config,
-    deep_merge,
     eventually,
     free_port,
     http_get,
     make_message,
+    process_config,
     send,
     settled,
 )
@@ -80,13 +79,11 @@ async def test_a_kept_outcome_holds_its_lease_past_its_timeout_and_housekeeping(
 
 
 def disk_config(tmp_path: Path, disk: Path, upstream: Upstream) -> dict[str, Any]:
-    return deep_merge(
-        base_config(tmp_path, upstream.port),
-        {
-            "listen": {"port": free_port()},
-            "store": {"path": str(disk / "relay.db")},
-            "http": {"listen": f"127.0.0.1:{free_port()}"},
-        },
+    return process_config(
+        tmp_path,
+        upstream,
+        store={"path": str(disk / "relay.db")},
+        http={"listen": f"127.0.0.1:{free_port()}"},
     )
 
 
