@@ -141,6 +141,8 @@ async def test_a_full_store_logs_one_line_when_it_fails_and_one_when_it_recovers
         relay.drain_stderr()
         fill(disk / "ballast")
         await until_full(config)
+        # stderr is read by a thread: the line may trail the 503 that followed it
+        await eventually(lambda: lines(relay, "store: cannot commit"), what="the failure said")
         said = len(relay.stderr_lines)
         for _ in range(5):  # five more refused writes, and the relay's own polls meanwhile
             assert (await readyz(config)).status == 503
