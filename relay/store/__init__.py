@@ -69,6 +69,10 @@ class Lease:
     body8bit: bool
     duplicate_of: str | None
     data: bytes | None = None  # small bodies ride along with the lease; large ones are read apart
+    # What routes may match on besides the envelope and headers: the dedupe rule that
+    # matched at the door and the authenticated user.
+    rule: str | None = None
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,16 @@ class Store(Protocol):
 
     async def release_instance(self, me: Instance) -> None:
         """Give the name up at a clean shutdown, if `me` still holds it."""
+
+    async def reserve_send(self, upstream: str, interval: float, now: float) -> float:
+        """Book the next transaction to `upstream` under its rate limit; returns its time.
+
+        The time is the later of `now` and `interval` after the previous booking for the
+        same upstream, whichever process or replica made it, and becomes the new last
+        booking: one row per upstream, read and moved in one statement. The caller waits
+        until the returned time, so transactions to one upstream are never closer than
+        `interval`, across every process sharing the store.
+        """
 
 
 def open_store(

@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (queue_id, rcpt)
 ) WITHOUT ROWID;
 
+-- One row per rate-limited upstream: the time booked for its latest transaction.
+CREATE TABLE IF NOT EXISTS pacing (
+    upstream TEXT PRIMARY KEY,
+    last_at  REAL NOT NULL
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS claims (
     scope       TEXT NOT NULL,
     key         TEXT NOT NULL,

@@ -450,6 +450,12 @@ class SqliteStore:
         params = {"name": me.name, "token": me.token}
         await self._run(lambda tx: tx.execute(sql.RELEASE_INSTANCE, params).rowcount)
 
+    async def reserve_send(self, upstream: str, interval: float, now: float) -> float:
+        params = {"upstream": upstream, "interval": interval, "now": now}
+        return await self._run(
+            lambda tx: float(tx.execute(sql.RESERVE_SEND, params).fetchone()["last_at"])
+        )
+
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
         from relay.store.reader import Reader  # the reader module imports this one
 
@@ -572,6 +578,8 @@ def _lease(tx: Tx, owner: str, limit: int, now: float, lease_for: float) -> Leas
             body8bit=bool(row["body8bit"]),
             duplicate_of=row["duplicate_of"],
             data=bodies.get(row["queue_id"]),
+            rule=row["rule"],
+            user=row["user"],
         )
         for row in rows
     )

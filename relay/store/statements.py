@@ -39,6 +39,7 @@ __all__ = [
     "RECIPIENTS_IN_STATE",
     "RECIPIENT_STATES",
     "RELEASE_INSTANCE",
+    "RESERVE_SEND",
     "SELECT_BODY",
     "SELECT_INSTANCE",
     "SETTLE_CLAIM",
@@ -109,7 +110,7 @@ LEASE_DUE = (
     " attempts = attempts + 1 WHERE queue_id IN (SELECT queue_id FROM messages"
     " WHERE state = 'queued' AND next_attempt <= :now ORDER BY next_attempt LIMIT :limit)"
     " RETURNING queue_id, sender, received_at, attempts, message_id, key, strategy, scope,"
-    " size, smtputf8, body8bit, duplicate_of"
+    " size, smtputf8, body8bit, duplicate_of, rule, user"
 )
 NEXT_DUE = "SELECT min(next_attempt) AS next_due FROM messages WHERE state = 'queued'"
 SELECT_BODY = "SELECT data FROM bodies WHERE queue_id = :queue_id"
@@ -192,6 +193,13 @@ END_LEASE = (
 )
 DELETE_BODY = "DELETE FROM bodies WHERE queue_id = :queue_id"
 RECIPIENTS_IN_STATE = "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state"
+
+# The later of now and one interval after the last booking, booked and returned at once.
+RESERVE_SEND = (
+    "INSERT INTO pacing (upstream, last_at) VALUES (:upstream, :now)"
+    " ON CONFLICT (upstream) DO UPDATE SET last_at = max(last_at + :interval, :now)"
+    " RETURNING last_at"
+)
 
 READY_PROBE = (
     "INSERT INTO meta (name, value) VALUES ('ready-probe', :now)"
