@@ -249,7 +249,10 @@ class Delivery:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.exception("%s: delivery failed unexpectedly", lease.queue_id)
+                if isinstance(exc, StoreError):  # the store says its own state, once
+                    log.warning("%s: attempt stopped, the store failed: %s", lease.queue_id, exc)
+                else:
+                    log.exception("%s: delivery failed unexpectedly", lease.queue_id)
                 if trip.payload_sent:
                     reason = f"unexpected error after the message was sent: {exc!r}"
                     await self._all(lease, trip, Kind.AMBIGUOUS, reason)

@@ -13,6 +13,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.clock import ManualClock
 from tests.conftest import (
     DEADLINE,
@@ -30,6 +32,7 @@ from tests.conftest import (
 from tests.faults import READ_ONLY, Faults, fill, small_disk
 
 OUTCOME = "UPDATE recipients"  # the statement that records a recipient's outcome
+PACING = "INSERT INTO pacing"  # a rate-limited upstream's booking, before each transaction
 
 
 async def test_an_outcome_the_store_refuses_is_written_later_and_the_message_not_sent_again(
@@ -159,3 +162,23 @@ async def test_a_full_store_logs_one_line_when_it_fails_and_one_when_it_recovers
     assert failing and "database or disk is full" in failing[0]
     assert len(failing) == len(lines(relay, "commits again"))
     assert not lines(relay, "Traceback")
+
+
+async def test_a_rate_limit_booking_the_store_refuses_puts_the_message_back_without_a_traceback(
+    make_relay, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    faults = Faults()
+    relay = await make_relay(
+        store_factory=faults.store_factory(),
+        upstreams=[
+            {"name": "provider", "url": f"smtp://127.0.0.1:{upstream.port}", "rate": "50/s"}
+        ],
+    )
+    faults.fail(PACING, READ_ONLY)  # the booking before MAIL FROM: nothing was sent yet
+    assert (await send(relay.port, make_message())).code == 250
+    await upstream.wait_for(1)
+    await relay.idle()
+    assert faults.fired == [PACING]
+    assert len(upstream.messages) == 1
+    assert [e["event"] for e in await relay.events()] == ["received", "delivered"]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
