@@ -130,7 +130,6 @@ def _positive(text: str) -> int:
 def _serve(config: Config, args: argparse.Namespace) -> int:
     from relay import logs
     from relay import loop as event_loop
-    from relay.http import ListenError
 
     logs.setup(config.runtime.log_level, config.runtime.log_format)
     workers = args.workers or default_workers()
@@ -147,9 +146,9 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         from relay.app import serve
 
         event_loop.run(serve(config))
-    except ListenError as exc:
+    except RelayError as exc:  # a busy port, a busy instance name: one line, exit 1
         print(f"dedup-relay: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.exit_code
     except OSError as exc:
         print(
             f"dedup-relay: error: cannot listen on {config.listen.host}:"

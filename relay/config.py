@@ -239,6 +239,8 @@ class DeliveryConfig:
     retry_max: float = 3600.0
     max_age: float = 5 * 86400.0
     on_ambiguous: Literal["retry", "hold"] = "retry"
+    # How long a lease outlives its owner's last renewal; renewed every third of it.
+    lease_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -875,8 +877,11 @@ def _delivery(raw: object) -> DeliveryConfig:
         retry_max=s.get("retry_max", _duration, d.retry_max),
         max_age=s.get("max_age", _duration, d.max_age),
         on_ambiguous=s.get("on_ambiguous", _choice("retry", "hold"), d.on_ambiguous),
+        lease_timeout=s.get("lease_timeout", _duration, d.lease_timeout),
     )
     s.finish()
+    if config.lease_timeout < 3:
+        raise ConfigError("delivery.lease_timeout: must be at least 3s (it is renewed every third)")
     if config.retry_initial <= 0:
         raise ConfigError("delivery.retry_initial: must be more than 0s")
     if config.retry_max < config.retry_initial:
@@ -1265,6 +1270,7 @@ _DURATION_FIELDS = {
     "retry_initial",
     "retry_max",
     "max_age",
+    "lease_timeout",
     "window",
     "retention",
     "shutdown_grace",

@@ -18,11 +18,12 @@ from tests.conftest import (
     free_port,
     http_get,
     make_message,
+    process_config,
     relay_cli,
     send,
 )
 from tests.test_metrics import scrape
-from tests.test_restart import message_ids, process_config
+from tests.test_restart import message_ids
 
 
 def worker_pids(relay: RelayProcess) -> dict[int, int]:

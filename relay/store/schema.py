@@ -48,6 +48,17 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages (finished_at);
 
+-- One row per live process name (runtime.instance): who holds it, and when it last said so.
+CREATE TABLE IF NOT EXISTS instances (
+    name      TEXT PRIMARY KEY,
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    token     TEXT NOT NULL,
+    started   TEXT NOT NULL,
+    since     REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS bodies (
     queue_id TEXT PRIMARY KEY,
     data     BLOB NOT NULL
