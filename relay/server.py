@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import logging
-import os
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -627,12 +625,7 @@ class FrontDoor:
             )
         except OSError as exc:
             self.close()
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            if exc.errno == errno.EADDRINUSE:
-                reason += " (another process has it: a relay already running on this config?)"
-            raise ListenError(
-                f"cannot listen on {self.config.host}:{port} ({key}): {reason}"
-            ) from None
+            raise ListenError.bind_failed(self.config.host, port, key, exc) from None
 
     async def serve(self) -> None:
         """Answer on the bound ports."""

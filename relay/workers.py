@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from relay.config import Config
+from relay.errors import ListenError
 
 __all__ = [
     "WORKER_OPTION",
@@ -115,15 +116,18 @@ def reserve(host: str, port: int, *, shared: bool = False) -> socket.socket:
     never listens, so the kernel gives it no connections.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if not shared or port == 0:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-            port = probe.getsockname()[1]
-    held = socket.socket(family, socket.SOCK_STREAM)
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    held.bind((host, port))
+    try:
+        if not shared or port == 0:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+                port = probe.getsockname()[1]
+        held = socket.socket(family, socket.SOCK_STREAM)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((host, port))
+    except OSError as exc:
+        raise ListenError.bind_failed(host, port, "listen.port", exc) from None
     return held
 
 
@@ -151,6 +155,7 @@ class Supervisor:
         self._signals = 0
         self._watchers: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
+        self.failure: str | None = None
 
     @property
     def instance(self) -> str:
@@ -257,6 +262,11 @@ class Supervisor:
         self._stop.set()
         self._forward(signal.SIGTERM)
 
+    def fail(self, reason: str) -> None:
+        """Stop every worker and exit 1: the relay's instance name was taken over."""
+        self.failure = reason
+        self.signal(signal.SIGTERM)
+
     def _forward(self, signum: int) -> None:
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
@@ -310,7 +320,7 @@ class Supervisor:
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
-        return 0 if clean else 1
+        return 0 if clean and self.failure is None else 1
 
     async def changed(self) -> None:
         """Wakes when a worker becomes ready or dies (for tests and the side port)."""
@@ -343,9 +353,15 @@ async def supervise(
     instance: str | None = None,
     side_port: Callable[[Supervisor], object] | None = None,
 ) -> int:
-    """The parent's whole life: reserve the port, start the workers, wait, stop them."""
+    """The parent's whole life: reserve the port, take the name, start the workers, stop them.
+
+    The parent holds the relay's instance name in the store, as a single process does:
+    a second `serve` under the same name is refused before it starts a worker.
+    """
     from relay.app import listening_line
     from relay.http.gather import GatherPort
+    from relay.instance import InstanceLock
+    from relay.store import open_store
 
     listen = config.listen
     held = reserve(listen.host, listen.port, shared=listen.reuse_port)
@@ -353,7 +369,11 @@ async def supervise(
     supervisor.port = held.getsockname()[1]
     loop = asyncio.get_running_loop()
     side = GatherPort(config.http, supervisor) if config.http.listen is not None else None
+    store = open_store(config.store)
+    name = InstanceLock(store, supervisor.instance, on_lost=supervisor.fail)
     try:
+        await store.open()
+        await name.acquire()
         if side is not None:
             await side.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -375,8 +395,13 @@ async def supervise(
             count,
             " ".join(str(pid) for pid in supervisor.pids()),
         )
-        return await supervisor.wait()
+        status = await supervisor.wait()
+        if supervisor.failure is not None:
+            log.error("%s", supervisor.failure)
+        return status
     finally:
         if side is not None:
             await side.stop()
+        await name.release()
+        await store.close()
         held.close()
