@@ -163,8 +163,31 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """SQLite at `path` (the default), or PostgreSQL when `url` is set.
+
+    The password for `url` comes from `password_env` or `password_file`, else from libpq's
+    own PGPASSWORD or ~/.pgpass; TLS and the rest from the URL's query (`sslmode`,
+    `sslrootcert`, ... as libpq names them) or the PG* environment variables.
+    """
+
     path: str = "data/relay.db"
     keep_bodies: float = 0.0
+    url: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    password: Secret | None = None
+    connect_timeout: float = 10.0
+    statement_timeout: float = 30.0
+    pool_size: int | None = None
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.url is None else "postgresql"
+
+    @property
+    def where(self) -> str:
+        """The store for a person to read: the file, or the URL (which never holds a password)."""
+        return self.path if self.url is None else self.url
 
 
 @dataclass(frozen=True)
@@ -174,6 +197,9 @@ class DeliveryConfig:
     retry_max: float = 3600.0
     max_age: float = 5 * 86400.0
     on_ambiguous: Literal["retry", "hold"] = "retry"
+    # How long a delivery attempt may hold its message before another process may take it over;
+    # unset: 10 minutes, or 20 x upstream.timeout when that is longer.
+    lease_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -367,6 +393,11 @@ def _size(value: object, key: str) -> int:
         return parse_size(value)
     except UnitError as exc:
         raise ConfigError(f"{key}: {exc}") from None
+
+
+def _opt_int_at_least(low: int, high: int | None = None) -> Callable[[object, str], int | None]:
+    convert = _int_at_least(low, high)
+    return lambda value, key: None if value is None else convert(value, key)
 
 
 def _choice(*options: str) -> Callable[[object, str], Any]:
@@ -620,12 +651,57 @@ def _auth(raw: object) -> AuthConfig:
 
 def _store(raw: object) -> StoreConfig:
     s = _Section(raw, "store")
+    d = StoreConfig()
+    url = s.get("url", _opt_str, None)
+    if url is not None and "path" in s.raw:
+        raise ConfigError("store.url: set store.url (PostgreSQL) or store.path (SQLite), not both")
+    if "password" in s.raw:
+        raise ConfigError(
+            "store.password: secrets do not belong in the YAML; "
+            "use store.password_env or store.password_file"
+        )
     config = StoreConfig(
-        path=s.get("path", _str, StoreConfig.path),
+        path=s.get("path", _str, d.path),
         keep_bodies=s.get("keep_bodies", _duration, 0.0),
+        url=None if url is None else _postgres_url(url),
+        password_env=s.get("password_env", _opt_str, None),
+        password_file=s.get("password_file", _opt_str, None),
+        connect_timeout=s.get("connect_timeout", _duration, d.connect_timeout),
+        statement_timeout=s.get("statement_timeout", _duration, d.statement_timeout),
+        pool_size=s.get("pool_size", _opt_int_at_least(2, 1000), None),
     )
     s.finish()
-    return config
+    for key in ("password_env", "password_file", "pool_size"):
+        if getattr(config, key) is not None and url is None:
+            raise ConfigError(f"store.{key}: only applies to a PostgreSQL store (store.url)")
+    for key in ("connect_timeout", "statement_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"store.{key}: must be more than 0s")
+    password: Secret | None = None
+    if config.password_env:
+        password = Secret(_env(config.password_env, "store.password_env"))
+    elif config.password_file:
+        password = Secret(_read_secret(config.password_file, "store.password_file"))
+    return _replace(config, password=password)
+
+
+def _postgres_url(url: str) -> str:
+    """`postgresql://USER@HOST:PORT/DB?sslmode=...`: libpq's URL form, without a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"store.url: {url!r} must start with postgresql:// (store.path is for SQLite)"
+        )
+    try:
+        has_password = parts.password is not None
+    except ValueError:
+        raise ConfigError(f"store.url: {url!r} is not a valid URL") from None
+    if has_password:
+        raise ConfigError(
+            "store.url: a password in the URL is not allowed; "
+            "use store.password_env or store.password_file (or PGPASSWORD, ~/.pgpass)"
+        )
+    return url
 
 
 def _delivery(raw: object) -> DeliveryConfig:
@@ -637,6 +713,7 @@ def _delivery(raw: object) -> DeliveryConfig:
         retry_max=s.get("retry_max", _duration, d.retry_max),
         max_age=s.get("max_age", _duration, d.max_age),
         on_ambiguous=s.get("on_ambiguous", _choice("retry", "hold"), d.on_ambiguous),
+        lease_timeout=s.get("lease_timeout", _opt_duration, d.lease_timeout),
     )
     s.finish()
     if config.retry_initial <= 0:
@@ -803,7 +880,8 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     )
     top.seen.update(f.name for f in fields(Config))
     top.finish()
-    if check_paths:
+    config = _with_derived(config)
+    if check_paths and config.store.url is None:
         _check_writable_dir(Path(config.store.path).parent, "store.path")
         if config.upstream.scheme == "maildir":
             _check_writable_dir(Path(config.upstream.path), "upstream.url")
@@ -811,6 +889,29 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
             _check_writable_dir(Path(config.audit.output).parent, "audit.output")
         _check_front_door(config)
     return config
+
+
+def _with_derived(config: Config) -> Config:
+    """Settings whose default depends on another section's."""
+    config = _with_lease_timeout(config)
+    if config.store.url is not None and config.store.pool_size is None:
+        # The writer, and readers for large bodies (up to one per delivery worker) and gauges.
+        pool = 2 + config.delivery.concurrency // 2
+        config = _replace(config, store=_replace(config.store, pool_size=pool))
+    return config
+
+
+def _with_lease_timeout(config: Config) -> Config:
+    """An attempt must end before its lease does, or another process may take the message over."""
+    lease = config.delivery.lease_timeout
+    if lease is None:
+        lease = max(600.0, 20 * config.upstream.timeout)
+    elif lease <= config.upstream.timeout:
+        raise ConfigError(
+            f"delivery.lease_timeout: {format_duration(lease)} must be longer than"
+            f" upstream.timeout ({format_duration(config.upstream.timeout)})"
+        )
+    return _replace(config, delivery=_replace(config.delivery, lease_timeout=lease))
 
 
 def _check_front_door(config: Config) -> None:
@@ -1012,6 +1113,9 @@ def _replace(obj: T, **changes: Any) -> T:
 # --- printing --------------------------------------------------------------
 
 _DURATION_FIELDS = {
+    "connect_timeout",
+    "statement_timeout",
+    "lease_timeout",
     "command_timeout",
     "data_timeout",
     "timeout",

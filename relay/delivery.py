@@ -116,7 +116,7 @@ class Delivery:
         self._factory = transport_factory
         self.upstream = describe(config.upstream)
         self.instance = config.runtime.instance
-        self.lease_for = max(600.0, 20 * config.upstream.timeout)
+        self.lease_for = config.delivery.lease_timeout or max(600.0, 20 * config.upstream.timeout)
         self._queue: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._in_flight = 0
@@ -299,4 +299,5 @@ class Delivery:
                 raise
             except Exception:
                 log.exception("housekeeping failed")
-            await self.clock.sleep(HOUSEKEEPING_INTERVAL)
+            # A dead replica's leases are looked for at least twice per lease_timeout.
+            await self.clock.sleep(min(HOUSEKEEPING_INTERVAL, self.lease_for / 2))
