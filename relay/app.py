@@ -52,6 +52,7 @@ class App:
             lambda: open_transport(config.upstream, config.runtime.instance)
         )
         self.delivery = Delivery(config, self.store, factory, clock=clock)
+        self.store.subscribe(self.delivery.wake)
         self.intake = Intake(config, self.store, on_spooled=self.delivery.wake, clock=clock)
         self.front = FrontDoor(
             config.listen, self.intake, auth=config.auth, record=self.store.record
@@ -108,7 +109,7 @@ class App:
             self.config.listen.host,
             self.port,
             describe(self.config.upstream),
-            self.config.store.path,
+            self.config.store.where,
             f", http on {self.config.http.listen}" if self.side is not None else "",
         )
 

@@ -1,10 +1,13 @@
-"""The SQLite schema: tables for the queue, the dedupe claims and the audit trail."""
+"""The SQLite schema: tables for the queue, the dedupe claims and the audit trail.
+
+Each part is one versioned migration (`relay.store.migrations`); a new column or
+index goes into a new part, never into an old one, so every store reaches the
+same schema by the same steps.
+"""
 
 from __future__ import annotations
 
-__all__ = ["PRAGMAS", "TABLES", "VERSION"]
-
-VERSION = 1
+__all__ = ["PRAGMAS", "REVIEW", "TABLES"]
 
 PRAGMAS = (
     # First, so that processes opening one store at once wait for each other's set-up.
@@ -118,7 +121,7 @@ def _split(rcpts: str) -> str:
 # can search, so `event_rcpts` holds one row per recipient of each event; triggers keep it in
 # step with every insert and purge, whoever writes the event (a one-recipient event, the common
 # case, skips the JSON split).
-TABLES += f"""
+REVIEW = f"""
 CREATE INDEX IF NOT EXISTS events_event ON events (event, ts);
 CREATE INDEX IF NOT EXISTS events_sender ON events (sender COLLATE NOCASE, ts);
 CREATE INDEX IF NOT EXISTS events_client ON events (client, ts);

@@ -26,6 +26,7 @@ __all__ = [
     "DELETE_RECIPIENT_CLAIM",
     "END_LEASE",
     "FINISHED_MESSAGES",
+    "HAS_META",
     "INSERT_BODY",
     "INSERT_EVENT",
     "INSERT_MESSAGE",
@@ -36,8 +37,10 @@ __all__ = [
     "READY_PROBE",
     "RECIPIENTS_IN_STATE",
     "RECIPIENT_STATES",
+    "SCHEMA_VERSION",
     "SELECT_BODY",
     "SETTLE_CLAIM",
+    "SET_SCHEMA_VERSION",
     "STUCK_LEASES",
     "UNLEASE",
     "UPDATE_RECIPIENT",
@@ -159,6 +162,12 @@ END_LEASE = (
 DELETE_BODY = "DELETE FROM bodies WHERE queue_id = :queue_id"
 RECIPIENTS_IN_STATE = "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state"
 
+HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+SCHEMA_VERSION = "SELECT value FROM meta WHERE name = 'schema'"
+SET_SCHEMA_VERSION = (
+    "INSERT INTO meta (name, value) VALUES ('schema', :version)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
 READY_PROBE = (
     "INSERT INTO meta (name, value) VALUES ('ready-probe', :now)"
     " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
