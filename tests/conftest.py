@@ -365,8 +365,62 @@ def base_config(tmp: Path, upstream_port: int) -> dict[str, Any]:
     }
 
 
+# --- store backends ----------------------------------------------------------
+
+PG_PASSWORD_ENV = "RELAY_TEST_PG_PASSWORD"
+# For `pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)`.
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """One private PostgreSQL cluster for the whole run, started the first time a test asks."""
+    from tests.pg import private_cluster
+
+    with private_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database in the private cluster, owned by the relay's role; its password is in
+    the environment variable PG_PASSWORD_ENV names (subprocess relays inherit it)."""
+    from tests.pg import PASSWORD
+
+    cluster = request.getfixturevalue("pg_cluster")
+    monkeypatch.setenv(PG_PASSWORD_ENV, PASSWORD)
+    name = cluster.create_database()
+    yield cluster.url(name)
+    cluster.drop_database(name)
+
+
+@pytest.fixture
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Which store backend `make_relay` and `store_config` use: "sqlite" unless a module
+    parametrises it (indirectly) to run its tests on both, as the store's contract tests do."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def store_config(
+    store_backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> dict[str, Any]:
+    """The `store` section for the backend under test."""
+    if store_backend == "postgres":
+        return {"url": request.getfixturevalue("pg_url"), "password_env": PG_PASSWORD_ENV}
+    return {"path": str(tmp_path / "relay.db")}
+
+
+def pg_params(sql: str) -> str:
+    """A test's `?` placeholders as PostgreSQL's `$n`."""
+    from relay.store.reader import numbered
+
+    return numbered(sql)
+
+
 class Relay:
-    """A relay running in this process, with helpers to look inside its store."""
+    """A relay running in this process, with helpers to look inside its store (either backend;
+    queries use `?` placeholders and SQL both backends speak)."""
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -379,15 +433,24 @@ class Relay:
     def store(self) -> Any:
         return self.app.store
 
+    @property
+    def postgres(self) -> bool:
+        return self.app.config.store.url is not None
+
     async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        if self.postgres:
+            async with self.app.store.connection() as db:
+                return [tuple(row) for row in await db.fetch(pg_params(sql), *params)]
         async with self.app.store.reader.execute(sql, params) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
 
     async def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        async with self.app.store.reader.execute(
-            "SELECT * FROM events" + (" WHERE event = ?" if name else "") + " ORDER BY id",
-            (name,) if name else (),
-        ) as cursor:
+        sql = "SELECT * FROM events" + (" WHERE event = ?" if name else "") + " ORDER BY id"
+        params = (name,) if name else ()
+        if self.postgres:
+            async with self.app.store.connection() as db:
+                return [dict(row) for row in await db.fetch(pg_params(sql), *params)]
+        async with self.app.store.reader.execute(sql, params) as cursor:
             columns = [c[0] for c in cursor.description]
             return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
 
@@ -442,14 +505,16 @@ async def left_mid_attempt(path: Path, owner: str, now: float, lease_for: float 
 
 @pytest.fixture
 async def make_relay(
-    tmp_path: Path, upstream: Upstream
+    tmp_path: Path, upstream: Upstream, store_config: dict[str, Any]
 ) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
     running: list[Relay] = []
 
     async def make(
         *, clock: Clock = SYSTEM, store_factory: StoreFactory = open_store, **overrides: Any
     ) -> Relay:
-        raw = deep_merge(base_config(tmp_path, upstream.port), overrides)
+        raw = base_config(tmp_path, upstream.port)
+        raw["store"] = dict(store_config)
+        raw = deep_merge(raw, overrides)
         app = App(from_mapping(raw), clock=clock, store_factory=store_factory)
         await app.start()
         relay = Relay(app)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.conftest import Relay, Upstream, eventually, make_message, send
+import pytest
+
+from tests.conftest import BACKENDS, Relay, Upstream, eventually, make_message, send
+
+# Every behaviour here holds on both store backends.
+pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
 
 def header(data: bytes, name: str) -> list[str]:
