@@ -28,6 +28,7 @@ __all__ = [
     "HAS_META",
     "INSERT_EVENTS",
     "LEASE",
+    "MESSAGE_STATE",
     "MIGRATION_LOCK",
     "PURGE_MESSAGES",
     "READY_PROBE",
@@ -183,6 +184,7 @@ END_LEASE = _q(
     " WHERE queue_id = :queue_id)"
     " DELETE FROM bodies WHERE queue_id = :queue_id AND :drop_body::boolean"
 )
+MESSAGE_STATE = _q("SELECT state FROM messages WHERE queue_id = :queue_id")
 RECIPIENTS_IN_STATE = _q(
     "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state ORDER BY rcpt"
 )

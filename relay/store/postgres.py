@@ -55,6 +55,7 @@ __all__ = [
     "FAILURES",
     "OUTCOME_RETRY",
     "UNAVAILABLE",
+    "CommitUnknown",
     "NotCommitted",
     "PgTx",
     "PostgresStore",
@@ -88,6 +89,8 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
     # A failover left this connection on a standby: a new one finds the new primary.
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # The driver lost track of the protocol (a reply cut off mid-way): the connection is done.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -98,7 +101,14 @@ Db: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncp
 
 
 class NotCommitted(StoreError):
-    """The connection was lost before COMMIT was sent: nothing of the batch was stored."""
+    """Nothing of the batch was stored: the connection was lost before COMMIT was sent, or the
+    server answered COMMIT with an ordinary error (it rolled back)."""
+
+
+class CommitUnknown(StoreError):
+    """The connection was lost after COMMIT was sent and before its answer: the batch may or
+    may not be stored. An SMTP client hears 4xx (its retry meets the claim if it was stored);
+    a delivery outcome is looked up and written again only if it is not there."""
 
 
 def connect_options(config: StoreConfig, *, readonly: bool = False) -> dict[str, Any]:
@@ -182,8 +192,8 @@ async def run_jobs(db: Db, jobs: Sequence[Job]) -> BatchResult:
     """Every job in one transaction, a savepoint each, then the events, then one COMMIT.
 
     A job that fails with an SQL error is rolled back to its savepoint and the others still
-    commit. A lost connection fails the batch: `NotCommitted` before COMMIT was sent;
-    whatever else escaped during COMMIT, the outcome is unknown and the caller says so.
+    commit. Anything else fails the batch: `NotCommitted` before COMMIT was sent (or when
+    the server answered it with an error), `CommitUnknown` when the link died awaiting it.
     """
     tx = PgTx(db)
     outcomes: list[Outcome] = []
@@ -205,13 +215,16 @@ async def run_jobs(db: Db, jobs: Sequence[Job]) -> BatchResult:
                 outcomes.append((result, None))
         if tx.events:
             await tx.execute(sql.INSERT_EVENTS, **_event_arrays(tx.events))
-    except BaseException as exc:
-        if _lost(exc):
-            raise NotCommitted(f"lost the database before commit: {_describe(exc)}") from exc
-        with contextlib.suppress(Exception):
-            await db.execute("ROLLBACK")
-        raise
-    await db.execute(f"NOTIFY {sql.CHANNEL}; COMMIT" if tx.notify else "COMMIT")
+    except Exception as exc:
+        # COMMIT was not sent, so nothing is stored, whatever went wrong.
+        raise NotCommitted(f"lost the database before commit: {_describe(exc)}") from exc
+    try:
+        await db.execute(f"NOTIFY {sql.CHANNEL}; COMMIT" if tx.notify else "COMMIT")
+    except UNAVAILABLE as exc:
+        # Even a server's "terminating connection" may come after the commit record.
+        raise CommitUnknown(f"lost the database during commit: {_describe(exc)}") from exc
+    except asyncpg.PostgresError as exc:
+        raise NotCommitted(f"the database refused the commit: {_describe(exc)}") from exc
     return outcomes, tx.events
 
 
@@ -329,27 +342,39 @@ class PostgresStore:
             raise NotCommitted(f"cannot reach the database: {_describe(exc)}") from None
         try:
             return await run_jobs(db, jobs)
-        except NotCommitted:
-            db.terminate()
-            raise
-        except BaseException as exc:
-            if _lost(exc):
+        except BaseException:
+            # Whatever broke the batch may have left the connection mid-protocol: a new one.
+            with contextlib.suppress(Exception):
                 db.terminate()
             raise
         finally:
-            await self._writes.release(db)
+            # A connection that died under the pool may already be detached from it.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await self._writes.release(db)
 
     async def _run(self, job: Callable[[PgTx], Awaitable[T]]) -> T:
         return cast(T, await self.writer.run(job))
 
-    async def _run_until_stored(self, job: Callable[[PgTx], Awaitable[T]]) -> T:
-        """For outcomes of what already happened: written again while the database is away."""
+    async def _run_until_stored(
+        self,
+        job: Callable[[PgTx], Awaitable[T]],
+        stored: Callable[[PgTx], Awaitable[T | None]] | None = None,
+    ) -> T:
+        """For outcomes of what already happened: written again while the database is away.
+
+        After a commit whose answer was lost, `stored` looks whether it landed (its result,
+        else None), so an outcome is never applied twice.
+        """
         deadline = time.monotonic() + OUTCOME_RETRY
         pause = 0.2
+        unsure = False
         while True:
             try:
+                if unsure and stored is not None:
+                    return await self._run(_first_of(stored, job))
                 return await self._run(job)
-            except NotCommitted:
+            except (NotCommitted, CommitUnknown) as exc:
+                unsure = unsure or isinstance(exc, CommitUnknown)
                 if time.monotonic() + pause > deadline or not self.running:
                     raise
                 await asyncio.sleep(pause)
@@ -440,7 +465,14 @@ class PostgresStore:
         return None if data is None else bytes(data)
 
     async def update(self, update: Update) -> MessageState:
-        return await self._run_until_stored(lambda tx: self._update(tx, update))
+        async def stored(tx: PgTx) -> MessageState | None:
+            # Delivery reports only on a message it leased: one no longer sending was settled
+            # by the commit whose answer was lost (or taken over, and recorded, by another).
+            row = await tx.fetchrow(sql.MESSAGE_STATE, queue_id=update.queue_id)
+            state = None if row is None else row["state"]
+            return None if state == "sending" else cast(MessageState, state)
+
+        return await self._run_until_stored(lambda tx: self._update(tx, update), stored)
 
     async def _update(self, tx: PgTx, u: Update) -> MessageState:
         settle, released = changes.settlement(u)
@@ -533,6 +565,16 @@ class PostgresStore:
 
 def _flag(event: asyncio.Event, *_: object) -> None:
     event.set()
+
+
+def _first_of(
+    stored: Callable[[PgTx], Awaitable[T | None]], job: Callable[[PgTx], Awaitable[T]]
+) -> Callable[[PgTx], Awaitable[T]]:
+    async def either(tx: PgTx) -> T:
+        found = await stored(tx)
+        return found if found is not None else await job(tx)
+
+    return either
 
 
 def _deleter(query: Query, cutoff: float) -> Callable[[PgTx], Awaitable[int]]:

@@ -114,7 +114,12 @@ class GroupCommit(Generic[J]):
             log.error("store: batch of %d not committed: %s", len(batch), exc)
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(StoreError(f"store unavailable: {exc}"))
+                    # A backend's own StoreError (it says whether anything was stored) keeps
+                    # its type; one instance per caller, as each raises it on its own.
+                    if isinstance(exc, StoreError):
+                        future.set_exception(type(exc)(str(exc)))
+                    else:
+                        future.set_exception(StoreError(f"store unavailable: {exc}"))
             return
         self.batches += 1
         self.jobs_run += len(batch)
