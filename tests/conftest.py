@@ -367,7 +367,7 @@ def base_config(tmp: Path, upstream_port: int) -> dict[str, Any]:
 
 # --- store backends ----------------------------------------------------------
 
-PG_PASSWORD_ENV = "RELAY_TEST_PG_PASSWORD"
+PG_PASSWORD_ENV = "DEDUP_TEST_PG_PASSWORD"
 # For `pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)`.
 BACKENDS = ("sqlite", "postgres")
 
