@@ -79,15 +79,20 @@ class Sink:
 
 
 @contextmanager
-def relay(folder: Path, sink_port: int, processes: int) -> Iterator[int]:
-    """`processes` relays on one port (SO_REUSEPORT) sharing one store, as in production."""
+def relay(
+    folder: Path, sink_port: int, processes: int, extra: dict[str, object] | None = None
+) -> Iterator[int]:
+    """`processes` relays on one port (SO_REUSEPORT) sharing one store, as in production.
+
+    `extra` adds top-level config sections (such as `upstreams`)."""
     port = free_port()
-    config = {
+    config: dict[str, object] = {
         "listen": {"port": port, "max_connections": 1000, "reuse_port": processes > 1},
         "upstream": {"url": f"smtp://127.0.0.1:{sink_port}"},
         "store": {"path": str(folder / "relay.db")},
         "audit": {"output": "none"},
         "runtime": {"log_level": "warning"},
+        **(extra or {}),
     }
     path = folder / "relay.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -128,6 +133,12 @@ def load(port: int, messages: int, sessions: int, size: int, fixed: Path | None 
     began = time.monotonic()
     subprocess.run([*command, f"127.0.0.1:{port}"], check=True)
     return began
+
+
+def require_tools() -> None:
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
 
 
 def report(label: str, messages: int, began: float, accepted: float, delivered: float) -> None:
@@ -202,9 +213,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--postfix", action="store_true", help="also measure Postfix itself")
     args = parser.parse_args()
-    for tool in ("smtp-source", "smtp-sink"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: apt-get install -y postfix")
+    require_tools()
     folder = Path(tempfile.mkdtemp(prefix="throughput-"))
     print(
         f"{args.messages:,} messages of {args.size:,} bytes over {args.sessions} sessions; "

@@ -8,10 +8,11 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from relay.audit import Emitter, Event
 from relay.clock import SYSTEM, Clock
-from relay.config import Config, StoreConfig
+from relay.config import Config, StoreConfig, UpstreamConfig
 from relay.delivery import Delivery
 from relay.health import Health
 from relay.http import Mount, SidePort, build_app
@@ -19,7 +20,10 @@ from relay.intake import Intake
 from relay.metrics import Metrics
 from relay.server import FrontDoor
 from relay.store import OnBatch, OnCommit, Store, open_store
-from relay.upstream import Transport, describe, open_transport
+from relay.upstream import Transport, open_transport
+
+if TYPE_CHECKING:
+    from relay.upstream.mx import Resolver
 
 __all__ = ["App", "serve"]
 
@@ -39,7 +43,7 @@ class App:
     def __init__(
         self,
         config: Config,
-        transport_factory: Callable[[], Transport] | None = None,
+        transport_factory: Callable[[UpstreamConfig], Transport] | None = None,
         *,
         clock: Clock = SYSTEM,
         store_factory: StoreFactory = open_store,
@@ -48,8 +52,9 @@ class App:
         self.emitter = Emitter(config.audit.output)
         self.metrics = Metrics(config.runtime.instance)
         self.store = store_factory(config.store, self._committed, self.metrics.observe_batch)
+        resolvers: dict[str, Resolver] = {}
         factory = transport_factory or (
-            lambda: open_transport(config.upstream, config.runtime.instance)
+            lambda upstream: open_transport(upstream, config.runtime.instance, resolvers)
         )
         self.delivery = Delivery(config, self.store, factory, clock=clock)
         self.store.subscribe(self.delivery.wake)
@@ -108,7 +113,7 @@ class App:
             "dedup-relay listening on %s:%d, upstream %s, store %s%s",
             self.config.listen.host,
             self.port,
-            describe(self.config.upstream),
+            _upstreams(self.config),
             self.config.store.where,
             f", http on {self.config.http.listen}" if self.side is not None else "",
         )
@@ -142,6 +147,12 @@ class App:
             await self.side.stop()
         self.emitter.close()
         log.info("dedup-relay stopped")
+
+
+def _upstreams(config: Config) -> str:
+    if not config.upstreams:
+        return config.upstream.label
+    return ", ".join(f"{u.name} ({u.url})" for u in config.upstreams)
 
 
 def _loopback(host: str) -> bool:

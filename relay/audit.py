@@ -31,6 +31,7 @@ EVENTS = (
     "requeued",
     "auth_failed",
     "rate_limited",
+    "failover",
 )
 
 

@@ -67,6 +67,11 @@ class ManualClock:
                 future.set_result(None)
 
     @property
+    def next_wakeup(self) -> float | None:
+        """When the earliest sleeper wakes (None: nobody sleeps), so a test can jump there."""
+        return min((when for when, _, f in self._sleepers if not f.done()), default=None)
+
+    @property
     def sleepers(self) -> int:
         """How many tasks wait on this clock: a test can wait for them to settle first."""
         return sum(1 for _, _, f in self._sleepers if not f.done())

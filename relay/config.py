@@ -13,6 +13,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -36,6 +37,9 @@ __all__ = [
     "KeySpec",
     "Layers",
     "ListenConfig",
+    "Rate",
+    "RouteConfig",
+    "RouteMatch",
     "RuleConfig",
     "RuleMatch",
     "RuntimeConfig",
@@ -46,6 +50,7 @@ __all__ = [
     "UserLimits",
     "from_mapping",
     "load",
+    "nameserver",
     "read_layers",
     "to_mapping",
     "to_yaml_with_sources",
@@ -140,9 +145,36 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """A provider's send limit, `count` messages per `per` seconds: `14/s`, `600/m`.
+
+    The relay spaces transactions evenly, one every `interval` seconds, so no window of
+    any length ever holds more than the limit allows.
+    """
+
+    count: float
+    per: float
+
+    @property
+    def interval(self) -> float:
+        return self.per / self.count
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}[self.per]
+        return f"{self.count:g}/{unit}"
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
+    """Where mail goes: one provider's SMTP endpoint, a Maildir, or `mx:` (direct delivery).
+
+    `name` is "" for the single `upstream:`; entries of `upstreams:` are named, and routes
+    and the audit log refer to them by that name.
+    """
+
+    name: str = ""
     url: str = "maildir:data/maildir"
-    scheme: Literal["smtp", "smtps", "maildir"] = "maildir"
+    scheme: Literal["smtp", "smtps", "maildir", "mx"] = "maildir"
     host: str = ""
     port: int = 0
     path: str = "data/maildir"
@@ -159,6 +191,39 @@ class UpstreamConfig:
     idempotency_header: str | None = None
     idle_timeout: float = 30.0
     max_messages_per_connection: int = 100
+    max_connections: int | None = None
+    rate: Rate | None = None
+    allow_plaintext_auth: bool = False
+    dns_servers: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """How the audit log names it: its name, or for the unnamed upstream its URL."""
+        if self.name:
+            return self.name
+        if self.scheme == "maildir":
+            return f"maildir:{self.path}"
+        if self.scheme == "mx":
+            return "mx:" if self.port == 25 else f"mx://:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """What a route looks at; every condition given must hold (globs, case-insensitive)."""
+
+    sender: tuple[str, ...] = ()
+    headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    rule: tuple[str, ...] = ()
+    user: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """The upstreams a message goes to, in failover order; no `match` makes the default."""
+
+    upstreams: tuple[str, ...]
+    match: RouteMatch | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +364,13 @@ class Config:
     audit: AuditConfig = AuditConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     http: HttpConfig = HttpConfig()
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    @property
+    def delivery_upstreams(self) -> tuple[UpstreamConfig, ...]:
+        """The upstreams delivery uses: the named list, or the single `upstream:`."""
+        return self.upstreams or (self.upstream,)
 
 
 # --- reading ---------------------------------------------------------------
@@ -461,17 +533,43 @@ def _key_specs(value: object, key: str) -> tuple[KeySpec, ...]:
     return tuple(_key_spec(item, f"{key}[{i}]") for i, item in enumerate(value))
 
 
-def _upstream(raw: object) -> UpstreamConfig:
-    s = _Section(raw, "upstream")
+# Keys of `upstream:` that every entry of `upstreams:` inherits unless it sets its own. The URL,
+# credentials, limits and `allow_plaintext_auth` belong to one provider and are never inherited.
+_INHERITED = (
+    "tls_verify",
+    "ca_file",
+    "require_tls",
+    "timeout",
+    "helo_name",
+    "idempotency_header",
+    "idle_timeout",
+    "max_messages_per_connection",
+    "dns_servers",
+)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(s|m|h)")
+
+
+def _upstream(raw: object, key: str = "upstream", *, named: bool = False) -> UpstreamConfig:
+    s = _Section(raw, key)
+    name = s.get("name", _str, "") if named else ""
+    if named and not name:
+        raise ConfigError(f"{key}.name: every upstream needs a name (routes and the log use it)")
+    if name and not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{key}.name: {name!r} is not a name (letters, digits, '.', '_', '-'; 64 at most)"
+        )
     url = s.get("url", _str, UpstreamConfig.url)
+    if named and "url" not in s.raw:
+        raise ConfigError(f"{key}.url: missing (smtp://, smtps://, maildir: or mx:)")
     username = s.get("username", _opt_str, None)
     username_env = s.get("username_env", _opt_str, None)
     password_env = s.get("password_env", _opt_str, None)
     password_file = s.get("password_file", _opt_str, None)
     if "password" in s.raw:
         raise ConfigError(
-            "upstream.password: secrets do not belong in the YAML; "
-            "use upstream.password_env or upstream.password_file"
+            f"{key}.password: secrets do not belong in the YAML; "
+            f"use {key}.password_env or {key}.password_file"
         )
     config = UpstreamConfig(
         url=url,
@@ -486,45 +584,185 @@ def _upstream(raw: object) -> UpstreamConfig:
         idempotency_header=s.get("idempotency_header", _opt_str, None),
         idle_timeout=s.get("idle_timeout", _duration, UpstreamConfig.idle_timeout),
         max_messages_per_connection=s.get("max_messages_per_connection", _int_at_least(1), 100),
+        name=name,
+        max_connections=s.get("max_connections", _int_at_least(1, 1000), None),
+        rate=s.get("rate", _rate, None),
+        allow_plaintext_auth=s.get("allow_plaintext_auth", _bool, False),
+        dns_servers=s.get("dns_servers", _dns_servers, ()),
     )
     s.finish()
-    scheme, host, port, path = _parse_url(url)
+    scheme, host, port, path = _parse_url(url, f"{key}.url")
     if username_env:
-        username = _env(username_env, "upstream.username_env")
+        username = _env(username_env, f"{key}.username_env")
     password: Secret | None = None
     if password_env:
-        password = Secret(_env(password_env, "upstream.password_env"))
+        password = Secret(_env(password_env, f"{key}.password_env"))
     elif password_file:
-        password = Secret(_read_secret(password_file, "upstream.password_file"))
+        password = Secret(_read_secret(password_file, f"{key}.password_file"))
     if password and not username:
-        raise ConfigError("upstream.username: a password is configured but no username")
+        raise ConfigError(f"{key}.username: a password is configured but no username")
+    if scheme == "mx" and username:
+        raise ConfigError(
+            f"{key}.username: mx: delivers to each recipient's own mail servers,"
+            " which take no login; credentials belong to a provider's smtp:// upstream"
+        )
     if config.ca_file and not Path(config.ca_file).is_file():
-        raise ConfigError(f"upstream.ca_file: {config.ca_file} is not a readable file")
+        raise ConfigError(f"{key}.ca_file: {config.ca_file} is not a readable file")
     return _replace(
         config, scheme=scheme, host=host, port=port, path=path, username=username, password=password
     )
 
 
-def _parse_url(url: str) -> tuple[Literal["smtp", "smtps", "maildir"], str, int, str]:
+def _rate(value: object, key: str) -> Rate:
+    hint = "use messages per second, minute or hour: 14/s, 600/m, 10000/h"
+    match = _RATE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{key}: {value!r} is not a rate ({hint})")
+    count = float(match.group(1))
+    if count <= 0:
+        raise ConfigError(f"{key}: {value!r} must allow at least some mail ({hint})")
+    return Rate(count, {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)])
+
+
+def _dns_servers(value: object, key: str) -> tuple[str, ...]:
+    """Resolver addresses: `IP` (port 53), `IP:PORT` or `[IPv6]:PORT`."""
+    items = _str_list(value, key)
+    for i, item in enumerate(items):
+        try:
+            nameserver(item)
+        except ValueError:
+            raise ConfigError(
+                f"{key}[{i}]: {item!r} is not a resolver address (use 10.0.0.53, 10.0.0.53:5353"
+                " or [fd00::53]:53)"
+            ) from None
+    return items
+
+
+def nameserver(text: str) -> tuple[str, int]:
+    """`IP`, `IP:PORT` or `[IPv6]:PORT` as (address, port); ValueError when it is none."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", text)
+    address, port = text, 53
+    if match is not None:
+        address = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+    ipaddress.ip_address(address)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return address, port
+
+
+def _upstreams(raw: object, base: object) -> tuple[UpstreamConfig, ...]:
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("upstreams: expected a list of upstreams, each with a name and a url")
+    defaults = {k: v for k, v in base.items() if k in _INHERITED} if isinstance(base, dict) else {}
+    entries: list[UpstreamConfig] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"upstreams[{i}]: expected a mapping (name, url, ...)")
+        entries.append(_upstream({**defaults, **item}, f"upstreams[{i}]", named=True))
+    names = [u.name for u in entries]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"upstreams[{i}].name: the name {name!r} is used twice")
+    return tuple(entries)
+
+
+def _route(raw: object, key: str, names: tuple[str, ...], rules: tuple[str, ...]) -> RouteConfig:
+    s = _Section(raw, key)
+    none: tuple[str, ...] = ()
+    upstreams = s.get("upstreams", _str_list, none)
+    if not upstreams:
+        raise ConfigError(f"{key}.upstreams: missing (the upstreams to try, in order)")
+    for i, name in enumerate(upstreams):
+        if name not in names:
+            raise ConfigError(
+                f"{key}.upstreams[{i}]: no upstream named {name!r} (upstreams: {', '.join(names)})"
+            )
+        if name in upstreams[:i]:
+            raise ConfigError(f"{key}.upstreams[{i}]: {name!r} is listed twice")
+    match: RouteMatch | None = None
+    if "match" in s.raw:
+        m = _Section(s.raw.get("match"), f"{key}.match")
+        s.seen.add("match")
+        headers_raw = m.get("header", lambda v, k: _Section(v, k), _Section({}, ""))
+        headers_raw.seen.update(str(h) for h in headers_raw.raw)
+        match = RouteMatch(
+            sender=m.get("sender", _patterns, ()),
+            headers=tuple(
+                (str(h), _patterns(v, headers_raw.key(str(h)))) for h, v in headers_raw.raw.items()
+            ),
+            rule=m.get("rule", _patterns, ()),
+            user=m.get("user", _patterns, ()),
+        )
+        m.finish()
+        if match == RouteMatch():
+            raise ConfigError(
+                f"{key}.match: needs at least one of sender, header, rule, user"
+                " (leave match out for the default route)"
+            )
+        for pattern in match.rule:
+            if not any(fnmatchcase(r.lower(), pattern.lower()) for r in rules):
+                known = ", ".join(rules) or "none"
+                raise ConfigError(f"{key}.match.rule: {pattern!r} names no rule (rules: {known})")
+    s.finish()
+    return RouteConfig(upstreams=upstreams, match=match)
+
+
+def _routes(
+    raw: object, upstreams: tuple[UpstreamConfig, ...], rules: tuple[str, ...]
+) -> tuple[RouteConfig, ...]:
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"routes: expected a list of routes, got {_kind(raw)}")
+    if not upstreams:
+        raise ConfigError("routes: routes choose among named upstreams; define upstreams: first")
+    names = tuple(u.name for u in upstreams)
+    routes = tuple(_route(item, f"routes[{i}]", names, rules) for i, item in enumerate(raw))
+    for i, route in enumerate(routes[:-1]):
+        if route.match is None:
+            raise ConfigError(
+                f"routes[{i}]: a route without match takes every message, so the routes after"
+                " it are never used; put the default route last"
+            )
+    return routes
+
+
+def _parse_url(
+    url: str, key: str = "upstream.url"
+) -> tuple[Literal["smtp", "smtps", "maildir", "mx"], str, int, str]:
     if url.startswith("maildir:"):
         path = url[len("maildir:") :].removeprefix("//")
         if not path:
-            raise ConfigError("upstream.url: maildir: needs a directory, e.g. maildir:data/maildir")
+            raise ConfigError(f"{key}: maildir: needs a directory, e.g. maildir:data/maildir")
         return "maildir", "", 0, path
     parts = urlsplit(url)
+    if parts.scheme == "mx" and parts.path in ("", "/") and not parts.query:
+        if parts.hostname or parts.username or parts.password:
+            raise ConfigError(
+                f"{key}: {url!r}: mx: takes no host (each recipient domain's MX records choose"
+                " the servers); write mx: (port 25) or mx://:PORT"
+            )
+        try:
+            return "mx", "", parts.port or 25, ""
+        except ValueError:
+            raise ConfigError(f"{key}: {url!r} has an invalid port") from None
     if parts.scheme not in ("smtp", "smtps"):
-        raise ConfigError(f"upstream.url: {url!r} must start with smtp://, smtps:// or maildir:")
+        raise ConfigError(f"{key}: {url!r} must start with smtp://, smtps://, maildir: or mx:")
     if parts.username or parts.password:
+        prefix = key.rsplit(".", 1)[0]
         raise ConfigError(
-            "upstream.url: credentials in the URL are not allowed; "
-            "use upstream.username with upstream.password_env or upstream.password_file"
+            f"{key}: credentials in the URL are not allowed; "
+            f"use {prefix}.username with {prefix}.password_env or {prefix}.password_file"
         )
     try:
         port = parts.port or (465 if parts.scheme == "smtps" else 25)
     except ValueError:
-        raise ConfigError(f"upstream.url: {url!r} has an invalid port") from None
+        raise ConfigError(f"{key}: {url!r} has an invalid port") from None
     if not parts.hostname:
-        raise ConfigError(f"upstream.url: {url!r} has no host")
+        raise ConfigError(f"{key}: {url!r} has no host")
     return parts.scheme, parts.hostname, port, ""  # type: ignore[return-value]
 
 
@@ -866,6 +1104,8 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     """Validate a parsed YAML document; `check_paths` creates and checks directories."""
     top = _Section(raw, "")
     listen = _listen(top.raw.get("listen"))
+    rules = _rules(top.raw.get("rules"))
+    upstreams = _upstreams(top.raw.get("upstreams"), top.raw.get("upstream"))
     config = Config(
         listen=listen,
         auth=_auth(top.raw.get("auth")),
@@ -873,18 +1113,23 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
         store=_store(top.raw.get("store")),
         delivery=_delivery(top.raw.get("delivery")),
         dedupe=_dedupe(top.raw.get("dedupe")),
-        rules=_rules(top.raw.get("rules")),
+        rules=rules,
         audit=_audit(top.raw.get("audit")),
         runtime=_runtime(top.raw.get("runtime"), listen),
         http=_http(top.raw.get("http")),
+        upstreams=upstreams,
+        routes=_routes(top.raw.get("routes"), upstreams, tuple(r.name for r in rules)),
     )
     top.seen.update(f.name for f in fields(Config))
     top.finish()
     config = _with_derived(config)
     if check_paths and config.store.url is None:
         _check_writable_dir(Path(config.store.path).parent, "store.path")
-        if config.upstream.scheme == "maildir":
-            _check_writable_dir(Path(config.upstream.path), "upstream.url")
+        for i, up in enumerate(config.delivery_upstreams):
+            if up.scheme == "maildir":
+                _check_writable_dir(
+                    Path(up.path), f"upstreams[{i}].url" if up.name else "upstream.url"
+                )
         if config.audit.output not in ("stdout", "none"):
             _check_writable_dir(Path(config.audit.output).parent, "audit.output")
         _check_front_door(config)
@@ -904,12 +1149,13 @@ def _with_derived(config: Config) -> Config:
 def _with_lease_timeout(config: Config) -> Config:
     """An attempt must end before its lease does, or another process may take the message over."""
     lease = config.delivery.lease_timeout
+    longest = max(u.timeout for u in config.delivery_upstreams)
     if lease is None:
-        lease = max(600.0, 20 * config.upstream.timeout)
-    elif lease <= config.upstream.timeout:
+        lease = max(600.0, 20 * longest)
+    elif lease <= longest:
         raise ConfigError(
             f"delivery.lease_timeout: {format_duration(lease)} must be longer than"
-            f" upstream.timeout ({format_duration(config.upstream.timeout)})"
+            f" the longest upstream timeout ({format_duration(longest)})"
         )
     return _replace(config, delivery=_replace(config.delivery, lease_timeout=lease))
 
@@ -1154,18 +1400,26 @@ def _plain(value: object, name: str, section: str = "") -> Any:
                 "window": format_duration(value.window),
             }
         )
-    if isinstance(value, RuleMatch):
+    if isinstance(value, Rate):
+        return str(value)
+    if isinstance(value, RuleMatch | RouteMatch):
         out: dict[str, Any] = {}
         if value.headers:
             out["header"] = {h: list(p) for h, p in value.headers}
-        for key in ("sender", "recipient", "user"):
-            if getattr(value, key):
+        for key in ("sender", "recipient", "rule", "user"):
+            if getattr(value, key, ()):
                 out[key] = list(getattr(value, key))
         return out
+    if isinstance(value, RouteConfig):
+        route: dict[str, Any] = {} if value.match is None else {"match": _plain(value.match, "")}
+        route["upstreams"] = list(value.upstreams)
+        return route
     if is_dataclass(value) and not isinstance(value, type):
         result: dict[str, Any] = {}
         for f in fields(value):
             if isinstance(value, UpstreamConfig | HttpConfig) and f.name in _INTERNAL_FIELDS:
+                continue
+            if isinstance(value, UpstreamConfig) and f.name == "name" and not value.name:
                 continue
             if isinstance(value, DedupeConfig) and f.name in (
                 "fingerprint_headers",

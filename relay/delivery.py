@@ -13,11 +13,14 @@ import logging
 import random
 from collections.abc import Callable
 
-from relay import headers, logs
+from relay import headers, logs, routes
+from relay.audit import Event
 from relay.clock import SYSTEM, Clock
-from relay.config import Config
+from relay.config import Config, UpstreamConfig
+from relay.errors import StoreError
 from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Store, Update
-from relay.upstream import Attempt, Outgoing, RecipientResult, Transport, describe
+from relay.upstream import Attempt, Outgoing, RecipientResult, Transport
+from relay.upstream.failover import Failover, Trip, Upstreams
 from relay.upstream.replies import Kind
 
 __all__ = [
@@ -68,7 +71,7 @@ def recipient_outcome(
     too_old = now >= lease.received_at + config.delivery.max_age
 
     def update(state: RecipientState, event: str, *, released: bool = False) -> RecipientUpdate:
-        delivered_as = upstream_id if state == "delivered" else None
+        delivered_as = (result.upstream_id or upstream_id) if state == "delivered" else None
         return RecipientUpdate(
             result.rcpt, state, event, result.code, result.reply, delivered_as, released
         )
@@ -106,17 +109,19 @@ class Delivery:
         self,
         config: Config,
         store: Store,
-        transport_factory: Callable[[], Transport],
+        transport_factory: Callable[[UpstreamConfig], Transport],
         *,
         clock: Clock = SYSTEM,
     ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
-        self._factory = transport_factory
-        self.upstream = describe(config.upstream)
+        self.upstreams = Upstreams(
+            config, transport_factory, reserve=store.reserve_send, clock=clock
+        )
         self.instance = config.runtime.instance
-        self.lease_for = config.delivery.lease_timeout or max(600.0, 20 * config.upstream.timeout)
+        longest = max(u.timeout for u in config.delivery_upstreams)
+        self.lease_for = config.delivery.lease_timeout or max(600.0, 20 * longest)
         self._queue: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._in_flight = 0
@@ -124,7 +129,11 @@ class Delivery:
         self._dispatcher: asyncio.Task[None] | None = None
         self._housekeeper: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._transports: list[Transport] = []
+
+    @property
+    def in_flight(self) -> int:
+        """Messages leased and not yet finished by this process."""
+        return self._in_flight
 
     def wake(self) -> None:
         """New mail was spooled: look for work now rather than at the next poll."""
@@ -140,9 +149,7 @@ class Delivery:
                 "%d message(s) were mid-delivery when the relay stopped: ambiguous", len(stuck)
             )
         for n in range(self.config.delivery.concurrency):
-            transport = self._factory()
-            self._transports.append(transport)
-            self._workers.append(asyncio.create_task(self._work(transport), name=f"worker-{n}"))
+            self._workers.append(asyncio.create_task(self._work(), name=f"worker-{n}"))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
         self._housekeeper = asyncio.create_task(self._housekeeping(), name="housekeeping")
 
@@ -168,9 +175,7 @@ class Delivery:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
-        for transport in self._transports:
-            with contextlib.suppress(Exception):
-                await transport.close()
+        await self.upstreams.close()
 
     async def _dispatch(self) -> None:
         concurrency = self.config.delivery.concurrency
@@ -201,18 +206,18 @@ class Delivery:
             if remaining > 0:
                 await self.clock.wait(self._wake, remaining)
 
-    async def _work(self, transport: Transport) -> None:
-        idle = max(self.config.upstream.idle_timeout, 0.1)
+    async def _work(self) -> None:
+        idle = max(min(u.idle_timeout for u in self.config.delivery_upstreams), 0.1)
         while True:
             try:
                 lease = await asyncio.wait_for(self._queue.get(), idle)
             except TimeoutError:
-                await transport.close_idle()
+                await self.upstreams.close_idle()
                 continue
             if lease is None:
                 return
             try:
-                await self._attempt(lease, transport)
+                await self._attempt(lease)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -226,7 +231,7 @@ class Delivery:
                 self._in_flight -= 1
                 self._wake.set()
 
-    async def _attempt(self, lease: Lease, transport: Transport) -> None:
+    async def _attempt(self, lease: Lease) -> None:
         logs.bind(queue_id=lease.queue_id)
         body = lease.data if lease.data is not None else await self.store.body(lease.queue_id)
         if body is None or not lease.recipients:
@@ -234,53 +239,99 @@ class Delivery:
                 RecipientResult(r, Kind.PERMANENT, None, "spooled body missing")
                 for r in lease.recipients
             )
-            await self._record(lease, Attempt(results, None, 0.0))
+            await self._record(lease, Attempt(results, None, 0.0), Trip())
             return
+        names = routes.select(
+            self.config, sender=lease.sender, data=body, rule=lease.rule, user=lease.user
+        )
         added: list[str] = []
         if lease.duplicate_of:
             added.append(f"X-Dedup-Duplicate-Of: {lease.duplicate_of}")
-        header = self.config.upstream.idempotency_header
-        if header and lease.key:
-            added.append(f"{header}: {idempotency_value(lease)}")
-        message = Outgoing(
-            queue_id=lease.queue_id,
-            sender=lease.sender,
-            recipients=lease.recipients,
-            data=headers.prepend(body, added),
-            smtputf8=lease.smtputf8,
-            body8bit=lease.body8bit,
-        )
+
+        def prepare(upstream: UpstreamConfig, recipients: tuple[str, ...]) -> Outgoing:
+            extra = list(added)
+            header = upstream.idempotency_header
+            if header and lease.key:
+                extra.append(f"{header}: {idempotency_value(lease)}")
+            return Outgoing(
+                queue_id=lease.queue_id,
+                sender=lease.sender,
+                recipients=recipients,
+                data=headers.prepend(body, extra),
+                smtputf8=lease.smtputf8,
+                body8bit=lease.body8bit,
+            )
+
+        trip = Trip()
+
+        async def failover(moved: Failover) -> None:
+            await self._failover(lease, moved)
+
         try:
-            attempt = await transport.send(message)
+            attempt = await self.upstreams.send(
+                self.upstreams.route(names), prepare, lease.recipients, trip, failover
+            )
         except asyncio.CancelledError:
             # Shutdown grace ran out mid-transaction: say truthfully how far it got.
-            if transport.payload_sent:
+            if trip.payload_sent:
                 results = tuple(
                     RecipientResult(r, Kind.AMBIGUOUS, None, "relay stopped awaiting the reply")
                     for r in lease.recipients
                 )
-                await self._record(lease, Attempt(results, None, 0.0))
+                await self._record(lease, Attempt(results, None, 0.0), trip)
             else:
                 await self.store.unlease(lease.queue_id, self.clock.time())
             raise
-        await self._record(lease, attempt)
+        await self._record(lease, attempt, trip)
 
-    async def _record(self, lease: Lease, attempt: Attempt) -> None:
+    async def _failover(self, lease: Lease, moved: Failover) -> None:
+        """An audit event per failover, so the log says why mail went to another upstream."""
+        log.warning(
+            "%s: upstream %s unusable (%s); trying %s",
+            lease.queue_id,
+            moved.upstream,
+            moved.reply,
+            moved.next,
+        )
+        try:
+            await self.store.record(
+                Event(
+                    ts=self.clock.time(),
+                    event="failover",
+                    queue_id=lease.queue_id,
+                    key=lease.key,
+                    strategy=lease.strategy,
+                    message_id=lease.message_id,
+                    sender=lease.sender,
+                    rcpts=moved.rcpts,
+                    size=lease.size,
+                    user=lease.user,
+                    upstream=moved.upstream,
+                    code=moved.code,
+                    reply=moved.reply,
+                    detail=f"nothing was sent to {moved.upstream}; trying {moved.next}",
+                )
+            )
+        except StoreError as exc:
+            log.error("%s: could not record the failover: %s", lease.queue_id, exc)
+
+    async def _record(self, lease: Lease, attempt: Attempt, trip: Trip) -> None:
         now = self.clock.time()
         updates = tuple(
             recipient_outcome(self.config, lease, r, attempt.upstream_id, now)
             for r in attempt.results
         )
         again = any(u.state == "queued" for u in updates)
+        detail = "; ".join([f"attempt {lease.attempts}", *trip.notes])
         await self.store.update(
             Update(
                 queue_id=lease.queue_id,
                 recipients=updates,
                 next_attempt=next_attempt(self.config, lease, now) if again else None,
-                upstream=self.upstream,
+                upstream=trip.upstream,
                 duration=attempt.duration,
                 ts=now,
-                detail=f"attempt {lease.attempts}",
+                detail=detail,
             )
         )
 

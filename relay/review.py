@@ -264,6 +264,9 @@ def info(e: Event) -> str:
         return clip(" ".join(p for p in parts if p), INFO_WIDTH)
     if e.code is not None or e.reply:
         text = reply_text(e.code, e.reply, e.upstream_id)
+        if e.upstream and ":" not in e.upstream:
+            # A named upstream (one of several): which provider answered matters.
+            text = f"{e.upstream}: {text}"
         return text if not e.detail else f"{text} ({clip(e.detail, 24)})"
     if e.event == "received":
         return clip(f"<{e.message_id}>" if e.message_id else f"size={e.size}", INFO_WIDTH)

@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 from relay import headers
 from relay.config import Config, DuplicateAction, KeySpec, RuleConfig, Scope
 
-__all__ = ["Policy", "matches", "select"]
+__all__ = ["Policy", "any_glob", "matches", "select"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class Policy:
     on_duplicate: DuplicateAction
 
 
-def _any(patterns: tuple[str, ...], values: list[str]) -> bool:
+def any_glob(patterns: tuple[str, ...], values: list[str]) -> bool:
+    """Some value matches some glob, ignoring case (routes match the same way)."""
     return any(fnmatchcase(v.lower(), p.lower()) for p in patterns for v in values)
 
 
@@ -38,13 +39,13 @@ def matches(
 ) -> bool:
     m = rule.match
     for name, patterns in m.headers:
-        if not _any(patterns, [headers.decoded(v) for v in headers.get_all(found, name)]):
+        if not any_glob(patterns, [headers.decoded(v) for v in headers.get_all(found, name)]):
             return False
-    if m.sender and not _any(m.sender, [sender]):
+    if m.sender and not any_glob(m.sender, [sender]):
         return False
-    if m.recipient and not _any(m.recipient, list(rcpts)):
+    if m.recipient and not any_glob(m.recipient, list(rcpts)):
         return False
-    return not (m.user and not _any(m.user, [user or ""]))
+    return not (m.user and not any_glob(m.user, [user or ""]))
 
 
 def select(

@@ -202,11 +202,14 @@ class Upstream:
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.messages: list[Delivered] = []
         self.dropped: list[Delivered] = []
         self.script = Script()
         self.connections = 0
+        self.auth_attempts = 0
         self.port = 0
         self._tls = tls_context
         self._implicit = implicit_tls
@@ -266,6 +269,7 @@ class Upstream:
         from aiosmtpd.smtp import AuthResult
 
         assert self._auth is not None
+        self.auth_attempts += 1
         ok = (auth_data.login.decode(), auth_data.password.decode()) == self._auth
         return AuthResult(success=ok, handled=False, auth_data=auth_data)
 
@@ -299,7 +303,7 @@ class Upstream:
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.get_running_loop().create_server(
             self._factory,
-            host="127.0.0.1",
+            host=self.host,
             port=port or self.port,
             ssl=self._tls if self._implicit else None,
             reuse_address=True,
@@ -453,6 +457,15 @@ class Relay:
         async with self.app.store.reader.execute(sql, params) as cursor:
             columns = [c[0] for c in cursor.description]
             return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def wait_for_events(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+        """Every `name` event, once at least `count` of them are in the store."""
+
+        async def enough() -> bool:
+            return len(await self.events(name)) >= count
+
+        await eventually(enough, what=f"{count} {name!r} event(s)")
+        return await self.events(name)
 
     async def idle(self, timeout: float = DEADLINE) -> None:
         """Wait until nothing is queued or being sent (held messages do not count)."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import ConfigError, from_mapping, load
+from relay.config import ConfigError, from_mapping, load, to_mapping
 from tests.conftest import ROOT
 
 
@@ -50,6 +50,59 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         ({"rules": [{"name": "r", "match": {"sendr": "*"}}]}, "rules[0].match.sendr: unknown key"),
         ({"store": {"path": "/proc/forbidden/relay.db"}}, "store.path: cannot create directory"),
         ([1, 2], "expected a mapping"),
+        ({"upstreams": [{"url": "smtp://a"}]}, "upstreams[0].name: every upstream needs a name"),
+        ({"upstreams": [{"name": "a"}]}, "upstreams[0].url: missing"),
+        ({"upstreams": [{"name": "a b", "url": "smtp://a"}]}, "upstreams[0].name: 'a b' is not"),
+        (
+            {"upstreams": [{"name": "a", "url": "smtp://a"}, {"name": "a", "url": "smtp://b"}]},
+            "upstreams[1].name: the name 'a' is used twice",
+        ),
+        ({"upstreams": {"name": "a"}}, "upstreams: expected a list"),
+        ({"upstream": {"rate": "14 per second"}}, "upstream.rate: '14 per second' is not a rate"),
+        ({"upstream": {"rate": "0/s"}}, "upstream.rate: '0/s' must allow at least some mail"),
+        ({"upstream": {"max_connections": 0}}, "upstream.max_connections: 0 is out of range"),
+        ({"upstream": {"allow_plaintext_auth": "yes"}}, "upstream.allow_plaintext_auth"),
+        ({"upstream": {"dns_servers": ["dns.example"]}}, "upstream.dns_servers[0]: 'dns.example'"),
+        ({"upstream": {"dns_servers": "10.0.0.53"}}, "upstream.dns_servers: expected a list"),
+        ({"upstream": {"url": "mx://mx.example.com"}}, "upstream.url: 'mx://mx.example.com': mx:"),
+        (
+            {"upstream": {"url": "mx:", "username": "u", "password_env": "HOME"}},
+            "upstream.username: mx: delivers to each recipient's own mail servers",
+        ),
+        (
+            {"upstreams": [{"name": "a", "url": "smtp://a", "password": "x"}]},
+            "upstreams[0].password: secrets do not belong in the YAML",
+        ),
+        ({"routes": [{"upstreams": ["a"]}]}, "routes: routes choose among named upstreams"),
+        (
+            {"upstreams": [{"name": "a", "url": "smtp://a"}], "routes": [{"match": {}}]},
+            "routes[0].upstreams: missing",
+        ),
+        (
+            {"upstreams": [{"name": "a", "url": "smtp://a"}], "routes": [{"upstreams": ["b"]}]},
+            "routes[0].upstreams[0]: no upstream named 'b' (upstreams: a)",
+        ),
+        (
+            {
+                "upstreams": [{"name": "a", "url": "smtp://a"}],
+                "routes": [{"upstreams": ["a"]}, {"match": {"user": "x"}, "upstreams": ["a"]}],
+            },
+            "routes[0]: a route without match takes every message",
+        ),
+        (
+            {
+                "upstreams": [{"name": "a", "url": "smtp://a"}],
+                "routes": [{"match": {"recipient": "*"}, "upstreams": ["a"]}],
+            },
+            "routes[0].match.recipient: unknown key",
+        ),
+        (
+            {
+                "upstreams": [{"name": "a", "url": "smtp://a"}],
+                "routes": [{"match": {"rule": "otp"}, "upstreams": ["a"]}],
+            },
+            "routes[0].match.rule: 'otp' names no rule (rules: none)",
+        ),
     ],
 )
 def test_bad_config_names_the_key(
@@ -78,6 +131,77 @@ def test_shipped_config_is_valid_and_matches_the_defaults(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert load(ROOT / "config" / "relay.yaml") == from_mapping({})
+
+
+def test_upstreams_and_routes_as_the_issue_writes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = from_mapping(
+        yaml.safe_load(
+            """
+            upstream:
+              timeout: 20s            # inherited by every entry
+              dns_servers: [127.0.0.1:5353]
+            upstreams:
+              - name: primary
+                url: smtp://smtp.provider-a.example:587
+                rate: 14/s            # or 600/m
+                max_connections: 4
+              - name: backup
+                url: smtps://smtp.provider-b.example:465
+                allow_plaintext_auth: true
+              - name: brand-b
+                url: smtp://smtp.provider-c.example:587
+                rate: 600/m
+              - name: direct
+                url: "mx:"
+            routes:                   # first match wins; a route without match is the default
+              - match: {sender: "*@brand-b.example"}
+                upstreams: [brand-b]
+              - upstreams: [primary, backup]   # failover order
+            """
+        )
+    )
+    primary, backup, brand_b, direct = config.upstreams
+    assert (primary.name, primary.host, primary.port, primary.max_connections) == (
+        "primary",
+        "smtp.provider-a.example",
+        587,
+        4,
+    )
+    assert primary.rate is not None and primary.rate.interval == pytest.approx(1 / 14)
+    assert brand_b.rate is not None and brand_b.rate.interval == pytest.approx(0.1)
+    assert (backup.scheme, backup.port, backup.allow_plaintext_auth) == ("smtps", 465, True)
+    assert not primary.allow_plaintext_auth
+    assert (direct.scheme, direct.port, direct.label) == ("mx", 25, "direct")
+    assert all(u.timeout == 20.0 for u in config.upstreams)
+    assert all(u.dns_servers == ("127.0.0.1:5353",) for u in config.upstreams)
+    assert [(r.match is None, r.upstreams) for r in config.routes] == [
+        (False, ("brand-b",)),
+        (True, ("primary", "backup")),
+    ]
+    assert config.routes[0].match is not None
+    assert config.routes[0].match.sender == ("*@brand-b.example",)
+    # check-config prints it back in the same shape.
+    shown = to_mapping(config)
+    assert [u["name"] for u in shown["upstreams"]] == ["primary", "backup", "brand-b", "direct"]
+    assert shown["upstreams"][0]["rate"] == "14/s"
+    assert shown["routes"] == [
+        {"match": {"sender": ["*@brand-b.example"]}, "upstreams": ["brand-b"]},
+        {"upstreams": ["primary", "backup"]},
+    ]
+
+
+def test_the_single_upstream_keeps_working_as_one_unnamed_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = from_mapping({"upstream": {"url": "smtp://smarthost.example:2525", "rate": "5/s"}})
+    [only] = config.delivery_upstreams
+    assert (only.name, only.label) == ("", "smtp://smarthost.example:2525")
+    assert config.upstreams == () and config.routes == ()
+    assert "name" not in to_mapping(config)["upstream"]
 
 
 def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,29 +217,67 @@ async def test_implicit_tls_upstream(make_relay, certificates: Certificates) -> 
 
 @contextlib.asynccontextmanager
 async def relay_behind_login(
-    make_relay, monkeypatch: pytest.MonkeyPatch, password: str
+    make_relay,
+    monkeypatch: pytest.MonkeyPatch,
+    password: str,
+    certificates: Certificates | None,
+    **upstream: Any,
 ) -> AsyncIterator[tuple[Relay, Upstream]]:
-    """A relay whose upstream wants AUTH as relayuser/s3cret-pass; `password` is what it has."""
+    """A relay whose upstream wants AUTH as relayuser/s3cret-pass; `password` is what it has.
+
+    With `certificates` the upstream offers STARTTLS with a certificate the relay trusts;
+    without, it offers no TLS at all.
+    """
     monkeypatch.setenv("TEST_UPSTREAM_PASSWORD", password)
-    async with running(Upstream(auth=("relayuser", "s3cret-pass"))) as auth_upstream:
+    tls = certificates.server_context() if certificates else None
+    async with running(Upstream(tls_context=tls, auth=("relayuser", "s3cret-pass"))) as server:
         relay = await make_relay(
             upstream={
-                "url": f"smtp://127.0.0.1:{auth_upstream.port}",
+                "url": f"smtp://127.0.0.1:{server.port}",
                 "username": "relayuser",
                 "password_env": "TEST_UPSTREAM_PASSWORD",
+                "ca_file": str(certificates.ca_file) if certificates else None,
+                **upstream,
             }
         )
-        yield relay, auth_upstream
+        yield relay, server
 
 
 async def test_upstream_login_uses_password_from_environment(
-    make_relay, monkeypatch: pytest.MonkeyPatch
+    make_relay, monkeypatch: pytest.MonkeyPatch, certificates: Certificates
 ) -> None:
-    async with relay_behind_login(make_relay, monkeypatch, "s3cret-pass") as (relay, upstream):
+    login = relay_behind_login(make_relay, monkeypatch, "s3cret-pass", certificates)
+    async with login as (relay, upstream):
         await send(relay.port, make_message())
         [delivered] = await upstream.wait_for(1)
         assert delivered.login == "relayuser"
+        assert delivered.tls
         assert "s3cret-pass" not in repr(relay.app.config)
+
+
+async def test_password_is_never_sent_to_an_upstream_without_tls(
+    make_relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with relay_behind_login(make_relay, monkeypatch, "s3cret-pass", None) as (relay, up):
+        assert (await send(relay.port, make_message())).code == 250
+        [deferred, *_] = await relay.wait_for_events("deferred")
+        assert "offers no TLS, so its password was not sent" in deferred["reply"]
+        assert "allow_plaintext_auth" in deferred["reply"]
+        assert up.auth_attempts == 0
+        assert up.messages == []
+        assert await relay.rows("SELECT state FROM recipients") == [("queued",)]
+
+
+async def test_allow_plaintext_auth_sends_the_password_without_tls_when_configured(
+    make_relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    login = relay_behind_login(
+        make_relay, monkeypatch, "s3cret-pass", None, allow_plaintext_auth=True
+    )
+    async with login as (relay, upstream):
+        await send(relay.port, make_message())
+        [delivered] = await upstream.wait_for(1)
+        assert (delivered.login, delivered.tls) == ("relayuser", False)
 
 
 async def test_maildir_upstream_writes_complete_files_a_reader_can_open(
@@ -274,9 +313,9 @@ async def test_sigterm_finishes_the_upstream_transaction_under_way(
 
 
 async def test_wrong_upstream_password_defers_and_never_fails_the_mail(
-    make_relay, monkeypatch: pytest.MonkeyPatch
+    make_relay, monkeypatch: pytest.MonkeyPatch, certificates: Certificates
 ) -> None:
-    async with relay_behind_login(make_relay, monkeypatch, "wrong") as (relay, _):
+    async with relay_behind_login(make_relay, monkeypatch, "wrong", certificates) as (relay, _):
         await send(relay.port, make_message())
         await eventually(
             lambda: relay.rows("SELECT 1 FROM events WHERE event = 'deferred' LIMIT 1 OFFSET 1"),

@@ -12,7 +12,7 @@ from relay.config import Config, DedupeConfig, DeliveryConfig, from_mapping
 from relay.delivery import backoff, next_attempt, recipient_outcome
 from relay.store import Lease, RecipientUpdate
 from relay.upstream import RecipientResult
-from relay.upstream.replies import Kind, classify, classify_error
+from relay.upstream.replies import Kind, Stage, classify, classify_error, throttled
 
 LOW = lambda a, b: a  # noqa: E731 - the jitter's extremes
 HIGH = lambda a, b: b  # noqa: E731
@@ -147,24 +147,32 @@ def test_an_expiry_exactly_at_max_age_is_final() -> None:
 @pytest.mark.parametrize(
     ("code", "stage", "kind"),
     [
-        (250, "data", Kind.DELIVERED),
+        (250, "end-of-data", Kind.DELIVERED),
         (251, "rcpt", Kind.DELIVERED),
         (421, "session", Kind.TEMPORARY),
-        (451, "data", Kind.TEMPORARY),
+        (451, "end-of-data", Kind.TEMPORARY),
         (452, "rcpt", Kind.TEMPORARY),
-        (354, "data", Kind.TEMPORARY),  # anything unexpected is worth another try, not a bounce
-        (550, "rcpt", Kind.PERMANENT),
+        # Only 354 may answer DATA: a 2xx there is no delivery, the payload was never sent.
+        (250, "data", Kind.TEMPORARY),
+        (451, "data", Kind.TEMPORARY),
         (554, "data", Kind.PERMANENT),
-        (552, "data", Kind.PERMANENT),
+        (550, "rcpt", Kind.PERMANENT),
+        (554, "end-of-data", Kind.PERMANENT),
+        (552, "end-of-data", Kind.PERMANENT),
         (552, "rcpt", Kind.TEMPORARY),  # RFC 5321 4.5.3.1.10: too many recipients
         (535, "session", Kind.TEMPORARY),  # a bad password judges the relay, not the mail
         (530, "session", Kind.TEMPORARY),
         (553, "mail", Kind.PERMANENT),
-        (599, "data", Kind.PERMANENT),
-        (600, "data", Kind.TEMPORARY),
+        (599, "end-of-data", Kind.PERMANENT),
+        (600, "mail", Kind.TEMPORARY),  # anything unexpected before the payload: try again
+        # After the payload only a final reply is clear: anything else may have delivered it.
+        (354, "end-of-data", Kind.AMBIGUOUS),
+        (600, "end-of-data", Kind.AMBIGUOUS),
+        (199, "end-of-data", Kind.AMBIGUOUS),
+        (-1, "end-of-data", Kind.AMBIGUOUS),
     ],
 )
-def test_reply_codes(code: int, stage: str, kind: Kind) -> None:
+def test_reply_codes(code: int, stage: Stage, kind: Kind) -> None:
     assert classify(code, stage) is kind
 
 
@@ -186,14 +194,23 @@ def untrusted() -> ssl.SSLCertVerificationError:
         (aiosmtplib.SMTPTimeoutError("slow"), False, Kind.TEMPORARY, "timed out"),
         (ConnectionRefusedError(111, "refused"), False, Kind.TEMPORARY, "refused"),
         (UnicodeEncodeError("ascii", "é", 0, 1, "x"), False, Kind.PERMANENT, "non-ASCII"),
-        (ValueError("odd"), True, Kind.TEMPORARY, "odd"),  # not a network failure: no ambiguity
+        (ValueError("odd"), False, Kind.TEMPORARY, "odd"),
+        # After the payload, anything but a clear final reply leaves the message's fate open.
+        (ValueError("odd"), True, Kind.AMBIGUOUS, "odd"),
+        (
+            aiosmtplib.SMTPResponseException(-1, "Malformed SMTP response line: ???"),
+            True,
+            Kind.AMBIGUOUS,
+            "Malformed",
+        ),
+        (aiosmtplib.SMTPResponseException(354, "go ahead"), True, Kind.AMBIGUOUS, "354"),
         (untrusted(), False, Kind.TEMPORARY, "TLS certificate not trusted: self-signed"),
     ],
 )
 def test_failures(error: BaseException, payload_sent: bool, kind: Kind, text: str | None) -> None:
     got, code, reply = classify_error(error, payload_sent=payload_sent, stage="data")
     assert got is kind
-    if isinstance(error, aiosmtplib.SMTPResponseException):
+    if isinstance(error, aiosmtplib.SMTPResponseException) and kind is not Kind.AMBIGUOUS:
         assert (code, reply) == (error.code, error.message)
     else:
         assert code is None
@@ -209,3 +226,28 @@ def test_jitter_spreads_retries_within_a_fifth_either_way() -> None:
     delays = {backoff(BACKOFF, 2) for _ in range(200)}
     assert len(delays) > 100
     assert all(96.0 <= d <= 144.0 for d in delays)
+
+
+# --- which replies ask the relay to slow down ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "slow_down"),
+    [
+        (421, "4.7.0 Try again later, closing connection", True),
+        (450, "4.7.1 Client host rejected: too many connections", True),
+        (451, "4.7.1 Please try again later", True),
+        (452, "4.5.3 Too many recipients", True),
+        (454, "Throttling failure: Maximum sending rate exceeded.", True),  # Amazon SES
+        (451, "4.3.0 Rate limit exceeded, try again later", True),
+        (421, "4.4.2 Connection dropped", False),
+        (451, "4.3.0 Temporary storage failure", False),
+        (452, "4.2.2 Mailbox full", False),
+        (450, "4.2.0 Greylisted: mailbox busy", False),
+        (550, "5.7.1 Rate limit exceeded: daily quota", False),  # a 5xx stays final
+        (250, "2.0.0 Ok", False),
+        (None, "timed out", False),
+    ],
+)
+def test_throttling_replies(code: int | None, text: str, slow_down: bool) -> None:
+    assert throttled(code, text) is slow_down

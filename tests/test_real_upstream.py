@@ -72,14 +72,6 @@ async def message_state(relay: Relay) -> tuple[str, int]:
     return str(state), int(attempts)
 
 
-async def wait_for_event(relay: Relay, name: str, count: int = 1) -> list[dict[str, Any]]:
-    async def enough() -> bool:
-        return len(await relay.events(name)) >= count
-
-    await eventually(enough, what=f"{count} {name!r} event(s)")
-    return await relay.events(name)
-
-
 def mail_commands(sink: SmtpSink) -> int:
     """MAIL FROM commands in smtp-sink's transcript: one per delivery attempt that got that far."""
     return len(re.findall(r"^\S*smtp-sink: MAIL FROM:", sink.log(), re.MULTILINE))
@@ -162,7 +154,7 @@ async def test_untrusted_postfix_certificate_defers_and_never_sends_in_clear(
         upstream["ca_file"] = str(other.cert_file)
     relay = await relay_to(make_relay, postfix.port, upstream=upstream)
     assert (await send(relay.port, make_message("never in clear"))).code == 250
-    deferred = await wait_for_event(relay, "deferred", count=2)
+    deferred = await relay.wait_for_events("deferred", count=2)
     assert all("certificate" in e["reply"].lower() for e in deferred), deferred
     assert (await message_state(relay))[0] in ("queued", "sending")
     assert await relay.events("delivered") == []
@@ -218,8 +210,13 @@ async def test_tempfail_at_each_stage_defers_then_a_clean_upstream_gets_it_once(
     faulty = await start_sink(sink_factory, tempfail=STAGES[stage])
     relay = await relay_to(make_relay, faulty.port)
     assert (await send(relay.port, make_message(f"tempfail at {stage}"))).code == 250
-    deferred = await wait_for_event(relay, "deferred", count=2)
-    assert all(e["code"] is not None and e["code"] // 100 == 4 for e in deferred), deferred
+    deferred = await relay.wait_for_events("deferred", count=2)
+    # An attempt that reached the upstream records its 4xx. One refused before MAIL marks the
+    # upstream down for a while: attempts meanwhile are deferred untried, with that reason.
+    tried = [e for e in deferred if "down:" not in (e["detail"] or "")]
+    assert tried[0] == deferred[0]
+    assert all(e["code"] is not None and e["code"] // 100 == 4 for e in tried), deferred
+    assert all("command failed" in e["reply"] for e in deferred), deferred
     assert await relay.events("failed") == []
     assert (await message_state(relay))[0] in ("queued", "sending")
     # smtp-sink keeps the bytes it got before refusing the final dot, and only then.
@@ -241,7 +238,7 @@ async def test_hardfail_in_the_transaction_fails_the_message_and_never_retries(
     sink = await start_sink(sink_factory, hardfail=STAGES[stage])
     relay = await relay_to(make_relay, sink.port)
     assert (await send(relay.port, make_message(f"hardfail at {stage}"))).code == 250
-    [failed] = await wait_for_event(relay, "failed")
+    [failed] = await relay.wait_for_events("failed")
     await relay.idle()
     assert failed["code"] // 100 == 5, failed
     assert await relay.events("deferred") == []
@@ -268,9 +265,13 @@ async def test_hardfail_before_mail_defers_and_keeps_the_message(
     await eventually(outcome, what="the relay to decide about a 5xx before MAIL")
     failed = await relay.events("failed")
     assert failed == [], f"a 5xx at {stage} failed the message for good: {failed[0]['reply']!r}"
-    # What the relay does: each attempt is a deferral that records the upstream's 5xx reply.
+    # What the relay does: each attempt is a deferral that records the upstream's 5xx reply;
+    # while the upstream is marked down for it, attempts are deferred with that reason untried.
     deferred = await relay.events("deferred")
-    assert all(e["code"] == 500 and "command failed" in e["reply"] for e in deferred), deferred
+    tried = [e for e in deferred if "down:" not in (e["detail"] or "")]
+    assert tried[0] == deferred[0]
+    assert all(e["code"] == 500 for e in tried), deferred
+    assert all("command failed" in e["reply"] for e in deferred), deferred
     assert (await message_state(relay))[0] in ("queued", "sending")
     assert mail_commands(faulty) == 0
     await asyncio.to_thread(faulty.stop)
@@ -288,7 +289,7 @@ async def test_lost_reply_after_data_is_ambiguous_and_retried_at_least_once(
     faulty = await start_sink(sink_factory, drop=[END_OF_DATA])
     relay = await relay_to(make_relay, faulty.port, delivery=delivery)
     assert (await send(relay.port, make_message("reply lost"))).code == 250
-    [ambiguous] = await wait_for_event(relay, "ambiguous")
+    [ambiguous] = await relay.wait_for_events("ambiguous")
     assert "after the message was sent" in ambiguous["reply"]
     await asyncio.to_thread(faulty.stop)
     clean = await start_sink(sink_factory, port=faulty.port)
@@ -309,7 +310,7 @@ async def test_lost_reply_after_data_is_held_and_not_retried_under_hold(
     sink = await start_sink(sink_factory, drop=[END_OF_DATA])
     relay = await relay_to(make_relay, sink.port, delivery={"on_ambiguous": "hold"})
     assert (await send(relay.port, make_message("reply lost, hold"))).code == 250
-    [ambiguous] = await wait_for_event(relay, "ambiguous")
+    [ambiguous] = await relay.wait_for_events("ambiguous")
     await relay.idle()
     assert await message_state(relay) == ("held", 1)
     assert await relay.rows("SELECT state FROM recipients") == [("held",)]

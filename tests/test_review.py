@@ -593,3 +593,24 @@ def test_latency_percentiles_are_nearest_rank(
     from relay.store.reader import percentile
 
     assert percentile(values, fraction) == expected
+
+
+def test_with_several_upstreams_each_attempt_names_the_one_it_went_to() -> None:
+    from relay.audit import Event
+    from relay.review import info
+
+    delivered = Event(
+        ts=0.0,
+        event="delivered",
+        code=250,
+        reply="2.0.0 Ok: queued as B42",
+        upstream="backup",
+        upstream_id="B42",
+        detail="attempt 1; primary down: connection refused",
+    )
+    assert info(delivered).startswith("backup: 250 2.0.0 Ok: queued as B42")
+    failover = Event(ts=0.0, event="failover", code=421, reply="4.3.2 closing", upstream="primary")
+    assert info(failover) == "primary: 421 4.3.2 closing"
+    # One unnamed upstream: its URL would only repeat itself on every line.
+    single = Event(ts=0.0, event="delivered", code=250, reply="Ok", upstream="smtp://mx.example:25")
+    assert info(single) == "250 Ok"

@@ -8,6 +8,7 @@ Times are passed in, never read from a clock, as the store itself does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -218,6 +219,18 @@ async def test_replicas_claiming_one_key_at_once_forward_it_exactly_once(
     assert {v.duplicates[0][1] for v in verdicts if not v.forward} == set(forwarded)
 
 
+async def test_rate_limited_sends_are_booked_an_interval_apart_across_replicas(
+    make_store: MakeStore,
+) -> None:
+    replicas = [await make_store() for _ in range(3)]
+    booked = await asyncio.gather(
+        *(replicas[n % 3].reserve_send("smtp://a.test", 0.5, T0) for n in range(12))
+    )
+    assert sorted(booked) == [T0 + 0.5 * n for n in range(12)]
+    assert await replicas[0].reserve_send("smtp://b.test", 0.5, T0) == T0, "its own row"
+    assert await replicas[1].reserve_send("smtp://a.test", 0.5, T0 + 60) == T0 + 60, "idle"
+
+
 async def test_concurrent_accepts_share_a_commit_and_a_failing_one_fails_alone(
     make_store: MakeStore,
 ) -> None:
@@ -233,6 +246,12 @@ async def test_concurrent_accepts_share_a_commit_and_a_failing_one_fails_alone(
 
 
 # --- lease, outcome, recovery ------------------------------------------------------
+
+
+async def test_a_lease_carries_the_rule_and_user_that_routes_match_on(store: Store) -> None:
+    await store.accept(dataclasses.replace(submission("Q1", user="app1"), rule="receipts"))
+    (lease,) = (await store.lease("worker", 10, T0, 600.0)).leases
+    assert (lease.rule, lease.user) == ("receipts", "app1")
 
 
 async def test_a_lease_takes_due_messages_once_with_their_bodies_and_the_next_due_time(

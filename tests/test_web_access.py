@@ -71,6 +71,8 @@ async def test_no_page_shows_a_body_or_secret_and_headers_only_when_bodies_are_k
             "url": f"smtp://127.0.0.1:{upstream.port}",
             "username": "relayuser",
             "password_env": "WEB_TEST_UPSTREAM_PASSWORD",
+            # The test upstream speaks no TLS; the secret must still never reach a page.
+            "allow_plaintext_auth": True,
         }
         kept = await make_relay(
             upstream=login, store={"path": str(tmp_path / "kept.db"), "keep_bodies": "1h"}

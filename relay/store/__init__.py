@@ -67,6 +67,10 @@ class Lease:
     body8bit: bool
     duplicate_of: str | None
     data: bytes | None = None  # small bodies ride along with the lease; large ones are read apart
+    # What routes may match on besides the envelope and headers: the dedupe rule that
+    # matched at the door and the authenticated user.
+    rule: str | None = None
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,16 @@ class Store(Protocol):
     def subscribe(self, wake: Callable[[], None]) -> None:
         """Call `wake` when another process may have made work due (new mail on another
         replica, a requeue from the command line), so an idle relay need not poll hard."""
+
+    async def reserve_send(self, upstream: str, interval: float, now: float) -> float:
+        """Book the next transaction to `upstream` under its rate limit; returns its time.
+
+        The time is the later of `now` and `interval` after the previous booking for the
+        same upstream, whichever process or replica made it, and becomes the new last
+        booking: one row per upstream, read and moved in one statement. The caller waits
+        until the returned time, so transactions to one upstream are never closer than
+        `interval`, across every process sharing the store.
+        """
 
 
 def open_store(

@@ -244,6 +244,8 @@ def lease_of(row: Any, recipients: tuple[str, ...], data: bytes | None) -> Lease
         body8bit=bool(row["body8bit"]),
         duplicate_of=row["duplicate_of"],
         data=None if data is None else bytes(data),
+        rule=row["rule"],
+        user=row["user"],
     )
 
 

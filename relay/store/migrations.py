@@ -36,8 +36,12 @@ class Migrated:
 SQLITE = (
     Migration(1, "queue, claims and audit trail", schema.TABLES),
     Migration(2, "review indexes and the recipient index", schema.REVIEW),
+    Migration(3, "shared rate-limit bookings", schema.PACING),
 )
-POSTGRES = (Migration(1, "queue, claims, audit trail and review indexes", pg_schema.TABLES),)
+POSTGRES = (
+    Migration(1, "queue, claims, audit trail and review indexes", pg_schema.TABLES),
+    Migration(2, "shared rate-limit bookings", pg_schema.PACING),
+)
 
 
 def pending(steps: tuple[Migration, ...], current: int, where: str) -> tuple[Migration, ...]:

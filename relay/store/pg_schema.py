@@ -10,7 +10,7 @@ messages only, however long the audit trail grows.
 
 from __future__ import annotations
 
-__all__ = ["TABLES"]
+__all__ = ["PACING", "TABLES"]
 
 _T = 'text COLLATE "C"'
 
@@ -148,4 +148,13 @@ DROP TRIGGER IF EXISTS events_rcpts_delete ON events;
 CREATE TRIGGER events_rcpts_delete AFTER DELETE ON events
     REFERENCING OLD TABLE AS removed FOR EACH STATEMENT
     EXECUTE FUNCTION relay_event_rcpts_delete();
+"""
+
+# One row per rate-limited upstream: the time booked for its latest transaction, shared by
+# every replica so that the upstream's rate holds across all of them.
+PACING = f"""
+CREATE TABLE IF NOT EXISTS pacing (
+    upstream {_T} PRIMARY KEY,
+    last_at  double precision NOT NULL
+);
 """

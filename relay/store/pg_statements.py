@@ -33,6 +33,7 @@ __all__ = [
     "PURGE_MESSAGES",
     "READY_PROBE",
     "RECIPIENTS_IN_STATE",
+    "RESERVE_SEND",
     "SCHEMA_VERSION",
     "SELECT_BODY",
     "SET_SCHEMA_VERSION",
@@ -138,7 +139,8 @@ LEASE = _q(
     " leased AS (UPDATE messages m SET state = 'sending', lease_owner = :owner,"
     " lease_until = :until, attempts = m.attempts + 1 FROM due WHERE m.queue_id = due.queue_id"
     " RETURNING m.queue_id, m.sender, m.received_at, m.attempts, m.message_id, m.key,"
-    " m.strategy, m.scope, m.size, m.smtputf8, m.body8bit, m.duplicate_of, m.next_attempt),"
+    ' m.strategy, m.scope, m.size, m.smtputf8, m.body8bit, m.duplicate_of, m.rule, m."user",'
+    " m.next_attempt),"
     " later AS (SELECT min(next_attempt) AS next_due FROM messages WHERE state = 'queued'"
     " AND queue_id NOT IN (SELECT queue_id FROM due))"
     " SELECT later.next_due, l.*, ARRAY(SELECT r.rcpt FROM recipients r"
@@ -187,6 +189,13 @@ END_LEASE = _q(
 MESSAGE_STATE = _q("SELECT state FROM messages WHERE queue_id = :queue_id")
 RECIPIENTS_IN_STATE = _q(
     "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state ORDER BY rcpt"
+)
+
+# The later of now and one interval after the last booking, booked and returned at once.
+RESERVE_SEND = _q(
+    "INSERT INTO pacing (upstream, last_at) VALUES (:upstream, :now)"
+    " ON CONFLICT (upstream) DO UPDATE SET last_at = greatest(pacing.last_at + :interval, :now)"
+    " RETURNING last_at"
 )
 
 READY_PROBE = _q(

@@ -538,6 +538,17 @@ class PostgresStore:
 
         await self._run(job)
 
+    async def reserve_send(self, upstream: str, interval: float, now: float) -> float:
+        """One row per upstream, moved in one statement under its row lock: replicas booking
+        at once queue behind each other, each `interval` after the one before."""
+
+        async def job(tx: PgTx) -> float:
+            row = await tx.fetchrow(sql.RESERVE_SEND, upstream=upstream, interval=interval, now=now)
+            assert row is not None
+            return float(row["last_at"])
+
+        return await self._run(job)
+
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
         from relay.store.reader import PostgresSource, Reader  # the reader imports this module
 

@@ -7,7 +7,7 @@ same schema by the same steps.
 
 from __future__ import annotations
 
-__all__ = ["PRAGMAS", "REVIEW", "TABLES"]
+__all__ = ["PACING", "PRAGMAS", "REVIEW", "TABLES"]
 
 PRAGMAS = (
     # First, so that processes opening one store at once wait for each other's set-up.
@@ -155,4 +155,12 @@ FROM (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM meta WHERE name = 'event_rcpts'))
 CROSS JOIN events e, json_each({_split("e.rcpts")}) r
 WHERE e.rcpts <> '' AND r.value <> '';
 INSERT OR IGNORE INTO meta (name, value) VALUES ('event_rcpts', 'filled');
+"""
+
+# One row per rate-limited upstream: the time booked for its latest transaction.
+PACING = """
+CREATE TABLE IF NOT EXISTS pacing (
+    upstream TEXT PRIMARY KEY,
+    last_at  REAL NOT NULL
+) WITHOUT ROWID;
 """

@@ -319,6 +319,12 @@ class SqliteStore:
     async def probe(self, now: float) -> None:
         await self._run(lambda tx: tx.execute(sql.READY_PROBE, {"now": repr(now)}).rowcount)
 
+    async def reserve_send(self, upstream: str, interval: float, now: float) -> float:
+        params = {"upstream": upstream, "interval": interval, "now": now}
+        return await self._run(
+            lambda tx: float(tx.execute(sql.RESERVE_SEND, params).fetchone()["last_at"])
+        )
+
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
         from relay.store.reader import Reader, SqliteSource  # the reader imports this module
 

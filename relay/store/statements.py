@@ -37,6 +37,7 @@ __all__ = [
     "READY_PROBE",
     "RECIPIENTS_IN_STATE",
     "RECIPIENT_STATES",
+    "RESERVE_SEND",
     "SCHEMA_VERSION",
     "SELECT_BODY",
     "SETTLE_CLAIM",
@@ -106,7 +107,7 @@ LEASE_DUE = (
     " attempts = attempts + 1 WHERE queue_id IN (SELECT queue_id FROM messages"
     " WHERE state = 'queued' AND next_attempt <= :now ORDER BY next_attempt LIMIT :limit)"
     " RETURNING queue_id, sender, received_at, attempts, message_id, key, strategy, scope,"
-    " size, smtputf8, body8bit, duplicate_of"
+    " size, smtputf8, body8bit, duplicate_of, rule, user"
 )
 NEXT_DUE = "SELECT min(next_attempt) AS next_due FROM messages WHERE state = 'queued'"
 SELECT_BODY = "SELECT data FROM bodies WHERE queue_id = :queue_id"
@@ -162,12 +163,20 @@ END_LEASE = (
 DELETE_BODY = "DELETE FROM bodies WHERE queue_id = :queue_id"
 RECIPIENTS_IN_STATE = "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state"
 
+# The later of now and one interval after the last booking, booked and returned at once.
+RESERVE_SEND = (
+    "INSERT INTO pacing (upstream, last_at) VALUES (:upstream, :now)"
+    " ON CONFLICT (upstream) DO UPDATE SET last_at = max(last_at + :interval, :now)"
+    " RETURNING last_at"
+)
+
 HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
 SCHEMA_VERSION = "SELECT value FROM meta WHERE name = 'schema'"
 SET_SCHEMA_VERSION = (
     "INSERT INTO meta (name, value) VALUES ('schema', :version)"
     " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
+
 READY_PROBE = (
     "INSERT INTO meta (name, value) VALUES ('ready-probe', :now)"
     " ON CONFLICT (name) DO UPDATE SET value = excluded.value"

@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from relay.upstream import Attempt, Outgoing, RecipientResult
+from relay.upstream import Attempt, Gate, Outgoing, RecipientResult
 from relay.upstream.replies import Kind, classify_error
 
 __all__ = ["MaildirTransport"]
@@ -60,13 +60,15 @@ class MaildirTransport:
             os.close(directory)
         return name
 
-    async def send(self, message: Outgoing) -> Attempt:
+    async def send(self, message: Outgoing, gate: Gate | None = None) -> Attempt:
         started = time.monotonic()
         self.payload_sent = False
+        if gate is not None:
+            await gate()
         try:
             name = await asyncio.to_thread(self._deliver, message)
         except OSError as exc:
-            kind, code, text = classify_error(exc, payload_sent=False)
+            kind, code, text = classify_error(exc, payload_sent=False, stage="end-of-data")
             results = tuple(RecipientResult(r, kind, code, text) for r in message.recipients)
             return Attempt(results, None, time.monotonic() - started)
         results = tuple(

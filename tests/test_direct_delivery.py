@@ -1,0 +1,221 @@
+"""`mx:` upstreams: direct delivery to each recipient domain's own mail servers.
+
+A real DNS server (dnsmasq, tests/nameserver.py) serves the test zone on loopback, and
+receiving aiosmtpd servers listen on 127.0.0.x addresses, all on one port that the relay is
+told with `mx://:PORT` (MX delivery is to port 25 in service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests import mta
+from tests.conftest import Certificates, Relay, Upstream, make_message, send
+from tests.mta import SmtpSink, free_port
+from tests.nameserver import Dnsmasq, Zone
+
+sink_factory = mta.sink_factory
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+ZONE = Zone(
+    mx=(
+        # Two at the same preference, one behind them.
+        ("example.test", "mx1.example.test", 10),
+        ("example.test", "mx2.example.test", 10),
+        ("example.test", "mx3.example.test", 20),
+        # The preferred server does not answer; the next one does.
+        ("dead.test", "down.dead.test", 10),
+        ("dead.test", "up.dead.test", 20),
+        # No server answers at all.
+        ("gone.test", "down.dead.test", 10),
+        ("tls.test", "mx.tls.test", 10),
+    ),
+    addresses=(
+        ("mx1.example.test", "127.0.0.2"),
+        ("mx2.example.test", "127.0.0.3"),
+        ("mx3.example.test", "127.0.0.4"),
+        ("amx.test", "127.0.0.5"),  # no MX: the domain is its own mail server
+        ("down.dead.test", "127.0.0.6"),  # nothing listens there
+        ("up.dead.test", "127.0.0.7"),
+        ("mx.tls.test", "127.0.0.8"),
+    ),
+    null_mx=("nullmx.test",),
+    servfail=("servfail.test",),
+)
+RECEIVERS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.7")
+
+
+@pytest.fixture
+def dnsmasq() -> Iterator[Dnsmasq]:
+    with Dnsmasq(ZONE) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def receivers(
+    addresses: tuple[str, ...], port: int, **options: Any
+) -> AsyncIterator[dict[str, Upstream]]:
+    servers = {address: Upstream(host=address, **options) for address in addresses}
+    try:
+        for server in servers.values():
+            await server.start(port)
+        yield servers
+    finally:
+        for server in servers.values():
+            await server.stop()
+
+
+@pytest.fixture
+async def mail_servers() -> AsyncIterator[tuple[int, dict[str, Upstream]]]:
+    port = free_port()
+    async with receivers(RECEIVERS, port) as servers:
+        yield port, servers
+
+
+async def direct_relay(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, port: int, **overrides: Any
+) -> Relay:
+    upstream = {"url": f"mx://:{port}", "dns_servers": [dnsmasq.address], "timeout": "5s"}
+    return await make_relay(upstream=upstream, **overrides)
+
+
+async def test_recipients_are_grouped_by_domain_and_each_domain_reaches_its_own_servers(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    port, servers = mail_servers
+    relay = await direct_relay(make_relay, dnsmasq, port)
+    rcpts = ("ann@example.test", "bob@example.test", "cy@amx.test")
+    assert (await send(relay.port, make_message("direct"), rcpts=rcpts)).code == 250
+    await relay.idle()
+    at_example = [m for a in ("127.0.0.2", "127.0.0.3") for m in servers[a].messages]
+    assert [m.rcpts for m in at_example] == [["ann@example.test", "bob@example.test"]]
+    # No MX for amx.test: its own address record is its mail server (RFC 5321 5.1).
+    assert [m.rcpts for m in servers["127.0.0.5"].messages] == [["cy@amx.test"]]
+    assert servers["127.0.0.4"].messages == []  # the preference-20 server is only a fallback
+    delivered = await relay.events("delivered")
+    assert sorted(e["rcpts"] for e in delivered) == [
+        "ann@example.test,bob@example.test",
+        "cy@amx.test",
+    ]
+    assert all(e["upstream"] == f"mx://:{port}" for e in delivered)
+    assert any("relay=amx.test[127.0.0.5]" in e["reply"] for e in delivered)
+
+
+async def test_equal_preferences_share_the_mail_in_random_order(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    port, servers = mail_servers
+    relay = await direct_relay(make_relay, dnsmasq, port)
+    for n in range(20):
+        await send(relay.port, make_message(f"n{n}"), rcpts=("ann@example.test",))
+    await relay.idle()
+    first, second = len(servers["127.0.0.2"].messages), len(servers["127.0.0.3"].messages)
+    assert first + second == 20
+    # Each order is a coin toss per message: one server taking all 20 has odds of 1 in 500,000.
+    assert first > 0 and second > 0, (first, second)
+    assert servers["127.0.0.4"].messages == []
+
+
+async def test_mx_lookups_are_cached_for_their_ttl(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    port, _ = mail_servers
+    relay = await direct_relay(make_relay, dnsmasq, port)
+    for n in range(3):
+        await send(relay.port, make_message(f"n{n}"), rcpts=("ann@example.test",))
+        await relay.idle()
+    assert len(await relay.events("delivered")) == 3
+    # The zone's TTL is 300s: one lookup serves all three messages.
+    assert dnsmasq.queries("example.test", "MX") == 1
+
+
+async def test_an_unreachable_mx_hands_the_message_to_the_next_one(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    port, servers = mail_servers
+    relay = await direct_relay(make_relay, dnsmasq, port)
+    await send(relay.port, make_message(), rcpts=("dee@dead.test",))
+    event = (await relay.wait_for_events("delivered"))[0]
+    assert "relay=up.dead.test[127.0.0.7]" in event["reply"]
+    assert [m.rcpts for m in servers["127.0.0.7"].messages] == [["dee@dead.test"]]
+
+
+async def test_a_null_mx_fails_the_recipient_for_good(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    port, _ = mail_servers
+    relay = await direct_relay(make_relay, dnsmasq, port)
+    await send(relay.port, make_message(), rcpts=("nobody@nullmx.test", "ann@example.test"))
+    await relay.idle()
+    [failed] = await relay.events("failed")
+    assert failed["rcpts"] == "nobody@nullmx.test"
+    assert "null MX" in failed["reply"] and "5.1.10" in failed["reply"]
+    [delivered] = await relay.events("delivered")
+    assert delivered["rcpts"] == "ann@example.test"
+    assert await relay.events("deferred") == []
+
+
+async def test_a_domain_that_does_not_exist_fails_for_good(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    port, _ = mail_servers
+    relay = await direct_relay(make_relay, dnsmasq, port)
+    await send(relay.port, make_message(), rcpts=("who@nope.test",))
+    event = (await relay.wait_for_events("failed"))[0]
+    assert "no such domain" in event["reply"]
+
+
+async def test_a_dns_failure_defers_and_keeps_the_message(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    port, _ = mail_servers
+    relay = await direct_relay(make_relay, dnsmasq, port)
+    await send(relay.port, make_message(), rcpts=("ann@servfail.test",))
+    event = (await relay.wait_for_events("deferred"))[0]
+    assert "SERVFAIL" in event["reply"] and event["reply"].startswith("4.4.3")
+    assert await relay.events("failed") == []
+    assert await relay.rows("SELECT state FROM recipients") == [("queued",)]
+    assert dnsmasq.queries("servfail.test", "MX") >= 1
+
+
+async def test_starttls_is_used_when_offered_without_checking_the_certificate(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, certificates: Certificates
+) -> None:
+    port = free_port()
+    # The certificate names 127.0.0.1, not mx.tls.test, and the relay has no CA for it: as
+    # with Postfix's "may" level, it encrypts anyway rather than sending in clear.
+    tls = certificates.server_context()
+    async with receivers(("127.0.0.8",), port, tls_context=tls) as servers:
+        relay = await direct_relay(make_relay, dnsmasq, port)
+        await send(relay.port, make_message(), rcpts=("tia@tls.test",))
+        [received] = await servers["127.0.0.8"].wait_for(1)
+        assert received.tls
+
+
+async def test_a_domain_no_server_of_which_answers_fails_over_to_the_next_upstream(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, sink_factory: Callable[..., SmtpSink]
+) -> None:
+    # Postfix's smtp_fallback_relay, as a route: direct first, a smarthost when that fails.
+    smarthost = await asyncio.to_thread(sink_factory)
+    relay = await make_relay(
+        upstreams=[
+            {"name": "direct", "url": f"mx://:{free_port()}", "dns_servers": [dnsmasq.address]},
+            {"name": "smarthost", "url": f"smtp://127.0.0.1:{smarthost.port}"},
+        ],
+        routes=[{"upstreams": ["direct", "smarthost"]}],
+    )
+    await send(relay.port, make_message(), rcpts=("gus@gone.test",))
+    [message] = await asyncio.to_thread(smarthost.wait_for, 1)
+    assert message.rcpt_to == ["gus@gone.test"]
+    await relay.idle()
+    [failover] = await relay.events("failover")
+    assert (failover["upstream"], failover["rcpts"]) == ("direct", "gus@gone.test")
+    assert "no mail server for gone.test could be reached" in failover["reply"]
+    [delivered] = await relay.events("delivered")
+    assert delivered["upstream"] == "smarthost"
