@@ -14,8 +14,10 @@ from relay.audit import Emitter, Event
 from relay.clock import SYSTEM, Clock
 from relay.config import Config, StoreConfig, UpstreamConfig
 from relay.delivery import Delivery
+from relay.errors import RelayError
 from relay.health import Health
 from relay.http import Mount, SidePort, build_app
+from relay.instance import InstanceLock
 from relay.intake import Intake
 from relay.metrics import Metrics
 from relay.server import FrontDoor
@@ -58,6 +60,12 @@ class App:
         )
         self.delivery = Delivery(config, self.store, factory, clock=clock)
         self.store.subscribe(self.delivery.wake)
+        self.instance = InstanceLock(
+            self.store, config.runtime.instance, clock=clock, on_lost=self._fail
+        )
+        # Set when the relay must stop on its own (its instance name was taken over).
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
         self.intake = Intake(config, self.store, on_spooled=self.delivery.wake, clock=clock)
         self.front = FrontDoor(
             config.listen, self.intake, auth=config.auth, record=self.store.record
@@ -71,6 +79,11 @@ class App:
 
             self.http_mounts.append(web.mount(config, users_file=config.http.users_file))
         self.side: SidePort | None = None
+
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        self.health.draining = True
+        self.failed.set()
 
     def _committed(self, events: list[Event]) -> None:
         self.emitter.emit(events)
@@ -87,8 +100,15 @@ class App:
         return self.side.port
 
     async def start(self) -> None:
+        """Bind, take the instance name, recover, then serve; each step can refuse the start.
+
+        The ports come first: a second `serve` on a busy port must stop before it touches
+        the store's leases. Recovery comes only once the instance name is this process's,
+        because it takes back every lease under that name.
+        """
         await self.store.open()
         try:
+            await self.front.bind()
             if self.config.http.listen is not None:
                 app = build_app(
                     config=self.config,
@@ -104,8 +124,9 @@ class App:
                         "the review pages on %s need no login: set http.users_file",
                         self.config.http.listen,
                     )
+            await self.instance.acquire()
             await self.delivery.start()
-            await self.front.start()
+            await self.front.serve()
         except BaseException:
             await self._abandon_start()
             raise
@@ -119,10 +140,13 @@ class App:
         )
 
     async def _abandon_start(self) -> None:
+        self.front.close()
         with contextlib.suppress(Exception):
             if self.side is not None:
                 await self.side.stop()
             await self.delivery.stop(0.0)
+            await self.instance.release()
+        with contextlib.suppress(Exception):
             await self.store.close()
 
     def reload(self) -> None:
@@ -142,6 +166,7 @@ class App:
         self.drain()
         grace = self.config.runtime.shutdown_grace if grace is None else grace
         await asyncio.gather(self.front.stop(grace), self.delivery.stop(grace))
+        await self.instance.release()
         await self.store.close()
         if self.side is not None:
             await self.side.stop()
@@ -172,17 +197,29 @@ async def serve(config: Config) -> None:
     await app.start()
     grace = config.runtime.shutdown_grace
     try:
-        await stop.wait()
-        signalled = loop.time()
-        app.drain()
-        delay = config.runtime.drain_delay
-        if delay > 0:
-            log.info("draining: not ready; SMTP keeps accepting for %gs", delay)
-            stop.clear()
-            with contextlib.suppress(TimeoutError):  # a second signal cuts the delay short
-                await asyncio.wait_for(stop.wait(), delay)
-        # The delay is part of the grace period, not added to it.
-        grace = max(grace - (loop.time() - signalled), 0.0)
-        log.info("shutting down")
+        await _first(stop, app.failed)
+        if app.failure is None:  # else stop at once: another process holds the name now
+            signalled = loop.time()
+            app.drain()
+            delay = config.runtime.drain_delay
+            if delay > 0:
+                log.info("draining: not ready; SMTP keeps accepting for %gs", delay)
+                stop.clear()
+                with contextlib.suppress(TimeoutError):  # a second signal cuts the delay short
+                    await asyncio.wait_for(stop.wait(), delay)
+            # The delay is part of the grace period, not added to it.
+            grace = max(grace - (loop.time() - signalled), 0.0)
+            log.info("shutting down")
     finally:
         await app.stop(grace)
+    if app.failure is not None:
+        raise RelayError(app.failure)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -128,14 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(config: Config) -> int:
     from relay import logs
     from relay.app import serve
-    from relay.http import ListenError
 
     logs.setup(config.runtime.log_level, config.runtime.log_format)
     try:
         asyncio.run(serve(config))
-    except ListenError as exc:
+    except RelayError as exc:  # a busy port, a busy instance name: one line, exit 1
         print(f"dedup-relay: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.exit_code
     except OSError as exc:
         print(
             f"dedup-relay: error: cannot listen on {config.listen.host}:"

@@ -262,9 +262,8 @@ class DeliveryConfig:
     retry_max: float = 3600.0
     max_age: float = 5 * 86400.0
     on_ambiguous: Literal["retry", "hold"] = "retry"
-    # How long a delivery attempt may hold its message before another process may take it over;
-    # unset: 10 minutes, or 20 x upstream.timeout when that is longer.
-    lease_timeout: float | None = None
+    # How long a lease outlives its owner's last renewal; renewed every third of it.
+    lease_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -951,9 +950,11 @@ def _delivery(raw: object) -> DeliveryConfig:
         retry_max=s.get("retry_max", _duration, d.retry_max),
         max_age=s.get("max_age", _duration, d.max_age),
         on_ambiguous=s.get("on_ambiguous", _choice("retry", "hold"), d.on_ambiguous),
-        lease_timeout=s.get("lease_timeout", _opt_duration, d.lease_timeout),
+        lease_timeout=s.get("lease_timeout", _duration, d.lease_timeout),
     )
     s.finish()
+    if config.lease_timeout < 3:
+        raise ConfigError("delivery.lease_timeout: must be at least 3s (it is renewed every third)")
     if config.retry_initial <= 0:
         raise ConfigError("delivery.retry_initial: must be more than 0s")
     if config.retry_max < config.retry_initial:
@@ -1138,26 +1139,11 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
 
 def _with_derived(config: Config) -> Config:
     """Settings whose default depends on another section's."""
-    config = _with_lease_timeout(config)
     if config.store.url is not None and config.store.pool_size is None:
         # The writer, and readers for large bodies (up to one per delivery worker) and gauges.
         pool = 2 + config.delivery.concurrency // 2
         config = _replace(config, store=_replace(config.store, pool_size=pool))
     return config
-
-
-def _with_lease_timeout(config: Config) -> Config:
-    """An attempt must end before its lease does, or another process may take the message over."""
-    lease = config.delivery.lease_timeout
-    longest = max(u.timeout for u in config.delivery_upstreams)
-    if lease is None:
-        lease = max(600.0, 20 * longest)
-    elif lease <= longest:
-        raise ConfigError(
-            f"delivery.lease_timeout: {format_duration(lease)} must be longer than"
-            f" the longest upstream timeout ({format_duration(longest)})"
-        )
-    return _replace(config, delivery=_replace(config.delivery, lease_timeout=lease))
 
 
 def _check_front_door(config: Config) -> None:
@@ -1361,7 +1347,6 @@ def _replace(obj: T, **changes: Any) -> T:
 _DURATION_FIELDS = {
     "connect_timeout",
     "statement_timeout",
-    "lease_timeout",
     "command_timeout",
     "data_timeout",
     "timeout",
@@ -1370,6 +1355,7 @@ _DURATION_FIELDS = {
     "retry_initial",
     "retry_max",
     "max_age",
+    "lease_timeout",
     "window",
     "retention",
     "shutdown_grace",

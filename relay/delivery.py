@@ -2,6 +2,8 @@
 
 Policy lives here (backoff, expiry, what an ambiguous outcome means); the store
 only applies what it is told, and the transports only report what happened.
+The leases this process holds, their renewal and the outcomes the store could
+not take yet are `relay.leases`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from relay.audit import Event
 from relay.clock import SYSTEM, Clock
 from relay.config import Config, UpstreamConfig
 from relay.errors import StoreError
+from relay.leases import GiveBack, Leases
 from relay.store import Lease, LeaseBatch, RecipientState, RecipientUpdate, Store, Update
 from relay.upstream import Attempt, Outgoing, RecipientResult, Transport
 from relay.upstream.failover import Failover, Trip, Upstreams
@@ -120,14 +123,15 @@ class Delivery:
             config, transport_factory, reserve=store.reserve_send, clock=clock
         )
         self.instance = config.runtime.instance
-        longest = max(u.timeout for u in config.delivery_upstreams)
-        self.lease_for = config.delivery.lease_timeout or max(600.0, 20 * longest)
+        self.lease_for = config.delivery.lease_timeout
+        self.leases = Leases(store, self.instance, self.lease_for)
         self._queue: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._in_flight = 0
         self._stopping = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._housekeeper: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
 
     @property
@@ -140,34 +144,43 @@ class Delivery:
         self._wake.set()
 
     async def start(self) -> None:
+        """Take back what this instance's previous run left mid-attempt, then start sending.
+
+        Call it only while holding the instance name (`relay.instance`): recovery takes
+        every lease under the name, which must not be a live process's.
+        """
         now = self.clock.time()
         stuck = await self.store.recover(
             self.instance, now, hold=self.config.delivery.on_ambiguous == "hold"
         )
         if stuck:
             log.warning(
-                "%d message(s) were mid-delivery when the relay stopped: ambiguous", len(stuck)
+                "%d message(s) were left mid-delivery by an earlier run: ambiguous", len(stuck)
             )
         for n in range(self.config.delivery.concurrency):
             self._workers.append(asyncio.create_task(self._work(), name=f"worker-{n}"))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
         self._housekeeper = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        self._renewer = asyncio.create_task(self._renewing(), name="lease-renewal")
 
     async def stop(self, grace: float) -> None:
         """Finish the transactions under way (up to `grace`), hand back what was not started."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self._stopping = True
         self._wake.set()
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeper
+        for task in (self._housekeeper, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._dispatcher is not None:
             await self._dispatcher
         now = self.clock.time()
         while not self._queue.empty():
             lease = self._queue.get_nowait()
             if lease is not None:
-                await self.store.unlease(lease.queue_id, now)
+                await self.leases.settle(GiveBack(lease.queue_id, now))
         for _ in self._workers:
             self._queue.put_nowait(None)
         if self._workers:
@@ -176,22 +189,36 @@ class Delivery:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
         await self.upstreams.close()
+        # Outcomes the store refused get what is left of the grace period to be written.
+        while not await self.leases.flush():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(POLL_INTERVAL, left))
+        self.leases.abandon()
 
     async def _dispatch(self) -> None:
         concurrency = self.config.delivery.concurrency
         while not self._stopping:
             # Cleared before looking, so a wake-up that arrives while leasing is not lost.
             self._wake.clear()
+            now = self.clock.time()
+            if not await self.leases.flush():
+                # Nothing new is sent while outcomes wait: they could not be recorded either.
+                await self.clock.wait(self._wake, POLL_INTERVAL)
+                continue
             free = concurrency - self._in_flight
             if free <= 0:
                 await self._wake.wait()
                 continue
-            now = self.clock.time()
             try:
                 batch = await self.store.lease(self.instance, free, now, self.lease_for)
+            except StoreError:
+                batch = LeaseBatch((), None)  # the store logs its state once, not per poll
             except Exception:
                 log.exception("could not lease messages for delivery")
                 batch = LeaseBatch((), None)
+            self.leases.took(lease.queue_id for lease in batch.leases)
             for lease in batch.leases:
                 self._in_flight += 1
                 self._queue.put_nowait(lease)
@@ -216,30 +243,32 @@ class Delivery:
                 continue
             if lease is None:
                 return
+            trip = Trip()
             try:
-                await self._attempt(lease)
+                await self._attempt(lease, trip)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("delivery of %s failed unexpectedly", lease.queue_id)
-                with contextlib.suppress(Exception):
-                    await self.store.unlease(
-                        lease.queue_id, self.clock.time() + backoff(self.config, 1)
-                    )
+            except Exception as exc:
+                if isinstance(exc, StoreError):  # the store says its own state, once
+                    log.warning("%s: attempt stopped, the store failed: %s", lease.queue_id, exc)
+                else:
+                    log.exception("%s: delivery failed unexpectedly", lease.queue_id)
+                if trip.payload_sent:
+                    reason = f"unexpected error after the message was sent: {exc!r}"
+                    await self._all(lease, trip, Kind.AMBIGUOUS, reason)
+                else:
+                    later = self.clock.time() + backoff(self.config, 1)
+                    await self.leases.settle(GiveBack(lease.queue_id, later))
             finally:
                 logs.bind(queue_id=None)
                 self._in_flight -= 1
                 self._wake.set()
 
-    async def _attempt(self, lease: Lease) -> None:
+    async def _attempt(self, lease: Lease, trip: Trip) -> None:
         logs.bind(queue_id=lease.queue_id)
         body = lease.data if lease.data is not None else await self.store.body(lease.queue_id)
         if body is None or not lease.recipients:
-            results = tuple(
-                RecipientResult(r, Kind.PERMANENT, None, "spooled body missing")
-                for r in lease.recipients
-            )
-            await self._record(lease, Attempt(results, None, 0.0), Trip())
+            await self._all(lease, trip, Kind.PERMANENT, "spooled body missing")
             return
         names = routes.select(
             self.config, sender=lease.sender, data=body, rule=lease.rule, user=lease.user
@@ -262,8 +291,6 @@ class Delivery:
                 body8bit=lease.body8bit,
             )
 
-        trip = Trip()
-
         async def failover(moved: Failover) -> None:
             await self._failover(lease, moved)
 
@@ -274,15 +301,16 @@ class Delivery:
         except asyncio.CancelledError:
             # Shutdown grace ran out mid-transaction: say truthfully how far it got.
             if trip.payload_sent:
-                results = tuple(
-                    RecipientResult(r, Kind.AMBIGUOUS, None, "relay stopped awaiting the reply")
-                    for r in lease.recipients
-                )
-                await self._record(lease, Attempt(results, None, 0.0), trip)
+                await self._all(lease, trip, Kind.AMBIGUOUS, "relay stopped awaiting the reply")
             else:
-                await self.store.unlease(lease.queue_id, self.clock.time())
+                await self.leases.settle(GiveBack(lease.queue_id, self.clock.time()))
             raise
         await self._record(lease, attempt, trip)
+
+    async def _all(self, lease: Lease, trip: Trip, kind: Kind, reason: str) -> None:
+        """The same outcome for every recipient, without a reply from the upstream."""
+        results = tuple(RecipientResult(r, kind, None, reason) for r in lease.recipients)
+        await self._record(lease, Attempt(results, None, 0.0), trip)
 
     async def _failover(self, lease: Lease, moved: Failover) -> None:
         """An audit event per failover, so the log says why mail went to another upstream."""
@@ -316,6 +344,7 @@ class Delivery:
             log.error("%s: could not record the failover: %s", lease.queue_id, exc)
 
     async def _record(self, lease: Lease, attempt: Attempt, trip: Trip) -> None:
+        """The attempt's outcome, kept and written later if the store cannot take it now."""
         now = self.clock.time()
         updates = tuple(
             recipient_outcome(self.config, lease, r, attempt.upstream_id, now)
@@ -323,7 +352,7 @@ class Delivery:
         )
         again = any(u.state == "queued" for u in updates)
         detail = "; ".join([f"attempt {lease.attempts}", *trip.notes])
-        await self.store.update(
+        await self.leases.settle(
             Update(
                 queue_id=lease.queue_id,
                 recipients=updates,
@@ -335,19 +364,27 @@ class Delivery:
             )
         )
 
+    async def _renewing(self) -> None:
+        """Keep every lease this process holds alive, however long its attempt takes."""
+        while True:
+            await self.clock.sleep(self.lease_for / 3)
+            await self.leases.renew(self.clock.time())
+
     async def _housekeeping(self) -> None:
         """Purge what has outlived its window, and rescue leases abandoned by dead replicas."""
         while True:
             try:
                 now = self.clock.time()
                 hold = self.config.delivery.on_ambiguous == "hold"
-                if await self.store.recover("", now, hold=hold):
+                if await self.store.reclaim(self.instance, now, hold=hold):
                     self.wake()
                 counts = await self.store.purge(now, self.config.audit.retention)
                 if any(counts.values()):
                     log.info("purged %s", ", ".join(f"{v} {k}" for k, v in counts.items() if v))
             except asyncio.CancelledError:
                 raise
+            except StoreError:
+                pass  # the store logs its state once, not at every round
             except Exception:
                 log.exception("housekeeping failed")
             # A dead replica's leases are looked for at least twice per lease_timeout.

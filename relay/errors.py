@@ -15,9 +15,13 @@ __all__ = [
     "EXIT_USAGE",
     "BadKey",
     "ConfigError",
+    "InstanceBusy",
+    "ListenError",
     "ReadError",
     "RelayError",
     "StoreError",
+    "StoreLost",
+    "StoreUnavailable",
     "UnitError",
     "UsageError",
 ]
@@ -63,6 +67,26 @@ class ReadError(RelayError):
 
 class StoreError(RelayError, RuntimeError):
     """The store could not commit; an SMTP client gets a 4xx and keeps the message."""
+
+
+class StoreUnavailable(StoreError):
+    """The store commits nothing now (a full disk, a read-only file, a lock): try again later.
+
+    Unlike a job of its own that failed, the same write may well succeed once the store
+    recovers, so a delivery outcome that meets this is kept and written again.
+    """
+
+
+class StoreLost(StoreUnavailable):
+    """The store's file was deleted or replaced under the running relay; only a restart helps."""
+
+
+class ListenError(RelayError):
+    """A port could not be opened; the message names the key and the reason."""
+
+
+class InstanceBusy(RelayError):
+    """Another live process holds this instance name in the store."""
 
 
 class BadKey(RelayError, ValueError):

@@ -8,20 +8,35 @@ email chose: envelope sender, a few identity headers and the decoded MIME leaves
 
 The form errs towards "different": anything that cannot be decoded cleanly is
 hashed as raw bytes rather than lossily, so two different emails never meet in a
-replacement character.
+replacement character. A message whose structure cannot be parsed at all (MIME
+parts nested deeper than Python can recurse) is hashed whole, and `compute` says
+why, so the audit trail can name the form that was used.
 """
 
 from __future__ import annotations
 
 import binascii
-import email
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from email.feedparser import (  # type: ignore[attr-defined]  # not in typeshed
+    BufferedSubFile,
+    FeedParser,
+    NeedMoreData,
+)
 from email.message import Message
 from email.policy import Compat32
+from typing import TYPE_CHECKING
 
-__all__ = ["ALWAYS_VOLATILE", "DEFAULT_HEADERS", "fingerprint"]
+__all__ = [
+    "ALWAYS_VOLATILE",
+    "DEFAULT_HEADERS",
+    "MAX_DEPTH",
+    "Fingerprint",
+    "compute",
+    "fingerprint",
+]
 
 DEFAULT_HEADERS: tuple[str, ...] = ("From", "Reply-To", "Subject")
 
@@ -59,8 +74,18 @@ _BASE64_CHUNK = re.compile(rb"[A-Za-z0-9+/]+=*")
 _TRAILING_SPACE = " \t\r\n\f\v"
 _TRAILING_SPACE_BYTES = _TRAILING_SPACE.encode()
 _UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
-# The stdlib parser tests every line against every open boundary: quadratic in depth.
-_MAX_BOUNDARIES = 64
+# How the stdlib's feedparser builds the matcher for a multipart's boundary lines.
+_BOUNDARY_MATCHER = re.compile(
+    r"\(\?P<sep>(?P<escaped>.*)\)"
+    + re.escape(r"(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"),
+    re.DOTALL,
+)
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+# Parser.parse feeds the parser this much at a time; feeding alike keeps the result alike.
+_CHUNK = 8192
+# Parts within parts, of any kind. Real mail nests a handful; the parser recurses once per
+# level, and a fixed limit well inside Python's own keeps the result the same on any stack.
+MAX_DEPTH = 200
 # Regenerated on every build (boundary) or a free choice of the generator.
 _EMBEDDED_SKIP = frozenset({"content-type", "content-transfer-encoding"})
 
@@ -295,14 +320,115 @@ def _normalise_sender(sender: str) -> str:
     return sender.lower()
 
 
+Matcher = Callable[[str], object]
+
+
+class _LinearInput(BufferedSubFile):  # type: ignore[misc]
+    """The feedparser's input, with boundary lines found by one look-up per line.
+
+    The stdlib tries every line against every open multipart's boundary pattern:
+    quadratic in the nesting depth, minutes for a hostile message. A boundary line
+    is `--BOUNDARY`, maybe `--`, blanks and a line end, so the line itself says
+    which boundary it could be; only that one is tried. A matcher of any other
+    shape is tried on every line, as before. Which line ends a part is unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._separators: dict[str, list[Matcher]] = {}
+        self._others: list[Matcher] = []
+
+    def push_eof_matcher(self, pred: Matcher) -> None:
+        super().push_eof_matcher(pred)
+        separator = _separator(pred)
+        if separator is None:
+            self._others.append(pred)
+        else:
+            self._separators.setdefault(separator.rstrip(" \t"), []).append(pred)
+
+    def pop_eof_matcher(self) -> Matcher:
+        pred: Matcher = super().pop_eof_matcher()
+        separator = _separator(pred)
+        if separator is None:
+            self._others.remove(pred)
+        else:
+            key = separator.rstrip(" \t")
+            self._separators[key].remove(pred)
+            if not self._separators[key]:
+                del self._separators[key]
+        return pred
+
+    def readline(self) -> object:
+        if not self._lines:
+            return "" if self._closed else NeedMoreData
+        line: str = self._lines.popleft()
+        if (self._separators and line.startswith("--") and self._ends_a_part(line)) or (
+            self._others and any(pred(line) for pred in self._others)
+        ):
+            self._lines.appendleft(line)
+            return ""
+        return line
+
+    def _ends_a_part(self, line: str) -> bool:
+        # A line holds one line end at most, so this strips it and the blanks before it.
+        core = line.rstrip(" \t\r\n")
+        found = self._separators.get(core, ())
+        if core.endswith("--"):
+            found = (*found, *self._separators.get(core[:-2].rstrip(" \t"), ()))
+        return any(pred(line) for pred in found)
+
+
+def _separator(pred: Matcher) -> str | None:
+    """`--BOUNDARY` when `pred` is a boundary pattern's `match`, else None."""
+    pattern = getattr(pred, "__self__", None)
+    if not isinstance(pattern, re.Pattern) or not isinstance(pattern.pattern, str):
+        return None
+    found = _BOUNDARY_MATCHER.fullmatch(pattern.pattern)
+    if found is None:
+        return None
+    separator = _UNESCAPE.sub(r"\1", found.group("escaped"))
+    return separator if re.escape(separator) == found.group("escaped") else None
+
+
+class _TooDeep(Exception):
+    pass
+
+
+if TYPE_CHECKING:
+    _FeedParser = FeedParser[Message]
+else:  # generic in typeshed only
+    _FeedParser = FeedParser
+
+
+class _Parser(_FeedParser):
+    """The stdlib's feed parser on `_LinearInput`, refusing parts nested past MAX_DEPTH."""
+
+    def __init__(self) -> None:
+        super().__init__(policy=_POLICY)
+        self._input = _LinearInput()
+
+    def _new_message(self) -> None:
+        if len(self._msgstack) >= MAX_DEPTH:  # type: ignore[attr-defined]
+            raise _TooDeep
+        super()._new_message()  # type: ignore[misc]
+
+
+def _parse(data: bytes) -> Message:
+    """`email.message_from_bytes`, with boundary lines found in linear time."""
+    parser = _Parser()
+    text = data.decode("ascii", "surrogateescape")
+    for start in range(0, len(text), _CHUNK):
+        parser.feed(text[start : start + _CHUNK])
+    message: Message = parser.close()
+    return message
+
+
 def _canonical_fields(
     sender: str, message: bytes, headers: Sequence[str], volatile: Sequence[str]
 ) -> list[bytes]:
     data = bytes(message)
-    if data.lower().count(b"boundary") > _MAX_BOUNDARIES:
-        raise ValueError("too many MIME boundaries to parse cheaply")
     out = [_field(b"V", _VERSION), _text_field(b"S", _normalise_sender(sender))]
-    parsed = email.message_from_bytes(data, policy=_POLICY)
+    parsed = _parse(data)
     for name in _selected_headers(headers, volatile):
         out.append(_text_field(b"H", name))
         for value in parsed.get_all(name) or ():
@@ -311,21 +437,34 @@ def _canonical_fields(
     return out
 
 
-def fingerprint(
+@dataclass(frozen=True)
+class Fingerprint:
+    """The hash, and why it covers the raw bytes instead of the canonical form (or None)."""
+
+    value: str
+    raw: str | None = None
+
+
+def compute(
     sender: str,
     message: bytes,
     headers: Sequence[str] = DEFAULT_HEADERS,
     volatile: Sequence[str] = (),
-) -> str:
-    """Return a lowercase hex SHA-256 over the canonical form.
+) -> Fingerprint:
+    """A lowercase hex SHA-256 over the canonical form, or over the raw bytes and why.
 
     Every field is tagged and length-prefixed, so no shift of text between fields
     can make two different emails hash alike. Never raises: a dedupe key is always
-    better than a dropped email, so unparseable input is hashed whole.
+    better than a dropped email, so a message that cannot be parsed is hashed whole.
     """
+    raw_reason = None
     try:
         fields = _canonical_fields(sender, message, headers, volatile)
-    except Exception:
+    except (_TooDeep, RecursionError):
+        raw_reason = f"its MIME parts are nested more than {MAX_DEPTH} deep"
+    except Exception as exc:
+        raw_reason = f"it could not be parsed ({type(exc).__name__})"
+    if raw_reason is not None:
         try:
             raw = bytes(message)
         except Exception:
@@ -335,4 +474,14 @@ def fingerprint(
             _text_field(b"X", _normalise_sender(sender)),
             _field(b"Z", raw),
         ]
-    return hashlib.sha256(b"".join(fields)).hexdigest()
+    return Fingerprint(hashlib.sha256(b"".join(fields)).hexdigest(), raw_reason)
+
+
+def fingerprint(
+    sender: str,
+    message: bytes,
+    headers: Sequence[str] = DEFAULT_HEADERS,
+    volatile: Sequence[str] = (),
+) -> str:
+    """The hash alone (see `compute`)."""
+    return compute(sender, message, headers, volatile).value

@@ -71,7 +71,9 @@ class Health:
             "shutdown": self._shutdown(),
             "smtp": OK if self._listening() else "the SMTP port is not listening",
         }
-        if not self.draining:  # a store about to close is not worth a write
+        if self._store.lost is not None:
+            checks["store"] = self._store.lost
+        elif not self.draining:  # a store about to close is not worth a write
             checks["store"] = await self._store_write()
         return Verdict("ready" if all(v == OK for v in checks.values()) else "not ready", checks)
 

@@ -21,7 +21,7 @@ from relay.clock import SYSTEM, Clock
 from relay.config import Config
 from relay.decision import Claim, normalise_rcpt
 from relay.errors import BadKey, StoreError
-from relay.fingerprint import fingerprint
+from relay.fingerprint import Fingerprint, compute
 from relay.ids import new_queue_id
 from relay.store import Store, Submission
 
@@ -80,7 +80,7 @@ class Intake:
         message_id = headers.get(found, "Message-ID")
         scope = keys.scope_value(policy.scope, tx.user, tx.sender)
         try:
-            claim, derived = await self._claim(tx, found, policy, scope)
+            claim, derived, note = await self._claim(tx, found, policy, scope)
         except BadKey as exc:
             return await self._refuse(tx, queue_id, now, message_id, str(exc))
         data = tx.data
@@ -105,6 +105,7 @@ class Intake:
             body8bit=tx.body8bit,
             claim=claim,
             rule=policy.rule,
+            note=note,
         )
         try:
             verdict = await self.store.accept(submission)
@@ -117,24 +118,31 @@ class Intake:
 
     async def _claim(
         self, tx: Transaction, found: list[headers.Field], policy: rules.Policy, scope: str
-    ) -> tuple[Claim | None, keys.Key | None]:
-        """What makes this message "the same email" as another; nothing for bypassed mail."""
+    ) -> tuple[Claim | None, keys.Key | None, str | None]:
+        """What makes this message "the same email" as another; nothing for bypassed mail.
+
+        The third value says how the fingerprint was taken when it is not over the
+        canonical form, for the audit events.
+        """
         if policy.bypass:
-            return None, None
+            return None, None, None
         dedupe = self.config.dedupe
         fp = await self._fingerprint(tx)
-        derived = keys.derive(policy.keys, found, fp, dedupe, policy.window)
+        derived = keys.derive(policy.keys, found, fp.value, dedupe, policy.window)
+        note = None
+        if fp.raw is not None:
+            note = f"fingerprint over the raw bytes, not the canonical MIME form: {fp.raw}"
         claim = Claim(
             scope=scope,
             key=derived.value,
             strategy=derived.strategy,
-            fingerprint=fp,
+            fingerprint=fp.value,
             window=derived.window,
             on_duplicate=policy.on_duplicate,
             on_conflict=dedupe.on_conflict,
             shadow=dedupe.mode == "shadow",
         )
-        return claim, derived
+        return claim, derived, note
 
     def _new_message_id(
         self,
@@ -152,12 +160,12 @@ class Intake:
             return keys.derived_message_id(scope, derived, domain)
         return f"<{queue_id.lower()}@{domain}>"
 
-    async def _fingerprint(self, tx: Transaction) -> str:
+    async def _fingerprint(self, tx: Transaction) -> Fingerprint:
         dedupe = self.config.dedupe
         args = (tx.sender, tx.data, dedupe.fingerprint_headers, dedupe.volatile_headers)
         if len(tx.data) > THREAD_THRESHOLD:
-            return await asyncio.to_thread(fingerprint, *args)
-        return fingerprint(*args)
+            return await asyncio.to_thread(compute, *args)
+        return compute(*args)
 
     async def _refuse(
         self, tx: Transaction, queue_id: str, now: float, message_id: str | None, reason: str

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from fnmatch import fnmatchcase
+from ssl import SSLContext
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -29,6 +32,7 @@ from relay import content, logs
 from relay.audit import Event
 from relay.auth import Authenticator, Guard
 from relay.config import AuthConfig, ConfigError, ListenConfig, Network
+from relay.errors import ListenError
 from relay.intake import THREAD_THRESHOLD, Intake, Transaction, unique_recipients
 from relay.limits import Budget, Events, Tally
 from relay.tls import ServerTls
@@ -53,6 +57,8 @@ TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 LOCKED_OUT = "421 4.7.0 Too many failed logins from your address, try again later"
 BUSY_MEMORY = "4.3.1 Too much mail in flight on this relay, try again later"
 TOO_SLOW = b"421 4.4.2 DATA too slow or too long, closing connection\r\n"
+# The store can never be written again by this process (its file was deleted or replaced).
+STORE_LOST = "4.3.0 Mail store unavailable, not accepting mail; try again later"
 LINGER = 5.0  # seconds a cut-off client gets to stop sending before the socket closes
 
 
@@ -139,6 +145,8 @@ class Handler:
         front = self.front
         if front.closing:
             return "421 4.3.2 Service shutting down, try again later"
+        if front.intake.store.lost:
+            return f"451 {STORE_LOST}"
         if front.config.tls.required and session.ssl is None and not server.trusted:
             return TLS_REQUIRED
         user = _login(session)
@@ -302,6 +310,8 @@ class RelaySMTP(SMTP):
             refusal = "554 5.7.1 Relay access denied: client not in the relay's listen.networks"
         elif front.closing:
             refusal = SHUTDOWN_REPLY.decode().strip()
+        elif front.intake.store.lost:
+            refusal = f"421 {STORE_LOST}"
         elif front.guard.locked(self.client):
             log.warning("refused connection from %s: locked out after failed logins", self.client)
             refusal = LOCKED_OUT
@@ -538,30 +548,63 @@ class FrontDoor:
         )
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._servers.append(
-            await loop.create_server(
-                self._protocol,
-                host=self.config.host,
-                port=self.config.port,
-                reuse_address=True,
-                reuse_port=self.config.reuse_port,
-            )
-        )
+        await self.bind()
+        await self.serve()
+
+    async def bind(self) -> None:
+        """Take the ports without answering on them yet: a busy port fails here, early."""
+        self._servers.append(await self._bind(self._protocol, self.config.port, "listen.port"))
         implicit = self.config.tls.implicit_port
         if self.tls is not None and implicit is not None:
+            tls = self.tls.context
             self._servers.append(
-                await loop.create_server(
+                await self._bind(
                     lambda: self._protocol(implicit_tls=True),
-                    host=self.config.host,
-                    port=implicit,
-                    ssl=self.tls.context,
-                    reuse_address=True,
-                    reuse_port=self.config.reuse_port,
+                    implicit,
+                    "listen.tls.implicit_port",
+                    tls,
                 )
             )
+
+    async def _bind(
+        self,
+        factory: Callable[[], RelaySMTP],
+        port: int,
+        key: str,
+        ssl: SSLContext | None = None,
+    ) -> asyncio.Server:
+        try:
+            return await asyncio.get_running_loop().create_server(
+                factory,
+                host=self.config.host,
+                port=port,
+                ssl=ssl,
+                reuse_address=True,
+                reuse_port=self.config.reuse_port,
+                start_serving=False,
+            )
+        except OSError as exc:
+            self.close()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                reason += " (another process has it: a relay already running on this config?)"
+            raise ListenError(
+                f"cannot listen on {self.config.host}:{port} ({key}): {reason}"
+            ) from None
+
+    async def serve(self) -> None:
+        """Answer on the bound ports."""
+        for server in self._servers:
+            await server.start_serving()
+        if len(self._servers) > 1:
             log.info("implicit TLS on %s:%d", self.config.host, self.implicit_port)
         self._warn_about_settings()
+
+    def close(self) -> None:
+        """Let go of the ports of a start that failed."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
 
     def _warn_about_settings(self) -> None:
         if self.authenticator is None:

@@ -39,6 +39,9 @@ from relay.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
+# Tasks of an idle relay that wait on its clock: the dispatcher, housekeeping, lease
+# renewal and the instance heartbeat. A test on a ManualClock waits for all of them.
+CLOCK_SLEEPERS = 4
 
 
 # --- waiting ---------------------------------------------------------------
@@ -60,6 +63,11 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def settled(clock: Any, what: str = "the relay to settle on its clock") -> None:
+    """Until every task of the relay that waits on `clock` (a ManualClock) is waiting."""
+    await eventually(lambda: clock.sleepers >= CLOCK_SLEEPERS, what=what)
 
 
 # --- messages --------------------------------------------------------------
@@ -637,7 +645,7 @@ def relay_process(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
 
 
 def relay_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path
+    *args: str, env: dict[str, str] | None = None, cwd: Path, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """`python -m relay ARGS` with only the RELAY_* variables given here, none inherited."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
@@ -647,7 +655,7 @@ def relay_cli(
         text=True,
         env={**clean, **(env or {})},
         cwd=cwd,
-        timeout=60,
+        timeout=timeout,
     )
 
 
@@ -655,6 +663,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def process_config(tmp_path: Path, upstream: Upstream, **extra: Any) -> dict[str, Any]:
+    """A config for `relay_process`: the test's upstream, a port of its own, then `extra`."""
+    config = base_config(tmp_path, upstream.port)
+    config["listen"]["port"] = free_port()
+    return deep_merge(config, extra)
 
 
 # --- the HTTP side port -----------------------------------------------------

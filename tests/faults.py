@@ -4,23 +4,34 @@
 would; `when` narrows a fault to one job (say, the body insert of one message).
 The faults live in a `sqlite3.Connection` subclass given to the real
 `SqliteStore`, so everything around the failing statement runs for real.
+
+A real full disk is `small_disk` (a tmpfs, mounted as root) and `fill`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
 import sqlite3
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from relay.config import StoreConfig
 from relay.store import OnBatch, OnCommit, Store
 from relay.store.sqlite import SqliteStore
 
-__all__ = ["DISK_FULL", "Fault", "Faults"]
+__all__ = ["DISK_FULL", "READ_ONLY", "Fault", "Faults", "fill", "small_disk"]
 
 DISK_FULL = "database or disk is full"
+READ_ONLY = "attempt to write a readonly database"
 
 
 @dataclass
@@ -48,6 +59,11 @@ class Faults:
         """The next `times` statements starting with `statement` (and matching `when`) fail."""
         with self._lock:
             self._planned.append(Fault(statement, error, times, when))
+
+    def clear(self) -> None:
+        """Every planned fault is off: the store works again."""
+        with self._lock:
+            self._planned.clear()
 
     def check(self, statement: str, params: Any) -> None:
         with self._lock:
@@ -89,3 +105,39 @@ class Faults:
             )
 
         return make
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at `folder` (needs root), unmounted however the test ends."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    if shutil.which("mount") is None:
+        pytest.skip("mount(8) is missing: apt-get install -y mount")
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?): {done.stderr}"
+        )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(ballast: Path) -> None:
+    """Write `ballast` until its file system has no byte left."""
+    chunk = b"\0" * 65536
+    with ballast.open("wb", buffering=0) as out:
+        while True:  # a short write fills the last page; the next one raises
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return

@@ -14,14 +14,22 @@ import pytest
 
 from relay.clock import ManualClock
 from relay.delivery import HOUSEKEEPING_INTERVAL as HOUSEKEEPING
-from tests.conftest import Relay, Upstream, eventually, left_mid_attempt, make_message, send
+from tests.conftest import (
+    Relay,
+    Upstream,
+    eventually,
+    left_mid_attempt,
+    make_message,
+    send,
+    settled,
+)
 
 HOUR = 3600.0
 
 
 async def started(make_relay, clock: ManualClock, **overrides: object) -> Relay:
     relay = await make_relay(clock=clock, **overrides)
-    await eventually(lambda: clock.sleepers >= 2, what="delivery to settle on the clock")
+    await settled(clock, "delivery to settle on the clock")
     return relay
 
 
@@ -104,7 +112,7 @@ async def test_a_deferred_message_is_retried_after_its_backoff_not_before(
     [(next_attempt,)] = await relay.rows("SELECT next_attempt FROM messages")
     assert 0.8 * HOUR <= next_attempt - received <= 1.2 * HOUR
     clock.advance(next_attempt - received - 1)  # one second early: nothing is due
-    await eventually(lambda: clock.sleepers >= 2, what="the dispatcher to look and wait again")
+    await settled(clock, "the dispatcher to look and wait again")
     assert upstream.messages == []
     assert await relay.rows("SELECT attempts FROM messages") == [(1,)]
     clock.advance(1)
@@ -143,7 +151,7 @@ async def test_a_lease_abandoned_by_a_dead_replica_is_taken_back_once_it_expires
     relay = await started(make_relay, clock)
     assert await relay.rows("SELECT state, lease_owner FROM messages") == [("sending", "dead")]
     clock.advance(lease_for - 1)  # housekeeping looks (every minute) while the lease still runs
-    await eventually(lambda: clock.sleepers >= 2, what="housekeeping to look and sleep again")
+    await settled(clock, "housekeeping to look and sleep again")
     assert await relay.rows("SELECT state FROM messages") == [("sending",)]
     clock.advance(HOUSEKEEPING + 1)
     await upstream.wait_for(1)

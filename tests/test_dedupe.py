@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from relay.fingerprint import MAX_DEPTH
 from tests.conftest import BACKENDS, Relay, Upstream, eventually, make_message, send
 
 # Every behaviour here holds on both store backends.
@@ -75,6 +76,40 @@ async def test_regenerated_message_is_caught_by_fingerprint(make_relay, upstream
     await forwarded_once(relay, upstream)
     [duplicate] = await relay.events("duplicate")
     assert duplicate["strategy"] == "fingerprint"
+
+
+async def test_a_regenerated_message_saying_boundary_often_is_caught_by_fingerprint(
+    make_relay, upstream: Upstream
+) -> None:
+    relay = await make_relay(dedupe={"keys": ["fingerprint"]})
+    text = "Keep inside the boundary of the form. " * 80 + "\n"
+    for _ in range(2):
+        regenerated = make_message("Form 7", text, attachment=b"boundary=" * 80)
+        assert regenerated.lower().count(b"boundary") > 64
+        assert (await send(relay.port, regenerated)).code == 250
+    await forwarded_once(relay, upstream)
+    [received] = await relay.events("received")
+    assert received["detail"] is None
+    [duplicate] = await relay.events("duplicate")
+    assert duplicate["strategy"] == "fingerprint"
+
+
+async def test_a_message_too_deep_to_parse_says_its_key_is_over_the_raw_bytes(
+    make_relay, upstream: Upstream
+) -> None:
+    relay = await make_relay(dedupe={"keys": ["fingerprint"]})
+    deep = b"From: a@example.com\r\nSubject: deep\r\n" + b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (n, n)
+        for n in range(MAX_DEPTH + 1)
+    )
+    assert (await send(relay.port, deep + b"\r\nhello\r\n")).code == 250
+    await forwarded_once(relay, upstream)
+    [received] = await relay.events("received")
+    assert received["strategy"] == "fingerprint"
+    assert received["detail"] == (
+        "fingerprint over the raw bytes, not the canonical MIME form:"
+        f" its MIME parts are nested more than {MAX_DEPTH} deep"
+    )
 
 
 async def test_one_changed_character_is_a_different_email(make_relay, upstream: Upstream) -> None:

@@ -3,6 +3,8 @@ never let two genuinely different emails share a dedupe key."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import re
 import string
@@ -22,7 +24,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from relay.fingerprint import ALWAYS_VOLATILE, DEFAULT_HEADERS, fingerprint
+from relay import fingerprint as fingerprint_module
+from relay.fingerprint import (
+    ALWAYS_VOLATILE,
+    DEFAULT_HEADERS,
+    MAX_DEPTH,
+    compute,
+    fingerprint,
+)
 
 SENDER = "bounces@example.com"
 HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -632,3 +641,93 @@ def test_malformed_messages_still_get_a_fingerprint(raw: bytes) -> None:
     assert HEX_DIGEST.fullmatch(result)
     assert fingerprint(SENDER, raw) == result
     assert fingerprint("other@example.com", raw) != result
+
+
+# Structure, not words: no content pushes the fingerprint off its canonical form.
+
+
+def _nested(depth: int, boundary: str, text: str = "hello\r\n") -> bytes:
+    """`depth` multiparts, each the only part of the one around it, around one text part."""
+    head = b"From: a@example.com\r\nSubject: deep\r\nMIME-Version: 1.0\r\n"
+    tail = b""
+    for level in range(depth):
+        mark = f"{boundary}{level}".encode()
+        head += b'Content-Type: multipart/mixed; boundary="' + mark + b'"\r\n\r\n--' + mark
+        head += b"\r\n"
+        tail = b"\r\n--" + mark + b"--\r\n" + tail
+    return head + b"Content-Type: text/plain\r\n\r\n" + text.encode() + tail
+
+
+def test_the_word_boundary_in_the_text_does_not_push_the_fingerprint_off_its_form() -> None:
+    mail = Mail(
+        text="Where is the boundary? " * 100 + "\n",
+        attachments=(("boundary.txt", b"boundary=" * 70),),
+    )
+    first, second = render(mail), render(mail)
+    assert first.lower().count(b"boundary") > 64
+    assert BOUNDARY.findall(first) != BOUNDARY.findall(second)
+    assert compute(SENDER, first).raw is None
+    assert fingerprint(SENDER, first) == fingerprint(SENDER, second)
+    assert fingerprint(SENDER, first) != fp(replace(mail, text="Where is the border?\n"))
+
+
+def test_a_hundred_nested_parts_keep_the_canonical_form() -> None:
+    first, second = _nested(100, "first-"), _nested(100, "second-")
+    assert compute(SENDER, first).raw is None
+    assert fingerprint(SENDER, first) == fingerprint(SENDER, second)
+    assert fingerprint(SENDER, first) != fingerprint(SENDER, _nested(100, "x", "bye\r\n"))
+
+
+def test_a_message_too_deep_to_parse_says_which_form_was_hashed_and_why() -> None:
+    deepest = compute(SENDER, _nested(MAX_DEPTH - 1, "b"))  # and the message around them
+    assert deepest.raw is None
+    assert deepest.value == fingerprint(SENDER, _nested(MAX_DEPTH - 1, "c"))
+    result = compute(SENDER, _nested(MAX_DEPTH, "b"))
+    assert result.raw == f"its MIME parts are nested more than {MAX_DEPTH} deep"
+    assert result.value == fingerprint(SENDER, _nested(MAX_DEPTH, "b"))
+    assert result.value != fingerprint(SENDER, _nested(MAX_DEPTH, "c"))
+
+
+_BOUNDARY_LIKE = st.sampled_from(
+    ["--a", "--a--", "--a \t", "--a-- ", "--a--x", "--ab", "--b", "--b--", "-a", "a", "", "--"]
+)
+
+
+@cheap_examples
+@given(
+    st.lists(_BOUNDARY_LIKE, max_size=12),
+    st.sampled_from(["\r\n", "\n", "\r"]),
+    st.sampled_from(['"a"', "a", '"a "', '"b"']),
+)
+def test_parts_end_on_the_same_lines_as_with_the_stdlib_parser(
+    lines: list[str], eol: str, inner: str
+) -> None:
+    def walk(message: email.message.Message) -> list[tuple[object, ...]]:
+        return [
+            (
+                part.get_content_type(),
+                part.get_payload() if not part.is_multipart() else None,
+                part.preamble,
+                part.epilogue,
+                [type(defect) for defect in part.defects],
+            )
+            for part in message.walk()
+        ]
+
+    raw = eol.join(
+        [
+            'Content-Type: multipart/mixed; boundary="b"',
+            "",
+            "--b",
+            f"Content-Type: multipart/alternative; boundary={inner}",
+            "",
+            *lines,
+            "--a",
+            "",
+            *lines,
+            "--b--",
+            *lines,
+        ]
+    ).encode()
+    stdlib = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert walk(fingerprint_module._parse(raw)) == walk(stdlib)

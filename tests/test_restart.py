@@ -12,19 +12,11 @@ import aiosmtplib
 
 from tests.conftest import (
     Upstream,
-    base_config,
-    deep_merge,
     eventually,
-    free_port,
     make_message,
+    process_config,
     send,
 )
-
-
-def process_config(tmp_path: Path, upstream: Upstream, **extra: Any) -> dict[str, Any]:
-    config = base_config(tmp_path, upstream.port)
-    config["listen"]["port"] = free_port()
-    return deep_merge(config, extra)
 
 
 def store_rows(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:

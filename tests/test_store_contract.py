@@ -19,6 +19,7 @@ from relay.config import from_mapping
 from relay.decision import Claim
 from relay.errors import StoreError
 from relay.store import (
+    Instance,
     RecipientUpdate,
     Store,
     Submission,
@@ -355,6 +356,44 @@ async def test_two_replicas_recovering_a_dead_ones_lease_record_it_once(
     )
     assert sorted(q for ids in found for q in ids) == ["DEAD"]
     assert committed.names.count("ambiguous") == 1
+
+
+async def test_renewal_keeps_own_leases_and_reclaim_takes_only_others_run_out(
+    make_store: MakeStore,
+) -> None:
+    committed = Committed()
+    mine, theirs = await make_store(committed), await make_store(committed)
+    await mine.accept(submission("MINE"))
+    await mine.accept(submission("THEIRS", at=T0 + 1))
+    await mine.lease("me", 1, T0 + 2, 60.0)
+    await theirs.lease("them", 1, T0 + 2, 60.0)
+    assert await mine.renew("me", ["MINE", "THEIRS"], T0 + 200) == 1, "only its own lease"
+    # At T0 + 100 their lease has run out, mine was renewed: each takes back only the other's.
+    assert await mine.reclaim("me", T0 + 100, hold=False) == ["THEIRS"]
+    assert await theirs.reclaim("them", T0 + 300, hold=False) == ["MINE"]
+    assert committed.names.count("ambiguous") == 2
+    assert await mine.reclaim("me", T0 + 400, hold=False) == []
+
+
+async def test_an_instance_name_is_held_by_one_live_process_at_a_time(
+    make_store: MakeStore,
+) -> None:
+    first, second = await make_store(), await make_store()
+    me = Instance("relay-a", "host-1", 1, "token-1", "", T0, T0)
+    other = Instance("relay-a", "host-2", 2, "token-2", "", T0 + 10, T0 + 10)
+    held = await asyncio.gather(
+        first.acquire_instance(me, 60.0), second.acquire_instance(other, 60.0)
+    )
+    assert {h.token for h in held} == {held[0].token}, "both starters see one holder"
+    winner, loser = (me, other) if held[0].token == me.token else (other, me)
+    assert await first.heartbeat_instance(winner, T0 + 20)
+    assert not await first.heartbeat_instance(loser, T0 + 20)
+    # Silent for longer than stale_after: another host may take the name over.
+    later = Instance("relay-a", "host-3", 3, "token-3", "", T0 + 200, T0 + 200)
+    assert (await second.acquire_instance(later, 60.0)).token == "token-3"
+    assert not await first.heartbeat_instance(winner, T0 + 210)
+    await second.release_instance(later)
+    assert (await first.acquire_instance(me, 60.0)).token == "token-1"
 
 
 # --- housekeeping, probes, events -------------------------------------------------------

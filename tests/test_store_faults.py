@@ -7,14 +7,7 @@ chosen statements (tests/faults.py) and, as root, fill a real disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from relay.clock import ManualClock
 from tests.conftest import (
@@ -26,8 +19,9 @@ from tests.conftest import (
     free_port,
     make_message,
     send,
+    settled,
 )
-from tests.faults import DISK_FULL, Faults
+from tests.faults import DISK_FULL, Faults, small_disk
 
 
 async def quiet_relay(make_relay, faults: Faults) -> Relay:
@@ -35,7 +29,7 @@ async def quiet_relay(make_relay, faults: Faults) -> Relay:
     next store batch is the test's own submission."""
     clock = ManualClock()
     relay = await make_relay(clock=clock, store_factory=faults.store_factory())
-    await eventually(lambda: clock.sleepers >= 2, what="delivery to settle")
+    await settled(clock, "delivery to settle")
     return relay
 
 
@@ -127,11 +121,11 @@ async def test_a_failed_lease_is_tried_again_at_the_next_poll(
     faults = Faults()
     clock = ManualClock()
     relay = await make_relay(clock=clock, store_factory=faults.store_factory())
-    await eventually(lambda: clock.sleepers >= 2, what="delivery to settle")
+    await settled(clock, "delivery to settle")
     faults.fail("UPDATE messages SET state = 'sending'", "database is locked")
     assert (await send(relay.port, make_message())).code == 250
     await eventually(lambda: faults.fired, what="the lease to fail")
-    await eventually(lambda: clock.sleepers >= 2, what="the dispatcher to wait for the next poll")
+    await settled(clock, "the dispatcher to wait for the next poll")
     assert upstream.messages == []
     clock.advance(1.0)
     await upstream.wait_for(1)
@@ -139,29 +133,6 @@ async def test_a_failed_lease_is_tried_again_at_the_next_poll(
 
 
 # --- a real full disk ----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` at `folder` (needs root), unmounted however the test ends."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root")
-    if shutil.which("mount") is None:
-        pytest.skip("mount(8) is missing: apt-get install -y mount")
-    folder.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs here (a container without CAP_SYS_ADMIN?): {done.stderr}"
-        )
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 async def test_a_full_disk_answers_451_never_250_and_mail_flows_again_when_space_returns(

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from relay.config import Config, HttpConfig
-from relay.errors import RelayError
+from relay.errors import ListenError
 from relay.health import Health
 from relay.http import metrics as metrics_routes
 from relay.http import probes
@@ -22,10 +22,6 @@ __all__ = ["ListenError", "Mount", "SidePort", "build_app"]
 Mount = Callable[[web.Application], None]
 # In-flight requests get this long after the relay has finished its own shutdown.
 SHUTDOWN_TIMEOUT = 1.0
-
-
-class ListenError(RelayError):
-    """The side port could not be opened; the message names the key and the reason."""
 
 
 def build_app(

@@ -11,13 +11,14 @@ injected clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from relay.audit import Event
 from relay.decision import Claim, Verdict
-from relay.errors import StoreError
+from relay.errors import StoreError, StoreLost, StoreUnavailable
+from relay.instance import Instance
 
 if TYPE_CHECKING:
     from relay.config import StoreConfig
@@ -47,6 +48,9 @@ class Submission:
     body8bit: bool
     claim: Claim | None
     rule: str | None = None
+    # Said in the audit events of this submission: how its key was reached, when it is
+    # not the usual way (a fingerprint over the raw bytes of a message that cannot be parsed).
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,13 +123,26 @@ class Store(Protocol):
 
     A method returns only after its transaction has committed, and raises
     `StoreError` when it did not: then nothing of it is stored, and the caller
-    answers 4xx or tries again later. Events a method records are handed to
+    answers 4xx or tries again later. `StoreUnavailable` (a subclass) means the
+    store committed nothing at all (a full disk, a read-only file, a lost
+    connection): the same call may succeed later, so delivery keeps an outcome
+    that met it and writes it again. Events a method records are handed to
     `on_commit` (given to the constructor) after the commit, never before.
     """
 
     @property
     def running(self) -> bool:
         """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
+        ...
+
+    @property
+    def lost(self) -> str | None:
+        """Why this process can never write its store again, or None.
+
+        Set when the store found that what it writes to is no longer the store at its
+        address (SQLite: the file was deleted or replaced, its st_dev/st_ino changed).
+        Every later call raises `StoreLost`; the front door refuses mail, readiness fails.
+        """
         ...
 
     async def open(self) -> None:
@@ -152,9 +169,22 @@ class Store(Protocol):
     async def unlease(self, queue_id: str, next_attempt: float) -> None:
         """Give back a lease whose attempt never reached the upstream; it does not count."""
 
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        """Extend `owner`'s leases on these messages to `until`, while its attempts are alive.
+
+        Only messages still `sending` under `owner` are extended; returns how many were.
+        """
+
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
-        """Take back `owner`'s leases and any expired before `now`: their recipients are
-        ambiguous, queued again or (`hold`) held. Returns the queue ids."""
+        """At start-up: take back `owner`'s own leases (its previous run stopped before
+        recording their outcome; the instance lock proves no live process holds them) and
+        any other lease expired before `now`. Their recipients are ambiguous: queued again
+        or (`hold`) held. Returns the queue ids."""
+
+    async def reclaim(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        """While running: take back leases of other owners that expired before `now` (a
+        replica that died), as `recover` does. Never `owner`'s own: this process still
+        holds them, even when it could not renew them in time. Returns the queue ids."""
 
     async def requeue(self, queue_id: str, now: float) -> int:
         """An operator's decision to send held recipients again; returns how many."""
@@ -171,6 +201,22 @@ class Store(Protocol):
     def subscribe(self, wake: Callable[[], None]) -> None:
         """Call `wake` when another process may have made work due (new mail on another
         replica, a requeue from the command line), so an idle relay need not poll hard."""
+
+    async def acquire_instance(self, me: Instance, stale_after: float) -> Instance:
+        """Take the instance name `me.name` for this process, unless a live process holds it.
+
+        In one transaction: read the holder, ask `relay.instance.may_take(holder, me,
+        stale_after)`, and if it may, write `me` over it. Returns the holder afterwards:
+        `me` (same token) when taken, else the live holder, untouched.
+        """
+        ...
+
+    async def heartbeat_instance(self, me: Instance, now: float) -> bool:
+        """Say that `me` still lives; False when the name is no longer `me`'s (taken over)."""
+        ...
+
+    async def release_instance(self, me: Instance) -> None:
+        """Give the name up at a clean shutdown, if `me` still holds it."""
 
     async def reserve_send(self, upstream: str, interval: float, now: float) -> float:
         """Book the next transaction to `upstream` under its rate limit; returns its time.
@@ -213,6 +259,7 @@ __all__ = [
     "PENDING_STATES",
     "Claim",
     "Event",
+    "Instance",
     "Lease",
     "LeaseBatch",
     "MessageState",
@@ -223,6 +270,8 @@ __all__ = [
     "RecipientUpdate",
     "Store",
     "StoreError",
+    "StoreLost",
+    "StoreUnavailable",
     "Submission",
     "Update",
     "Verdict",

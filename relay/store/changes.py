@@ -66,7 +66,7 @@ def _submission_fields(sub: Submission) -> dict[str, Any]:
 def accept_events(sub: Submission, verdict: Verdict) -> list[Event]:
     """`received` for what is spooled, then the conflict or duplicate the verdict found."""
     common = _submission_fields(sub)
-    rule = f"rule={sub.rule}" if sub.rule else None
+    rule = "; ".join(filter(None, (f"rule={sub.rule}" if sub.rule else None, sub.note))) or None
     events: list[Event] = []
     if verdict.forward:
         events.append(
@@ -85,7 +85,7 @@ def accept_events(sub: Submission, verdict: Verdict) -> list[Event]:
                 rcpts=sub.recipients,
                 original=verdict.conflict_with,
                 action=claim.on_conflict,
-                detail="same key, different content",
+                detail="; ".join(filter(None, ("same key, different content", sub.note))),
                 **common,
             )
         )
@@ -159,8 +159,21 @@ def message_state(recipient_states: Iterable[str]) -> MessageState:
     return "queued" if "queued" in states else "held" if "held" in states else "done"
 
 
-def recovery_update(queue_id: str, rcpts: Sequence[str], now: float, *, hold: bool) -> Update:
-    """A message left mid-attempt: whether the upstream has it is unknown, so it is ambiguous."""
+def recovery_update(
+    queue_id: str, rcpts: Sequence[str], now: float, *, hold: bool, owner: str | None = None
+) -> Update:
+    """A message left mid-attempt: whether the upstream has it is unknown, so it is ambiguous.
+
+    `owner` names the process whose lease ran out, when it is not the one recovering
+    (which is then taking back what its own previous run left).
+    """
+    if owner is None:
+        cause = "the relay stopped before the outcome of a delivery attempt was recorded"
+    else:
+        cause = (
+            f"the lease of {owner} ran out during a delivery attempt"
+            " (that process stopped, or could not reach the store to renew it)"
+        )
     return Update(
         queue_id=queue_id,
         recipients=tuple(
@@ -170,10 +183,7 @@ def recovery_update(queue_id: str, rcpts: Sequence[str], now: float, *, hold: bo
         upstream=None,
         duration=None,
         ts=now,
-        detail=(
-            "the relay stopped during a delivery attempt; "
-            + ("held for an operator" if hold else "will be retried")
-        ),
+        detail=f"{cause}; " + ("held for an operator" if hold else "will be retried"),
     )
 
 

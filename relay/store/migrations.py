@@ -37,10 +37,12 @@ SQLITE = (
     Migration(1, "queue, claims and audit trail", schema.TABLES),
     Migration(2, "review indexes and the recipient index", schema.REVIEW),
     Migration(3, "shared rate-limit bookings", schema.PACING),
+    Migration(4, "instance names held by live processes", schema.INSTANCES),
 )
 POSTGRES = (
     Migration(1, "queue, claims, audit trail and review indexes", pg_schema.TABLES),
     Migration(2, "shared rate-limit bookings", pg_schema.PACING),
+    Migration(3, "instance names held by live processes", pg_schema.INSTANCES),
 )
 
 

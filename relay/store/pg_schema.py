@@ -10,7 +10,7 @@ messages only, however long the audit trail grows.
 
 from __future__ import annotations
 
-__all__ = ["PACING", "TABLES"]
+__all__ = ["INSTANCES", "PACING", "TABLES"]
 
 _T = 'text COLLATE "C"'
 
@@ -156,5 +156,18 @@ PACING = f"""
 CREATE TABLE IF NOT EXISTS pacing (
     upstream {_T} PRIMARY KEY,
     last_at  double precision NOT NULL
+);
+"""
+
+# One row per live process name (runtime.instance): who holds it, and when it last said so.
+INSTANCES = f"""
+CREATE TABLE IF NOT EXISTS instances (
+    name      {_T} PRIMARY KEY,
+    host      {_T} NOT NULL,
+    pid       integer NOT NULL,
+    token     {_T} NOT NULL,
+    started   {_T} NOT NULL,
+    since     double precision NOT NULL,
+    heartbeat double precision NOT NULL
 );
 """

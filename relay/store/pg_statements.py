@@ -25,20 +25,27 @@ __all__ = [
     "DELETE_KEPT_BODIES",
     "DELETE_OLD_EVENTS",
     "END_LEASE",
+    "EXPIRED_LEASES",
     "HAS_META",
+    "HEARTBEAT_INSTANCE",
     "INSERT_EVENTS",
     "LEASE",
+    "LOCK_INSTANCE",
     "MESSAGE_STATE",
     "MIGRATION_LOCK",
     "PURGE_MESSAGES",
     "READY_PROBE",
     "RECIPIENTS_IN_STATE",
+    "RELEASE_INSTANCE",
+    "RENEW_LEASES",
     "RESERVE_SEND",
     "SCHEMA_VERSION",
     "SELECT_BODY",
+    "SELECT_INSTANCE",
     "SET_SCHEMA_VERSION",
     "SPOOL",
     "STUCK_LEASES",
+    "TAKE_INSTANCE",
     "UNLEASE",
     "UPDATE_RECIPIENTS",
     "Query",
@@ -157,9 +164,37 @@ UNLEASE = _q(
 )
 # SKIP LOCKED: two replicas rescuing a dead one's leases at once rescue each message once.
 STUCK_LEASES = _q(
-    "SELECT queue_id FROM messages WHERE state = 'sending'"
+    "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
     " AND (lease_owner = :owner OR lease_until < :now) ORDER BY queue_id FOR UPDATE SKIP LOCKED"
 )
+# While running: other owners' leases that ran out, never this process's own.
+EXPIRED_LEASES = _q(
+    "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending' AND lease_until < :now"
+    " AND lease_owner IS DISTINCT FROM :owner ORDER BY queue_id FOR UPDATE SKIP LOCKED"
+)
+# Only leases `owner` still holds are extended.
+RENEW_LEASES = _q(
+    "UPDATE messages SET lease_until = :until WHERE state = 'sending' AND lease_owner = :owner"
+    " AND queue_id = ANY(:ids::text[])"
+)
+
+# --- instances -----------------------------------------------------------------
+
+LOCK_INSTANCE = _q(f"SELECT pg_advisory_xact_lock({0x696E_7374}, hashtext(:name::text))")
+SELECT_INSTANCE = _q(
+    "SELECT name, host, pid, token, started, since, heartbeat FROM instances WHERE name = :name"
+)
+TAKE_INSTANCE = _q(
+    "INSERT INTO instances (name, host, pid, token, started, since, heartbeat)"
+    " VALUES (:name, :host, :pid, :token, :started, :since, :heartbeat)"
+    " ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+    " token = excluded.token, started = excluded.started, since = excluded.since,"
+    " heartbeat = excluded.heartbeat"
+)
+HEARTBEAT_INSTANCE = _q(
+    "UPDATE instances SET heartbeat = :now WHERE name = :name AND token = :token"
+)
+RELEASE_INSTANCE = _q("DELETE FROM instances WHERE name = :name AND token = :token")
 
 # --- update ------------------------------------------------------------------
 

@@ -25,23 +25,27 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict
 from typing import Any, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from relay import instance
 from relay.audit import Event
 from relay.config import StoreConfig
 from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
 from relay.store import (
     Claim,
+    Instance,
     LeaseBatch,
     MessageState,
     OnBatch,
     OnCommit,
     QueueDepth,
     StoreError,
+    StoreUnavailable,
     Submission,
     Update,
     changes,
@@ -100,12 +104,12 @@ FAILURES: tuple[type[Exception], ...] = (asyncpg.PostgresError, *UNAVAILABLE)
 Db: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 
-class NotCommitted(StoreError):
+class NotCommitted(StoreUnavailable):
     """Nothing of the batch was stored: the connection was lost before COMMIT was sent, or the
     server answered COMMIT with an ordinary error (it rolled back)."""
 
 
-class CommitUnknown(StoreError):
+class CommitUnknown(StoreUnavailable):
     """The connection was lost after COMMIT was sent and before its answer: the batch may or
     may not be stored. An SMTP client hears 4xx (its retry meets the claim if it was stored);
     a delivery outcome is looked up and written again only if it is not there."""
@@ -225,7 +229,7 @@ async def run_jobs(db: Db, jobs: Sequence[Job]) -> BatchResult:
         raise CommitUnknown(f"lost the database during commit: {_describe(exc)}") from exc
     except asyncpg.PostgresError as exc:
         raise NotCommitted(f"the database refused the commit: {_describe(exc)}") from exc
-    return outcomes, tx.events
+    return BatchResult(outcomes, tx.events)
 
 
 def _describe(exc: BaseException) -> str:
@@ -309,6 +313,12 @@ class PostgresStore:
     @property
     def running(self) -> bool:
         return self.writer.running
+
+    @property
+    def lost(self) -> str | None:
+        """Never: a database is reached by address, and a new connection finds whatever
+        serves it now (a restart, a failover), so no state of this process goes stale."""
+        return None
 
     def subscribe(self, wake: Callable[[], None]) -> None:
         self._wakers.append(wake)
@@ -509,18 +519,35 @@ class PostgresStore:
 
         await self._run_until_stored(job)
 
-    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
-        async def job(tx: PgTx) -> list[str]:
-            stuck = [
-                row["queue_id"] for row in await tx.fetch(sql.STUCK_LEASES, owner=owner, now=now)
-            ]
-            for queue_id in stuck:
-                rcpts = await _recipients_in(tx, queue_id, "queued")
-                await self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold))
-            tx.notify = bool(stuck) and not hold
-            return stuck
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        ids = list(queue_ids)
 
-        return await self._run(job)
+        async def job(tx: PgTx) -> int:
+            return await tx.execute(sql.RENEW_LEASES, owner=owner, until=until, ids=ids)
+
+        return await self._run(job) if ids else 0
+
+    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        return await self._run(lambda tx: self._take_back(tx, sql.STUCK_LEASES, owner, now, hold))
+
+    async def reclaim(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        return await self._run(lambda tx: self._take_back(tx, sql.EXPIRED_LEASES, owner, now, hold))
+
+    async def _take_back(
+        self, tx: PgTx, query: Query, owner: str, now: float, hold: bool
+    ) -> list[str]:
+        stuck = [
+            (row["queue_id"], row["lease_owner"])
+            for row in await tx.fetch(query, owner=owner, now=now)
+        ]
+        for queue_id, holder in stuck:
+            rcpts = await _recipients_in(tx, queue_id, "queued")
+            other = None if holder == owner else holder or "an unknown process"
+            await self._update(
+                tx, changes.recovery_update(queue_id, rcpts, now, hold=hold, owner=other)
+            )
+        tx.notify = bool(stuck) and not hold
+        return [queue_id for queue_id, _ in stuck]
 
     async def requeue(self, queue_id: str, now: float) -> int:
         async def job(tx: PgTx) -> int:
@@ -535,6 +562,35 @@ class PostgresStore:
     async def probe(self, now: float) -> None:
         async def job(tx: PgTx) -> None:
             await tx.execute(sql.READY_PROBE, now=repr(now))
+
+        await self._run(job)
+
+    async def acquire_instance(self, me: Instance, stale_after: float) -> Instance:
+        async def job(tx: PgTx) -> Instance:
+            # Two starters that both find no row must not both insert one: the name is locked
+            # for the transaction first.
+            await tx.execute(sql.LOCK_INSTANCE, name=me.name)
+            row = await tx.fetchrow(sql.SELECT_INSTANCE, name=me.name)
+            holder = None if row is None else Instance(**dict(row))
+            if not instance.may_take(holder, me, stale_after):
+                assert holder is not None
+                return holder
+            await tx.execute(sql.TAKE_INSTANCE, **asdict(me))
+            return me
+
+        return await self._run(job)
+
+    async def heartbeat_instance(self, me: Instance, now: float) -> bool:
+        async def job(tx: PgTx) -> bool:
+            return (
+                await tx.execute(sql.HEARTBEAT_INSTANCE, name=me.name, token=me.token, now=now) > 0
+            )
+
+        return await self._run(job)
+
+    async def release_instance(self, me: Instance) -> None:
+        async def job(tx: PgTx) -> None:
+            await tx.execute(sql.RELEASE_INSTANCE, name=me.name, token=me.token)
 
         await self._run(job)
 

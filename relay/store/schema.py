@@ -7,7 +7,7 @@ same schema by the same steps.
 
 from __future__ import annotations
 
-__all__ = ["PACING", "PRAGMAS", "REVIEW", "TABLES"]
+__all__ = ["INSTANCES", "PACING", "PRAGMAS", "REVIEW", "TABLES"]
 
 PRAGMAS = (
     # First, so that processes opening one store at once wait for each other's set-up.
@@ -163,4 +163,17 @@ CREATE TABLE IF NOT EXISTS pacing (
     upstream TEXT PRIMARY KEY,
     last_at  REAL NOT NULL
 ) WITHOUT ROWID;
+"""
+
+# One row per live process name (runtime.instance): who holds it, and when it last said so.
+INSTANCES = """
+CREATE TABLE IF NOT EXISTS instances (
+    name      TEXT PRIMARY KEY,
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    token     TEXT NOT NULL,
+    started   TEXT NOT NULL,
+    since     REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """

@@ -11,26 +11,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from relay import instance
 from relay.audit import FIELDS, Event
 from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
 from relay.store import (
     PENDING_STATES,
     Claim,
+    Instance,
     LeaseBatch,
     MessageState,
     OnBatch,
     OnCommit,
     QueueDepth,
     StoreError,
+    StoreLost,
     Submission,
     Update,
     changes,
@@ -48,16 +52,21 @@ __all__ = [
     "Tx",
     "backup",
     "connect",
+    "is_outage",
     "migrate",
     "migrate_file",
     "run_batch",
 ]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 # Bodies up to this size are read in the lease itself, sparing a round-trip per message.
 INLINE_BODY_LIMIT = 256 * 1024
 PURGE_CHUNK = 5000
+# Leases renewed per statement, well inside SQLite's limit on parameters.
+RENEW_CHUNK = 500
 
 
 class Tx:
@@ -88,15 +97,31 @@ def _event_row(e: Event) -> tuple[Any, ...]:
     return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
 
 
-def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
+def is_outage(error: BaseException) -> bool:
+    """Whether a job's error is the store's state (full, read-only, locked, corrupt), not the job's.
+
+    Those fail any write alike and pass when the store recovers; an integrity or
+    programming error belongs to the one job.
+    """
+    return isinstance(error, sqlite3.OperationalError | StoreLost) or (
+        type(error) is sqlite3.DatabaseError
+    )
+
+
+def run_batch(
+    db: sqlite3.Connection,
+    jobs: Sequence[Job],
+    before_commit: Callable[[], None] | None = None,
+) -> BatchResult:
     """Every job in one transaction, a savepoint each, one commit.
 
     A job that raises is rolled back to its savepoint (its events with it) and the
-    others still commit. An error outside the jobs (begin, savepoint, commit) rolls
-    back the whole batch and propagates: then nothing of it is stored.
+    others still commit. An error outside the jobs (begin, savepoint, `before_commit`,
+    commit) rolls back the whole batch and propagates: then nothing of it is stored.
     """
     tx = Tx(db)
     outcomes: list[Outcome] = []
+    changes_before = db.total_changes
     db.execute("BEGIN IMMEDIATE")
     try:
         for job in jobs:
@@ -112,12 +137,14 @@ def run_batch(db: sqlite3.Connection, jobs: Sequence[Job]) -> BatchResult:
             else:
                 db.execute("RELEASE job")
                 outcomes.append((result, None))
+        if before_commit is not None:
+            before_commit()
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-    return outcomes, tx.events
+    return BatchResult(outcomes, tx.events, db.total_changes != changes_before)
 
 
 async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:
@@ -135,6 +162,12 @@ class SqliteStore:
     `connection_factory` is the `sqlite3.Connection` class for the write connection:
     tests pass a subclass that fails chosen statements, to prove what a failed
     commit or a failed job does.
+
+    Before each commit the writer checks that the file at `path` is still the one it
+    opened (st_dev and st_ino): a store deleted or replaced under a running relay
+    would otherwise take commits into an unlinked file, lost at the next start. Once
+    that happens the store is `lost` for good, what the open file still holds is
+    copied beside it, and every call fails.
     """
 
     def __init__(
@@ -151,9 +184,11 @@ class SqliteStore:
         self._factory = connection_factory
         self._db: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._lost: str | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self.writer: GroupCommit[Job] = GroupCommit(
-            self._run_batch, on_commit=on_commit, on_batch=on_batch
+            self._run_batch, on_commit=on_commit, on_batch=on_batch, outage=is_outage
         )
 
     # --- lifecycle ---------------------------------------------------------
@@ -175,6 +210,8 @@ class SqliteStore:
         except BaseException:
             db.close()
             raise
+        found = os.stat(self.path)
+        self._identity = (found.st_dev, found.st_ino)
         self._db = db
 
     async def open(self) -> None:
@@ -206,6 +243,10 @@ class SqliteStore:
         work (within a second)."""
 
     @property
+    def lost(self) -> str | None:
+        return self._lost
+
+    @property
     def reader(self) -> aiosqlite.Connection:
         if self._reader is None:
             raise StoreError("store is not open")
@@ -215,7 +256,58 @@ class SqliteStore:
         db = self._db
         if db is None:
             raise StoreError("store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, run_batch, db, jobs)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._batch, db, jobs)
+
+    def _batch(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
+        """In the writer thread: the batch, refused once the file is no longer the store."""
+        if self._lost is not None:
+            raise StoreLost(self._lost)
+        try:
+            return run_batch(db, jobs, self._check_file)
+        except StoreLost as exc:
+            self._rescue(db, str(exc))
+            self._lost = str(exc)  # after the copy, so whoever sees it can find the copy
+            raise
+
+    def _check_file(self) -> None:
+        try:
+            found = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreLost(f"the store file {self.path} was deleted") from None
+        if (found.st_dev, found.st_ino) != self._identity:
+            raise StoreLost(f"the store file {self.path} was replaced by another file")
+
+    def _rescue(self, db: sqlite3.Connection, reason: str) -> None:
+        """Copy what the open, now unreachable file holds beside its old path, and say so."""
+        stopped = (
+            f"store: {reason} while the relay was running. It now refuses mail (421/451) and"
+            " delivers nothing until restarted"
+        )
+        try:
+            target = _rescue_path(self.path)
+            copy = sqlite3.connect(target, isolation_level=None)
+            try:
+                db.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                copy.close()
+        except (sqlite3.Error, OSError) as exc:
+            hint = _open_as(self.path)
+            log.critical(
+                "%s. What the file held, queued mail included, could not be copied (%s); this"
+                " process still has it open%s: copy it out before stopping the relay",
+                stopped,
+                exc,
+                f" as {hint}" if hint else "",
+            )
+            return
+        log.critical(
+            "%s. Everything the file held, queued mail included, was copied to %s: stop the"
+            " relay, put that copy at %s (remove any -wal and -shm beside it) and start it",
+            stopped,
+            target,
+            self.path,
+        )
 
     async def _run(self, job: Callable[[Tx], T]) -> T:
         return cast(T, await self.writer.run(job))
@@ -295,17 +387,35 @@ class SqliteStore:
             )
         )
 
-    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
-        return await self._run(lambda tx: self._recover(tx, owner, now, hold))
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        ids = list(queue_ids)
 
-    def _recover(self, tx: Tx, owner: str, now: float, hold: bool) -> list[str]:
+        def job(tx: Tx) -> int:
+            renewed = 0
+            for start in range(0, len(ids), RENEW_CHUNK):
+                chunk = ids[start : start + RENEW_CHUNK]
+                params = {"owner": owner, "until": until, **sql.in_params(chunk)}
+                renewed += tx.execute(sql.renew_leases(len(chunk)), params).rowcount
+            return renewed
+
+        return await self._run(job) if ids else 0
+
+    async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        return await self._run(lambda tx: self._take_back(tx, sql.STUCK_LEASES, owner, now, hold))
+
+    async def reclaim(self, owner: str, now: float, *, hold: bool) -> list[str]:
+        return await self._run(lambda tx: self._take_back(tx, sql.EXPIRED_LEASES, owner, now, hold))
+
+    def _take_back(self, tx: Tx, query: str, owner: str, now: float, hold: bool) -> list[str]:
         stuck = [
-            row["queue_id"] for row in tx.execute(sql.STUCK_LEASES, {"owner": owner, "now": now})
+            (row["queue_id"], row["lease_owner"])
+            for row in tx.execute(query, {"owner": owner, "now": now})
         ]
-        for queue_id in stuck:
+        for queue_id, holder in stuck:
             rcpts = _recipients_in(tx, queue_id, "queued")
-            self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold))
-        return stuck
+            other = None if holder == owner else holder or "an unknown process"
+            self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold, owner=other))
+        return [queue_id for queue_id, _ in stuck]
 
     async def requeue(self, queue_id: str, now: float) -> int:
         def job(tx: Tx) -> int:
@@ -318,6 +428,26 @@ class SqliteStore:
 
     async def probe(self, now: float) -> None:
         await self._run(lambda tx: tx.execute(sql.READY_PROBE, {"now": repr(now)}).rowcount)
+
+    async def acquire_instance(self, me: Instance, stale_after: float) -> Instance:
+        def job(tx: Tx) -> Instance:
+            row = tx.execute(sql.SELECT_INSTANCE, {"name": me.name}).fetchone()
+            holder = None if row is None else Instance(**dict(zip(row.keys(), row, strict=True)))
+            if not instance.may_take(holder, me, stale_after):
+                assert holder is not None
+                return holder
+            tx.execute(sql.TAKE_INSTANCE, asdict(me))
+            return me
+
+        return await self._run(job)
+
+    async def heartbeat_instance(self, me: Instance, now: float) -> bool:
+        params = {"name": me.name, "token": me.token, "now": now}
+        return await self._run(lambda tx: tx.execute(sql.HEARTBEAT_INSTANCE, params).rowcount > 0)
+
+    async def release_instance(self, me: Instance) -> None:
+        params = {"name": me.name, "token": me.token}
+        await self._run(lambda tx: tx.execute(sql.RELEASE_INSTANCE, params).rowcount)
 
     async def reserve_send(self, upstream: str, interval: float, now: float) -> float:
         params = {"upstream": upstream, "interval": interval, "now": now}
@@ -488,6 +618,27 @@ def _settle_claims(tx: Tx, u: Update) -> tuple[str, ...]:
         [{"queue_id": u.queue_id, "rcpt": normalise_rcpt(rcpt)} for rcpt in released],
     )
     return released
+
+
+def _rescue_path(path: str) -> str:
+    """Beside the store, never over an earlier rescue."""
+    base = f"{path}.rescued-{os.getpid()}"
+    candidate, n = base, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def _open_as(path: str) -> str | None:
+    """/proc/self/fd/N for a file this process still has open after it was unlinked."""
+    gone = f"{os.path.abspath(path)} (deleted)"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == gone:
+                    return f"/proc/{os.getpid()}/fd/{fd}"
+    return None
 
 
 def _recipients_in(tx: Tx, queue_id: str, state: str) -> list[str]:

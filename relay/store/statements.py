@@ -25,8 +25,10 @@ __all__ = [
     "DELETE_OLD_EVENTS",
     "DELETE_RECIPIENT_CLAIM",
     "END_LEASE",
+    "EXPIRED_LEASES",
     "FINISHED_MESSAGES",
     "HAS_META",
+    "HEARTBEAT_INSTANCE",
     "INSERT_BODY",
     "INSERT_EVENT",
     "INSERT_MESSAGE",
@@ -37,12 +39,15 @@ __all__ = [
     "READY_PROBE",
     "RECIPIENTS_IN_STATE",
     "RECIPIENT_STATES",
+    "RELEASE_INSTANCE",
     "RESERVE_SEND",
     "SCHEMA_VERSION",
     "SELECT_BODY",
+    "SELECT_INSTANCE",
     "SETTLE_CLAIM",
     "SET_SCHEMA_VERSION",
     "STUCK_LEASES",
+    "TAKE_INSTANCE",
     "UNLEASE",
     "UPDATE_RECIPIENT",
     "bodies_of",
@@ -50,6 +55,7 @@ __all__ = [
     "in_list",
     "in_params",
     "queued_recipients_of",
+    "renew_leases",
 ]
 
 # Generated from the Event fields, in their order: the one statement bound by position
@@ -139,9 +145,37 @@ UNLEASE = (
     " WHERE queue_id = :queue_id AND state = 'sending'"
 )
 STUCK_LEASES = (
-    "SELECT queue_id FROM messages WHERE state = 'sending'"
+    "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
     " AND (lease_owner = :owner OR lease_until < :now)"
 )
+EXPIRED_LEASES = (
+    "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
+    " AND lease_until < :now AND lease_owner IS NOT :owner"
+)
+
+
+def renew_leases(count: int) -> str:
+    """Parameters: owner, until, id0..idN-1. Only leases `owner` still holds are extended."""
+    return (
+        "UPDATE messages SET lease_until = :until"
+        " WHERE state = 'sending' AND lease_owner = :owner AND " + in_list("queue_id", count)
+    )
+
+
+# --- instances -----------------------------------------------------------------
+
+SELECT_INSTANCE = (
+    "SELECT name, host, pid, token, started, since, heartbeat FROM instances WHERE name = :name"
+)
+TAKE_INSTANCE = (
+    "INSERT INTO instances (name, host, pid, token, started, since, heartbeat)"
+    " VALUES (:name, :host, :pid, :token, :started, :since, :heartbeat)"
+    " ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+    " token = excluded.token, started = excluded.started, since = excluded.since,"
+    " heartbeat = excluded.heartbeat"
+)
+HEARTBEAT_INSTANCE = "UPDATE instances SET heartbeat = :now WHERE name = :name AND token = :token"
+RELEASE_INSTANCE = "DELETE FROM instances WHERE name = :name AND token = :token"
 
 # --- update ------------------------------------------------------------------
 

@@ -9,6 +9,11 @@ The writer knows nothing of SQL. The runner reports each job's result or error
 and the events the surviving jobs recorded; the writer resolves each caller's
 future and passes the events on only after the commit. A runner that raises
 has committed nothing, and every job of that batch fails with `StoreError`.
+
+A store that stops committing (a full disk, a read-only file) fails every batch
+until it recovers, and callers try again every second or so. The writer logs one
+line when commits start failing, one when the reason changes and one when they
+succeed again (`Condition`); the callers log no traceback of their own.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from relay.audit import Event
-from relay.errors import StoreError
+from relay.errors import StoreError, StoreUnavailable
 
-__all__ = ["BATCH_LIMIT", "BatchResult", "GroupCommit", "Outcome"]
+__all__ = ["BATCH_LIMIT", "BatchResult", "Condition", "GroupCommit", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,51 @@ BATCH_LIMIT = 512
 
 # One job's result, or the exception that rolled it back to its savepoint.
 Outcome = tuple[Any, BaseException | None]
-BatchResult = tuple[list[Outcome], list[Event]]
+
+
+class BatchResult(NamedTuple):
+    """Each job's outcome, the events the surviving jobs recorded, and whether it wrote.
+
+    A commit that changed nothing (an idle poll) proves nothing about a full disk, so
+    only one that `wrote` ends a failing spell.
+    """
+
+    outcomes: list[Outcome]
+    events: list[Event]
+    wrote: bool = True
+
+
+class Condition:
+    """Whether the store commits, logged once per change rather than once per failure."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.problem: str | None = None
+        self._since = 0.0
+        self._failures = 0
+
+    def failed(self, reason: str) -> None:
+        if reason != self.problem:
+            if self.problem is None:
+                self._since = self._clock()
+                self._failures = 0
+            log.error(
+                "store: cannot commit: %s; mail is refused with 451 and delivery waits"
+                " until it can (said once, not per attempt)",
+                reason,
+            )
+            self.problem = reason
+        self._failures += 1
+
+    def committed(self) -> None:
+        if self.problem is None:
+            return
+        log.warning(
+            "store: commits again after %.1fs (%d failed attempt(s) meanwhile)",
+            self._clock() - self._since,
+            self._failures,
+        )
+        self.problem = None
 
 
 class GroupCommit(Generic[J]):
@@ -47,8 +96,12 @@ class GroupCommit(Generic[J]):
         on_commit: Callable[[list[Event]], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "store-writer",
+        outage: Callable[[BaseException], bool] = lambda error: False,
     ) -> None:
+        """`outage` says whether a job's error is the store's (a full disk), not the job's."""
         self._run_batch = run_batch
+        self._outage = outage
+        self.condition = Condition()
         self._limit = limit
         self._on_commit = on_commit
         self._on_batch = on_batch
@@ -76,7 +129,7 @@ class GroupCommit(Generic[J]):
     def submit(self, job: J) -> asyncio.Future[Any]:
         """Queue `job` now; the future resolves once its batch has committed (or failed)."""
         if not self.running:
-            raise StoreError("store is not open")
+            raise StoreUnavailable("store is not open")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait((job, future))
         return future
@@ -108,30 +161,39 @@ class GroupCommit(Generic[J]):
     async def _commit(self, batch: list[tuple[J, asyncio.Future[Any]]]) -> None:
         started = time.perf_counter()
         try:
-            outcomes, events = await self._run_batch([job for job, _ in batch])
+            outcomes, events, wrote = await self._run_batch([job for job, _ in batch])
         except Exception as exc:
             self.failed_batches += 1
-            log.error("store: batch of %d not committed: %s", len(batch), exc)
+            self.condition.failed(str(exc))
+            unavailable = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
             for _, future in batch:
                 if not future.done():
-                    # A backend's own StoreError (it says whether anything was stored) keeps
-                    # its type; one instance per caller, as each raises it on its own.
-                    if isinstance(exc, StoreError):
-                        future.set_exception(type(exc)(str(exc)))
-                    else:
-                        future.set_exception(StoreError(f"store unavailable: {exc}"))
+                    # One instance per caller, as each raises it on its own; a backend's own
+                    # kind (it says whether anything was stored) is kept.
+                    future.set_exception(type(unavailable)(str(unavailable)))
             return
         self.batches += 1
         self.jobs_run += len(batch)
         if self._on_batch is not None:
             self._on_batch(len(batch), time.perf_counter() - started)
+        outage = None
         for (_, future), (result, error) in zip(batch, outcomes, strict=True):
+            failure: StoreError | None = None
+            if error is not None and (isinstance(error, StoreUnavailable) or self._outage(error)):
+                outage = str(error)
+                failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(outage)
+            elif error is not None:
+                log.error("store job failed: %r", error)
+                failure = error if isinstance(error, StoreError) else StoreError(str(error))
             if future.done():
                 continue
-            if error is None:
+            if failure is None:
                 future.set_result(result)
-                continue
-            log.error("store job failed: %r", error)
-            future.set_exception(error if isinstance(error, StoreError) else StoreError(str(error)))
+            else:
+                future.set_exception(failure)
+        if outage is None and wrote:
+            self.condition.committed()
+        elif outage is not None:
+            self.condition.failed(outage)
         if self._on_commit is not None and events:
             self._on_commit(events)
