@@ -28,6 +28,7 @@ from tests.conftest import (
     RelayProcess,
     Upstream,
     eventually,
+    free_port,
     make_message,
     queued_id,
     repeat_id,
@@ -110,6 +111,18 @@ def test_a_password_in_the_url_is_refused_with_where_to_put_it() -> None:
 
     with pytest.raises(ConfigError, match=r"password_env or store\.password_file"):
         from_mapping({"store": {"url": "postgresql://relay:hunter2@127.0.0.1/relay"}})
+
+
+async def test_a_list_of_hosts_finds_the_one_that_takes_writes(pg_url: str, tmp_path: Path) -> None:
+    """As after a failover: the first host is gone, the URL names the next."""
+    dead = free_port()
+    hosts = pg_url.replace("@127.0.0.1:", f"@127.0.0.1:{dead},127.0.0.1:", 1)
+    url = f"{hosts}?target_session_attrs=read-write&connect_timeout=5"
+    run = await cli(
+        write_config(tmp_path, {"url": url, "password_env": PG_PASSWORD_ENV}), "migrate"
+    )
+    assert run.code == 0, run.err
+    assert "schema version 0 ->" in run.out
 
 
 # --- migrate -----------------------------------------------------------------
