@@ -35,7 +35,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.app import App, StoreFactory
 from relay.clock import SYSTEM, Clock
 from relay.config import from_mapping
-from relay.store import open_store
+from relay.decision import Claim
+from relay.store import Submission, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -375,6 +376,75 @@ def base_config(tmp: Path, upstream_port: int) -> dict[str, Any]:
         "audit": {"output": "none"},
         "runtime": {"instance": "test", "shutdown_grace": "3s"},
     }
+
+
+# --- store submissions -------------------------------------------------------
+
+
+def submission(
+    queue_id: str,
+    *rcpts: str,
+    at: float = 1_800_000_000.0,
+    key: Claim | None = None,
+    data: bytes | None = None,
+    sender: str = "shop@example.com",
+    user: str | None = None,
+) -> Submission:
+    """What the intake hands the store, for tests that drive a store directly."""
+    return Submission(
+        queue_id=queue_id,
+        received_at=at,
+        sender=sender,
+        recipients=rcpts or ("alice@example.org",),
+        data=data if data is not None else make_message(subject=queue_id),
+        message_id=f"{queue_id}@example.com",
+        client="127.0.0.1",
+        user=user,
+        helo="app.test",
+        smtputf8=False,
+        body8bit=False,
+        claim=key,
+    )
+
+
+# --- the command line as an operator runs it -----------------------------------
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+    def events(self) -> list[str]:
+        return [r["event"] for r in self.records()]
+
+
+async def cli(
+    config: Path, *args: str, tz: str | None = None, env: dict[str, str] | None = None
+) -> Run:
+    """`python -m relay ARGS --config FILE` without blocking the loop the relay runs on."""
+    environ = {**os.environ, **(env or {})}
+    if tz is not None:
+        environ["TZ"] = tz
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        *args,
+        "--config",
+        str(config),
+        cwd=config.parent,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE * 2)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
 
 
 # --- store backends ----------------------------------------------------------

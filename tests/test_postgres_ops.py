@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import pytest
 import yaml
 
 from relay.config import from_mapping
-from relay.store import RecipientUpdate, Submission, Update, open_store
+from relay.store import RecipientUpdate, Update, open_store
 from relay.store.postgres import PostgresStore
 from tests.conftest import (
     BACKENDS,
@@ -27,39 +25,15 @@ from tests.conftest import (
     PG_PASSWORD_ENV,
     RelayProcess,
     Upstream,
+    cli,
     eventually,
     free_port,
     make_message,
     queued_id,
     repeat_id,
     send,
+    submission,
 )
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-async def cli(config: Path, *args: str, env: dict[str, str] | None = None) -> Run:
-    """`python -m relay ARGS --config FILE` without blocking the loop the test's servers run on."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        "--config",
-        str(config),
-        cwd=config.parent,
-        env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE * 2)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
 
 
 def write_config(tmp_path: Path, store: dict[str, Any], **sections: Any) -> Path:
@@ -223,23 +197,6 @@ async def test_log_show_stats_requeue_and_purge_answer_from_postgres(
 # --- LISTEN/NOTIFY -----------------------------------------------------------
 
 
-def spooled(queue_id: str) -> Submission:
-    return Submission(
-        queue_id=queue_id,
-        received_at=1_800_000_000.0,
-        sender="shop@example.com",
-        recipients=("alice@example.org",),
-        data=make_message(subject=queue_id),
-        message_id=f"{queue_id}@example.com",
-        client="127.0.0.1",
-        user=None,
-        helo="app.test",
-        smtputf8=False,
-        body8bit=False,
-        claim=None,
-    )
-
-
 async def test_an_idle_replica_hears_at_once_of_mail_spooled_or_requeued_on_another(
     pg_url: str,
 ) -> None:
@@ -255,7 +212,7 @@ async def test_an_idle_replica_hears_at_once_of_mail_spooled_or_requeued_on_anot
         # Once as it starts to LISTEN (for what was notified before); from then on, by NOTIFY.
         await asyncio.wait_for(woken.wait(), DEADLINE)
         woken.clear()
-        await busy.accept(spooled("SPOOLED"))
+        await busy.accept(submission("SPOOLED"))
         await asyncio.wait_for(woken.wait(), DEADLINE)
 
         now = 1_800_000_000.0

@@ -22,13 +22,12 @@ from relay.store import (
     Instance,
     RecipientUpdate,
     Store,
-    Submission,
     Update,
     migrate,
     open_store,
 )
 from relay.store.reader import EventFilter, open_reader
-from tests.conftest import BACKENDS, make_message
+from tests.conftest import BACKENDS, make_message, submission
 
 pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
@@ -76,31 +75,6 @@ async def store(make_store: MakeStore) -> Store:
 
 def claim(key: str = "k1", fingerprint: str = "a" * 64, window: float = HOUR, **kw: Any) -> Claim:
     return Claim("global", key, "message-id", fingerprint, window, "drop", "reject", **kw)
-
-
-def submission(
-    queue_id: str,
-    *rcpts: str,
-    at: float = T0,
-    key: Claim | None = None,
-    data: bytes | None = None,
-    sender: str = "shop@example.com",
-    user: str | None = None,
-) -> Submission:
-    return Submission(
-        queue_id=queue_id,
-        received_at=at,
-        sender=sender,
-        recipients=rcpts or ("alice@example.org",),
-        data=data if data is not None else make_message(subject=queue_id),
-        message_id=f"{queue_id}@example.com",
-        client="127.0.0.1",
-        user=user,
-        helo="app.test",
-        smtputf8=False,
-        body8bit=False,
-        claim=key,
-    )
 
 
 def outcome(

@@ -19,6 +19,8 @@ from relay.store import Lease, MessageState, RecipientUpdate, Submission, Update
 
 __all__ = [
     "FINAL_STATES",
+    "INLINE_BODY_LIMIT",
+    "PURGE_CHUNK",
     "MessageFields",
     "accept_events",
     "claim_params",
@@ -34,6 +36,10 @@ __all__ = [
 
 # A recipient in one of these states owes nothing more: its claim settles (or is released).
 FINAL_STATES = ("delivered", "failed", "expired")
+# Bodies up to this size are read in the lease itself, sparing a round-trip per message.
+INLINE_BODY_LIMIT = 256 * 1024
+# Rows a purge deletes per transaction, so a big purge never holds up the intake for long.
+PURGE_CHUNK = 5000
 
 
 @dataclass(frozen=True)

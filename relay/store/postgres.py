@@ -52,6 +52,7 @@ from relay.store import (
     migrations,
 )
 from relay.store import pg_statements as sql
+from relay.store.changes import INLINE_BODY_LIMIT, PURGE_CHUNK
 from relay.store.pg_statements import Query
 from relay.store.writer import BatchResult, GroupCommit, Outcome
 
@@ -72,8 +73,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-INLINE_BODY_LIMIT = 256 * 1024
-PURGE_CHUNK = 5000
 # How long a delivery outcome (or a lease given back) is written again while the database is
 # unreachable: a restart or a managed failover usually takes seconds to half a minute.
 OUTCOME_RETRY = 60.0

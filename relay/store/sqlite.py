@@ -42,6 +42,7 @@ from relay.store import (
     schema,
 )
 from relay.store import statements as sql
+from relay.store.changes import INLINE_BODY_LIMIT, PURGE_CHUNK
 from relay.store.writer import BatchResult, GroupCommit, Outcome
 
 __all__ = [
@@ -62,9 +63,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Bodies up to this size are read in the lease itself, sparing a round-trip per message.
-INLINE_BODY_LIMIT = 256 * 1024
-PURGE_CHUNK = 5000
 # Leases renewed per statement, well inside SQLite's limit on parameters.
 RENEW_CHUNK = 500
 
