@@ -185,27 +185,34 @@ def run_relay(args: argparse.Namespace, folder: Path) -> None:
         with databases(args.store) as store:
             for processes in args.processes:
                 run_replicas(args, folder, sink, processes, store())
-        run = folder / "relay-repeats"
-        run.mkdir()
-        fixed = run / "message.txt"
-        fixed.write_text(
-            "From: app@example.com\nTo: user@example.org\nSubject: your receipt\n"
-            "Message-ID: <same-receipt-1@example.com>\n\nThank you for your order.\n"
-        )
-        with relay(run, sink.port, 1) as port:
-            base = sink.count()
-            began = load(port, args.messages, args.sessions, args.size, fixed)
-            accepted = time.monotonic()
-            sink.wait_for(base + 1)
-            time.sleep(1.0)  # a benchmark may sleep: anything forwarded late would show here
-            forwarded = sink.count() - base
-            print(
-                f"{'dedup-relay, identical sends':<34} accepted "
-                f"{args.messages / (accepted - began):7,.0f} msg/s"
-                f"   forwarded {forwarded} of {args.messages:,}"
-            )
+            run_repeats(args, folder, sink, store())
     finally:
         sink.stop()
+
+
+def run_repeats(
+    args: argparse.Namespace, folder: Path, sink: Sink, store: dict[str, object] | None
+) -> None:
+    run = folder / "relay-repeats"
+    run.mkdir()
+    fixed = run / "message.txt"
+    fixed.write_text(
+        "From: app@example.com\nTo: user@example.org\nSubject: your receipt\n"
+        "Message-ID: <same-receipt-1@example.com>\n\nThank you for your order.\n"
+    )
+    with relay(run, sink.port, max(args.processes), store=store) as port:
+        base = sink.count()
+        began = load(port, args.messages, args.sessions, args.size, fixed)
+        accepted = time.monotonic()
+        sink.wait_for(base + 1)
+        time.sleep(1.0)  # a benchmark may sleep: anything forwarded late would show here
+        forwarded = sink.count() - base
+        print(
+            f"{'dedup-relay, identical sends':<34} accepted "
+            f"{args.messages / (accepted - began):7,.0f} msg/s"
+            f"   forwarded {forwarded} of {args.messages:,}"
+            f" ({max(args.processes)} process(es), {args.store})"
+        )
 
 
 def run_replicas(
