@@ -8,8 +8,14 @@ commit), how fast they reached the sink, and for the repeat run how many of N
 identical sends were forwarded (must be 1).
 
     python bench/throughput.py [--messages 5000] [--sessions 20] [--size 2000] [--postfix]
+                               [--processes 1 2 3] [--store sqlite|postgres]
 
-Needs Debian's postfix package (smtp-source, smtp-sink). Everything binds 127.0.0.1.
+With `--store postgres` the relay processes are replicas sharing one PostgreSQL
+database (a fresh one per run, in a private cluster started for the benchmark
+with fsync on: tests/pg.py), as on several hosts; with SQLite they share one file.
+
+Needs Debian's postfix package (smtp-source, smtp-sink), and postgresql for
+`--store postgres`. Everything binds 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+PASSWORD_ENV = "BENCH_PG_PASSWORD"
 
 
 def free_port() -> int:
@@ -80,16 +87,21 @@ class Sink:
 
 @contextmanager
 def relay(
-    folder: Path, sink_port: int, processes: int, extra: dict[str, object] | None = None
+    folder: Path,
+    sink_port: int,
+    processes: int,
+    extra: dict[str, object] | None = None,
+    store: dict[str, object] | None = None,
 ) -> Iterator[int]:
     """`processes` relays on one port (SO_REUSEPORT) sharing one store, as in production.
 
-    `extra` adds top-level config sections (such as `upstreams`)."""
+    `extra` adds top-level config sections (such as `upstreams`); `store` replaces the
+    SQLite file (a PostgreSQL database, for replicas)."""
     port = free_port()
     config: dict[str, object] = {
         "listen": {"port": port, "max_connections": 1000, "reuse_port": processes > 1},
         "upstream": {"url": f"smtp://127.0.0.1:{sink_port}"},
-        "store": {"path": str(folder / "relay.db")},
+        "store": store or {"path": str(folder / "relay.db")},
         "audit": {"output": "none"},
         "runtime": {"log_level": "warning"},
         **(extra or {}),
@@ -149,45 +161,81 @@ def report(label: str, messages: int, began: float, accepted: float, delivered: 
     )
 
 
+@contextmanager
+def databases(kind: str) -> Iterator[Callable[[], dict[str, object] | None]]:
+    """A fresh store section per run: None (a SQLite file in the run's folder), or a new
+    database in a private PostgreSQL cluster (fsync on, as in production)."""
+    if kind == "sqlite":
+        yield lambda: None
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.pg import PASSWORD, private_cluster
+
+    os.environ[PASSWORD_ENV] = PASSWORD
+    with private_cluster() as cluster:
+        with (cluster.data / "postgresql.conf").open("a") as conf:
+            conf.write("fsync = on\nfull_page_writes = on\nsynchronous_commit = on\n")
+        cluster.restart()
+        yield lambda: {"url": cluster.url(cluster.create_database()), "password_env": PASSWORD_ENV}
+
+
 def run_relay(args: argparse.Namespace, folder: Path) -> None:
     sink = Sink(folder)
     try:
-        for processes in args.processes:
-            run = folder / f"relay-p{processes}"
-            run.mkdir()
-            with relay(run, sink.port, processes) as port:
-                base = sink.count()
-                began = load(port, args.messages, args.sessions, args.size)
-                accepted = time.monotonic()
-                delivered = sink.wait_for(base + args.messages)
-                report(
-                    f"dedup-relay ({processes} process{'es' if processes > 1 else ''})",
-                    args.messages,
-                    began,
-                    accepted,
-                    delivered,
-                )
-        run = folder / "relay-repeats"
-        run.mkdir()
-        fixed = run / "message.txt"
-        fixed.write_text(
-            "From: app@example.com\nTo: user@example.org\nSubject: your receipt\n"
-            "Message-ID: <same-receipt-1@example.com>\n\nThank you for your order.\n"
-        )
-        with relay(run, sink.port, 1) as port:
-            base = sink.count()
-            began = load(port, args.messages, args.sessions, args.size, fixed)
-            accepted = time.monotonic()
-            sink.wait_for(base + 1)
-            time.sleep(1.0)  # a benchmark may sleep: anything forwarded late would show here
-            forwarded = sink.count() - base
-            print(
-                f"{'dedup-relay, identical sends':<34} accepted "
-                f"{args.messages / (accepted - began):7,.0f} msg/s"
-                f"   forwarded {forwarded} of {args.messages:,}"
-            )
+        with databases(args.store) as store:
+            for processes in args.processes:
+                run_replicas(args, folder, sink, processes, store())
+            run_repeats(args, folder, sink, store())
     finally:
         sink.stop()
+
+
+def run_repeats(
+    args: argparse.Namespace, folder: Path, sink: Sink, store: dict[str, object] | None
+) -> None:
+    run = folder / "relay-repeats"
+    run.mkdir()
+    fixed = run / "message.txt"
+    fixed.write_text(
+        "From: app@example.com\nTo: user@example.org\nSubject: your receipt\n"
+        "Message-ID: <same-receipt-1@example.com>\n\nThank you for your order.\n"
+    )
+    with relay(run, sink.port, max(args.processes), store=store) as port:
+        base = sink.count()
+        began = load(port, args.messages, args.sessions, args.size, fixed)
+        accepted = time.monotonic()
+        sink.wait_for(base + 1)
+        time.sleep(1.0)  # a benchmark may sleep: anything forwarded late would show here
+        forwarded = sink.count() - base
+        print(
+            f"{'dedup-relay, identical sends':<34} accepted "
+            f"{args.messages / (accepted - began):7,.0f} msg/s"
+            f"   forwarded {forwarded} of {args.messages:,}"
+            f" ({max(args.processes)} process(es), {args.store})"
+        )
+
+
+def run_replicas(
+    args: argparse.Namespace,
+    folder: Path,
+    sink: Sink,
+    processes: int,
+    store: dict[str, object] | None,
+) -> None:
+    run = folder / f"relay-p{processes}"
+    run.mkdir()
+    with relay(run, sink.port, processes, store=store) as port:
+        base = sink.count()
+        began = load(port, args.messages, args.sessions, args.size)
+        accepted = time.monotonic()
+        delivered = sink.wait_for(base + args.messages)
+        report(
+            f"dedup-relay ({processes} process{'es' if processes > 1 else ''}, {args.store})",
+            args.messages,
+            began,
+            accepted,
+            delivered,
+        )
 
 
 def run_postfix(args: argparse.Namespace, folder: Path) -> None:
@@ -211,6 +259,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2000, help="body bytes per message")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="one SQLite file, or replicas on one PostgreSQL database",
+    )
     parser.add_argument("--postfix", action="store_true", help="also measure Postfix itself")
     args = parser.parse_args()
     require_tools()

@@ -59,6 +59,7 @@ class App:
             lambda upstream: open_transport(upstream, config.runtime.instance, resolvers)
         )
         self.delivery = Delivery(config, self.store, factory, clock=clock)
+        self.store.subscribe(self.delivery.wake)
         self.instance = InstanceLock(
             self.store, config.runtime.instance, clock=clock, on_lost=self._fail
         )
@@ -134,7 +135,7 @@ class App:
             self.config.listen.host,
             self.port,
             _upstreams(self.config),
-            self.config.store.path,
+            self.config.store.where,
             f", http on {self.config.http.listen}" if self.side is not None else "",
         )
 
