@@ -1,16 +1,22 @@
-"""Benchmark: the dedupe claim path with 1,000,000 live keys in the store.
+"""Benchmark: the dedupe claim path with 1,000,000 live keys in the store, on either backend.
 
 The claim must cost an index lookup, not a scan: a store holding a million live
 keys should accept new mail and recognise repeats about as fast as an empty one.
-Every key is seeded through the same `SqliteStore.accept` the SMTP path uses.
 
-    python bench/claim_bench.py [--keys 1000000] [--sample 20000] [--dir DIR]
+    python bench/claim_bench.py [--backend sqlite|postgres] [--keys 1000000] [--sample 20000]
+                                [--seed accept|bulk] [--dir DIR] [--url postgresql://...]
 
 Prints accepts per second (256 in flight, as many SMTP sessions would) and the
-latency of one accept at a time, for new keys and for repeats, at 0 and N keys;
-then bytes on disk per live key, table by table and index by index (SQLite's
-`dbstat`), so the cost of a claim can be told from the spool and audit rows that
-every accepted message also writes.
+latency of one accept at a time, for new keys and for repeats, at 0 and N keys,
+and the bytes each live claim takes (its row and its indexes).
+
+`--seed accept` seeds every key through the same `accept` the SMTP path uses;
+`--seed bulk` (the default on PostgreSQL, where a million accepts take long on a
+small machine) writes the claim rows with one INSERT ... SELECT over
+generate_series (a recursive CTE on SQLite), rows the accept path would have
+made. On PostgreSQL without `--url`, a private cluster is started (tests/pg.py:
+initdb + pg_ctl in a temporary directory); its password is read from
+$BENCH_PG_PASSWORD with `--url`.
 """
 
 from __future__ import annotations
@@ -19,14 +25,23 @@ import argparse
 import asyncio
 import os
 import random
-import sqlite3
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from relay.store import Claim, Submission
-from relay.store.sqlite import SqliteStore
+import aiosqlite
+import asyncpg
+
+from relay.config import from_mapping
+from relay.store import Claim, Store, Submission, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD_ENV = "BENCH_PG_PASSWORD"
 
 BODY = b"From: shop@example.com\r\nSubject: receipt\r\n\r\nThank you.\r\n"
 
@@ -56,7 +71,7 @@ def submission(n: int, key: str) -> Submission:
     )
 
 
-async def throughput(store: SqliteStore, keys: list[str], start: int) -> float:
+async def throughput(store: Store, keys: list[str], start: int) -> float:
     gate = asyncio.Semaphore(256)
 
     async def one(n: int, key: str) -> None:
@@ -68,7 +83,7 @@ async def throughput(store: SqliteStore, keys: list[str], start: int) -> float:
     return len(keys) / (time.perf_counter() - began)
 
 
-async def latency(store: SqliteStore, keys: list[str], start: int) -> tuple[float, float]:
+async def latency(store: Store, keys: list[str], start: int) -> tuple[float, float]:
     samples = []
     for n, key in enumerate(keys):
         began = time.perf_counter()
@@ -78,7 +93,7 @@ async def latency(store: SqliteStore, keys: list[str], start: int) -> tuple[floa
     return statistics.median(samples) * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-async def measure(store: SqliteStore, label: str, live: list[str], sample: int, seq: int) -> None:
+async def measure(store: Store, label: str, live: list[str], sample: int, seq: int) -> None:
     fresh = [f"new-{label}-{n}" for n in range(sample)]
     rate = await throughput(store, fresh, seq)
     fresh_lat = [f"lat-{label}-{n}" for n in range(2000)]
@@ -92,47 +107,124 @@ async def measure(store: SqliteStore, label: str, live: list[str], sample: int, 
     )
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keys", type=int, default=1_000_000)
-    parser.add_argument("--sample", type=int, default=20_000)
-    parser.add_argument("--dir", default=None, help="where to put the store (default: a temp dir)")
-    args = parser.parse_args()
-    folder = Path(args.dir or tempfile.mkdtemp(prefix="claim-bench-"))
-    path = folder / "bench.db"
-    if path.exists():
-        os.remove(path)
-    store = SqliteStore(str(path))
+# Rows as the accept path writes them: one claim per key, settled (its message delivered) and
+# live for a day. Both statements take the key count and the expiry.
+PG_BULK = (
+    "INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at, expires_at,"
+    " pending) SELECT 'global', 'live-' || n, 'customer' || (n % 5000) || '@example.org',"
+    " 'S' || lpad(n::text, 16, '0'), repeat('f', 64), $2 - 60, $2, false"
+    " FROM generate_series(0, $1 - 1) AS n"
+)
+SQLITE_BULK = (
+    "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?)"
+    " INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at, expires_at,"
+    " pending) SELECT 'global', 'live-' || i, 'customer' || (i % 5000) || '@example.org',"
+    " printf('S%016d', i), printf('%.64c', 'f'), ? - 60, ?, 0 FROM n"
+)
+
+
+@asynccontextmanager
+async def postgres(url: str | None) -> AsyncIterator[tuple[str, str]]:
+    """A database to measure: the one given, or a private cluster for this run."""
+    if url is not None:
+        yield url, os.environ.get(PASSWORD_ENV, "")
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.pg import PASSWORD, private_cluster
+
+    with private_cluster() as cluster:
+        with (cluster.data / "postgresql.conf").open("a") as conf:
+            conf.write("fsync = on\nfull_page_writes = on\nsynchronous_commit = on\n")
+        cluster.restart()
+        yield cluster.url(cluster.create_database()), PASSWORD
+
+
+async def bulk_seed(store_raw: dict[str, Any], keys: int, password: str) -> None:
+    expires = time.time() + 86400.0
+    if "url" in store_raw:
+        db = await asyncpg.connect(store_raw["url"], password=password)
+        try:
+            await db.execute(PG_BULK, keys, expires)
+            await db.execute("ANALYZE claims")
+        finally:
+            await db.close()
+        return
+    async with aiosqlite.connect(store_raw["path"]) as db:
+        await db.execute(SQLITE_BULK, (keys, expires, expires))
+        await db.commit()
+
+
+async def claim_bytes(store_raw: dict[str, Any], password: str) -> int:
+    """The claims table with its indexes: heap and index pages (PostgreSQL), or the pages
+    SQLite's dbstat counts for the table and its indexes."""
+    if "url" in store_raw:
+        db = await asyncpg.connect(store_raw["url"], password=password)
+        try:
+            return int(await db.fetchval("SELECT pg_total_relation_size('claims')"))
+        finally:
+            await db.close()
+    async with aiosqlite.connect(store_raw["path"]) as db:
+        cursor = await db.execute(
+            "SELECT sum(pgsize) FROM dbstat WHERE name = 'claims'"
+            " OR name IN (SELECT name FROM sqlite_master WHERE tbl_name = 'claims')"
+        )
+        row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+
+async def run(args: argparse.Namespace, store_raw: dict[str, Any], password: str) -> None:
+    if password:
+        os.environ[PASSWORD_ENV] = password
+        store_raw = {**store_raw, "password_env": PASSWORD_ENV}
+    config = from_mapping({"store": store_raw}, check_paths=False).store
+    store = open_store(config)
     await store.open()
     try:
-        print(f"store: {path}; sample {args.sample:,} accepts per figure, 2,000 for latency")
+        print(
+            f"{config.backend} store: {config.where}; sample {args.sample:,} accepts per"
+            " figure, 2,000 for latency"
+        )
         await measure(store, "empty store", [], args.sample, 0)
+        before = await claim_bytes(store_raw, password)
         began = time.perf_counter()
         seeded = [f"live-{n}" for n in range(args.keys)]
-        chunk = 50_000
-        for at in range(0, args.keys, chunk):
-            await throughput(store, seeded[at : at + chunk], 10_000_000 + at)
+        if args.seed == "bulk":
+            await bulk_seed(store_raw, args.keys, password)
+        else:
+            chunk = 50_000
+            for at in range(0, args.keys, chunk):
+                await throughput(store, seeded[at : at + chunk], 10_000_000 + at)
         took = time.perf_counter() - began
+        after = await claim_bytes(store_raw, password)
         print(
-            f"seeded {args.keys:,} live keys through accept() in {took:.0f}s "
-            f"({args.keys / took:,.0f}/s); store file {path.stat().st_size / 1e6:,.0f} MB"
+            f"seeded {args.keys:,} live keys ({args.seed}) in {took:.0f}s"
+            f" ({args.keys / took:,.0f}/s); claims with their indexes:"
+            f" {(after - before) / args.keys:,.0f} bytes per live claim"
         )
         await measure(store, f"{args.keys:,} keys", seeded, args.sample, 50_000_000)
     finally:
         await store.close()
-    space(path, args.keys)
 
 
-def space(path: Path, keys: int) -> None:
-    """Bytes on disk per live key, by table and index (pages in use, from `dbstat`)."""
-    with sqlite3.connect(path) as db:
-        rows = db.execute(
-            "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC"
-        ).fetchall()
-    total = sum(size for _, size in rows)
-    print(f"bytes on disk per live key: {total / keys:,.0f} (file {path.stat().st_size:,} B)")
-    for name, size in rows[:12]:
-        print(f"  {name:<40} {size / keys:8,.0f} B/key")
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--keys", type=int, default=1_000_000)
+    parser.add_argument("--sample", type=int, default=20_000)
+    parser.add_argument("--seed", choices=("accept", "bulk"), default=None)
+    parser.add_argument("--dir", default=None, help="where to put a SQLite store (a temp dir)")
+    parser.add_argument("--url", default=None, help="a PostgreSQL database to use")
+    args = parser.parse_args()
+    args.seed = args.seed or ("bulk" if args.backend == "postgres" else "accept")
+    if args.backend == "postgres":
+        async with postgres(args.url) as (url, password):
+            await run(args, {"url": url}, password)
+        return
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="claim-bench-"))
+    path = folder / "bench.db"
+    if path.exists():
+        os.remove(path)
+    await run(args, {"path": str(path)}, "")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class App:
             lambda upstream: open_transport(upstream, config.runtime.instance, resolvers)
         )
         self.delivery = Delivery(config, self.store, factory, clock=clock)
+        self.store.subscribe(self.delivery.wake)
         self.instance = InstanceLock(
             self.store, config.runtime.instance, clock=clock, on_lost=self._fail
         )
@@ -185,7 +186,7 @@ def listening_line(config: Config, port: int, http_port: int | None) -> str:
     http = f", http on {config.http.host}:{http_port}" if http_port is not None else ""
     return (
         f"listening on {config.listen.host}:{port}, upstream {_upstreams(config)},"
-        f" store {config.store.path}{http}"
+        f" store {config.store.where}{http}"
     )
 
 

@@ -1,4 +1,5 @@
-"""The command line: `serve`, `check-config`, `health`, `backup`, `requeue`, and the reviews.
+"""The command line: `serve`, `check-config`, `health`, `backup`, `migrate`, `requeue`, `purge`,
+and the reviews.
 
 Every usage or config mistake ends with one line on stderr and exit status 2,
 never a traceback.
@@ -11,9 +12,10 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from relay import __version__, review
 from relay.config import Config, Layers, read_layers, to_yaml_with_sources
@@ -33,7 +35,12 @@ from relay.workers import (
     parse_worker_option,
 )
 
+if TYPE_CHECKING:
+    from relay.store import Store
+
 __all__ = ["DEFAULT_CONFIG", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG = "config/relay.yaml"
 
@@ -100,9 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--to", metavar="FILE", required=True, help="where to write the copy")
     _config_arg(backup)
 
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring the store's schema up to this version (serve does it too at start)",
+        description="Applies the schema steps the store lacks, in one transaction; creates the"
+        " store when there is none. Safe to run while other replicas run or start.",
+    )
+    _config_arg(migrate)
+
     requeue = commands.add_parser("requeue", help="send held (ambiguous) recipients again")
     requeue.add_argument("queue_id", metavar="QUEUE_ID")
     _config_arg(requeue)
+
+    purge = commands.add_parser(
+        "purge",
+        help="drop expired claims, kept bodies and audit rows past retention, now",
+        description="Runs once what the relay's housekeeping runs every minute, and prints what"
+        " it dropped.",
+    )
+    _config_arg(purge)
 
     passwd = commands.add_parser(
         "passwd",
@@ -208,6 +231,11 @@ def _backup(config: Config, target: str) -> int:
 
     from relay.store.sqlite import backup
 
+    if config.store.url is not None:
+        raise UsageError(
+            "backup copies a SQLite store; back up PostgreSQL with pg_dump, pg_basebackup"
+            " or your provider's backups"
+        )
     store = Path(config.store.path)
     if not store.is_file():
         raise UsageError(f"no store at {store} (is store.path right, and has the relay run yet?)")
@@ -229,18 +257,41 @@ def _backup(config: Config, target: str) -> int:
     return EXIT_OK
 
 
-def _requeue(config: Config, queue_id: str) -> int:
+def _with_store(config: Config, job: Callable[[Store], Awaitable[T]]) -> T:
     from relay.store import open_store
 
-    async def run() -> int:
+    async def run() -> T:
         store = open_store(config.store)
         await store.open()
         try:
-            return await store.requeue(queue_id, time.time())
+            return await job(store)
         finally:
             await store.close()
 
-    count = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def _migrate(config: Config) -> int:
+    from relay.store import migrate
+
+    result = asyncio.run(migrate(config.store))
+    where = config.store.where
+    if not result.applied:
+        print(f"{where}: schema version {result.after}, up to date")
+        return EXIT_OK
+    steps = ", ".join(f"{m.version} ({m.name})" for m in result.applied)
+    print(f"{where}: schema version {result.before} -> {result.after}; applied {steps}")
+    return EXIT_OK
+
+
+def _purge(config: Config) -> int:
+    counts = _with_store(config, lambda store: store.purge(time.time(), config.audit.retention))
+    print(", ".join(f"{count} {name}" for name, count in counts.items()) + " purged")
+    return EXIT_OK
+
+
+def _requeue(config: Config, queue_id: str) -> int:
+    count = _with_store(config, lambda store: store.requeue(queue_id, time.time()))
     if not count:
         print(f"dedup-relay: nothing held for {queue_id}", file=sys.stderr)
         return EXIT_FAILURE
@@ -263,7 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "check-config": lambda: _check_config(config, layers),
             "health": lambda: _health(config),
             "backup": lambda: _backup(config, args.to),
+            "migrate": lambda: _migrate(config),
             "requeue": lambda: _requeue(config, args.queue_id),
+            "purge": lambda: _purge(config),
         }
         if args.command in handlers:
             return handlers[args.command]()

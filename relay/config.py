@@ -228,8 +228,31 @@ class RouteConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """SQLite at `path` (the default), or PostgreSQL when `url` is set.
+
+    The password for `url` comes from `password_env` or `password_file`, else from libpq's
+    own PGPASSWORD or ~/.pgpass; TLS and the rest from the URL's query (`sslmode`,
+    `sslrootcert`, ... as libpq names them) or the PG* environment variables.
+    """
+
     path: str = "data/relay.db"
     keep_bodies: float = 0.0
+    url: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    password: Secret | None = None
+    connect_timeout: float = 10.0
+    statement_timeout: float = 30.0
+    pool_size: int | None = None
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.url is None else "postgresql"
+
+    @property
+    def where(self) -> str:
+        """The store for a person to read: the file, or the URL (which never holds a password)."""
+        return self.path if self.url is None else self.url
 
 
 @dataclass(frozen=True)
@@ -441,6 +464,11 @@ def _size(value: object, key: str) -> int:
         return parse_size(value)
     except UnitError as exc:
         raise ConfigError(f"{key}: {exc}") from None
+
+
+def _opt_int_at_least(low: int, high: int | None = None) -> Callable[[object, str], int | None]:
+    convert = _int_at_least(low, high)
+    return lambda value, key: None if value is None else convert(value, key)
 
 
 def _choice(*options: str) -> Callable[[object, str], Any]:
@@ -860,12 +888,57 @@ def _auth(raw: object) -> AuthConfig:
 
 def _store(raw: object) -> StoreConfig:
     s = _Section(raw, "store")
+    d = StoreConfig()
+    url = s.get("url", _opt_str, None)
+    if url is not None and "path" in s.raw:
+        raise ConfigError("store.url: set store.url (PostgreSQL) or store.path (SQLite), not both")
+    if "password" in s.raw:
+        raise ConfigError(
+            "store.password: secrets do not belong in the YAML; "
+            "use store.password_env or store.password_file"
+        )
     config = StoreConfig(
-        path=s.get("path", _str, StoreConfig.path),
+        path=s.get("path", _str, d.path),
         keep_bodies=s.get("keep_bodies", _duration, 0.0),
+        url=None if url is None else _postgres_url(url),
+        password_env=s.get("password_env", _opt_str, None),
+        password_file=s.get("password_file", _opt_str, None),
+        connect_timeout=s.get("connect_timeout", _duration, d.connect_timeout),
+        statement_timeout=s.get("statement_timeout", _duration, d.statement_timeout),
+        pool_size=s.get("pool_size", _opt_int_at_least(2, 1000), None),
     )
     s.finish()
-    return config
+    for key in ("password_env", "password_file", "pool_size"):
+        if getattr(config, key) is not None and url is None:
+            raise ConfigError(f"store.{key}: only applies to a PostgreSQL store (store.url)")
+    for key in ("connect_timeout", "statement_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"store.{key}: must be more than 0s")
+    password: Secret | None = None
+    if config.password_env:
+        password = Secret(_env(config.password_env, "store.password_env"))
+    elif config.password_file:
+        password = Secret(_read_secret(config.password_file, "store.password_file"))
+    return _replace(config, password=password)
+
+
+def _postgres_url(url: str) -> str:
+    """`postgresql://USER@HOST:PORT/DB?sslmode=...`: libpq's URL form, without a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"store.url: {url!r} must start with postgresql:// (store.path is for SQLite)"
+        )
+    try:
+        has_password = parts.password is not None
+    except ValueError:
+        raise ConfigError(f"store.url: {url!r} is not a valid URL") from None
+    if has_password:
+        raise ConfigError(
+            "store.url: a password in the URL is not allowed; "
+            "use store.password_env or store.password_file (or PGPASSWORD, ~/.pgpass)"
+        )
+    return url
 
 
 def _delivery(raw: object) -> DeliveryConfig:
@@ -1050,7 +1123,8 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     )
     top.seen.update(f.name for f in fields(Config))
     top.finish()
-    if check_paths:
+    config = _with_derived(config)
+    if check_paths and config.store.url is None:
         _check_writable_dir(Path(config.store.path).parent, "store.path")
         for i, up in enumerate(config.delivery_upstreams):
             if up.scheme == "maildir":
@@ -1060,6 +1134,15 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
         if config.audit.output not in ("stdout", "none"):
             _check_writable_dir(Path(config.audit.output).parent, "audit.output")
         _check_front_door(config)
+    return config
+
+
+def _with_derived(config: Config) -> Config:
+    """Settings whose default depends on another section's."""
+    if config.store.url is not None and config.store.pool_size is None:
+        # The writer, and readers for large bodies (up to one per delivery worker) and gauges.
+        pool = 2 + config.delivery.concurrency // 2
+        config = _replace(config, store=_replace(config.store, pool_size=pool))
     return config
 
 
@@ -1262,6 +1345,8 @@ def _replace(obj: T, **changes: Any) -> T:
 # --- printing --------------------------------------------------------------
 
 _DURATION_FIELDS = {
+    "connect_timeout",
+    "statement_timeout",
     "command_timeout",
     "data_timeout",
     "timeout",

@@ -387,4 +387,5 @@ class Delivery:
                 pass  # the store logs its state once, not at every round
             except Exception:
                 log.exception("housekeeping failed")
-            await self.clock.sleep(HOUSEKEEPING_INTERVAL)
+            # A dead replica's leases are looked for at least twice per lease_timeout.
+            await self.clock.sleep(min(HOUSEKEEPING_INTERVAL, self.lease_for / 2))

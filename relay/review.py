@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from relay.audit import EVENTS, FIELDS, Event, iso_time, to_json
-from relay.config import Config
+from relay.config import Config, StoreConfig
 from relay.errors import EXIT_FAILURE, EXIT_OK, UnitError, UsageError
 from relay.escape import spreadsheet_safe
 from relay.store.reader import (
@@ -582,13 +582,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
     """Bad filters raise UsageError and an unreadable store ReadError; the CLI prints them."""
     job = _job(args, time.time())
     try:
-        return asyncio.run(_with_reader(config.store.path, job))
+        return asyncio.run(_with_reader(config.store, job))
     except BrokenPipeError:
         # `log | head`: the reader left; point stdout at /dev/null so the exit flush is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
 
-async def _with_reader(path: str, job: Job) -> int:
-    async with open_reader(path) as reader, reader.snapshot():
+async def _with_reader(store: StoreConfig, job: Job) -> int:
+    async with open_reader(store) as reader, reader.snapshot():
         return await job(reader)

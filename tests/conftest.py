@@ -35,7 +35,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.app import App, StoreFactory
 from relay.clock import SYSTEM, Clock
 from relay.config import from_mapping
-from relay.store import open_store
+from relay.decision import Claim
+from relay.store import Submission, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -377,8 +378,131 @@ def base_config(tmp: Path, upstream_port: int) -> dict[str, Any]:
     }
 
 
+# --- store submissions -------------------------------------------------------
+
+
+def submission(
+    queue_id: str,
+    *rcpts: str,
+    at: float = 1_800_000_000.0,
+    key: Claim | None = None,
+    data: bytes | None = None,
+    sender: str = "shop@example.com",
+    user: str | None = None,
+) -> Submission:
+    """What the intake hands the store, for tests that drive a store directly."""
+    return Submission(
+        queue_id=queue_id,
+        received_at=at,
+        sender=sender,
+        recipients=rcpts or ("alice@example.org",),
+        data=data if data is not None else make_message(subject=queue_id),
+        message_id=f"{queue_id}@example.com",
+        client="127.0.0.1",
+        user=user,
+        helo="app.test",
+        smtputf8=False,
+        body8bit=False,
+        claim=key,
+    )
+
+
+# --- the command line as an operator runs it -----------------------------------
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+    def events(self) -> list[str]:
+        return [r["event"] for r in self.records()]
+
+
+async def cli(
+    config: Path, *args: str, tz: str | None = None, env: dict[str, str] | None = None
+) -> Run:
+    """`python -m relay ARGS --config FILE` without blocking the loop the relay runs on."""
+    environ = {**os.environ, **(env or {})}
+    if tz is not None:
+        environ["TZ"] = tz
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        *args,
+        "--config",
+        str(config),
+        cwd=config.parent,
+        env=environ,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE * 2)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+# --- store backends ----------------------------------------------------------
+
+PG_PASSWORD_ENV = "DEDUP_TEST_PG_PASSWORD"
+# For `pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)`.
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """One private PostgreSQL cluster for the whole run, started the first time a test asks."""
+    from tests.pg import private_cluster
+
+    with private_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database in the private cluster, owned by the relay's role; its password is in
+    the environment variable PG_PASSWORD_ENV names (subprocess relays inherit it)."""
+    from tests.pg import PASSWORD
+
+    cluster = request.getfixturevalue("pg_cluster")
+    monkeypatch.setenv(PG_PASSWORD_ENV, PASSWORD)
+    name = cluster.create_database()
+    yield cluster.url(name)
+    cluster.drop_database(name)
+
+
+@pytest.fixture
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Which store backend `make_relay` and `store_config` use: "sqlite" unless a module
+    parametrises it (indirectly) to run its tests on both, as the store's contract tests do."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def store_config(
+    store_backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> dict[str, Any]:
+    """The `store` section for the backend under test."""
+    if store_backend == "postgres":
+        return {"url": request.getfixturevalue("pg_url"), "password_env": PG_PASSWORD_ENV}
+    return {"path": str(tmp_path / "relay.db")}
+
+
+def pg_params(sql: str) -> str:
+    """A test's `?` placeholders as PostgreSQL's `$n`."""
+    from relay.store.reader import numbered
+
+    return numbered(sql)
+
+
 class Relay:
-    """A relay running in this process, with helpers to look inside its store."""
+    """A relay running in this process, with helpers to look inside its store (either backend;
+    queries use `?` placeholders and SQL both backends speak)."""
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -391,15 +515,24 @@ class Relay:
     def store(self) -> Any:
         return self.app.store
 
+    @property
+    def postgres(self) -> bool:
+        return self.app.config.store.url is not None
+
     async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        if self.postgres:
+            async with self.app.store.connection() as db:
+                return [tuple(row) for row in await db.fetch(pg_params(sql), *params)]
         async with self.app.store.reader.execute(sql, params) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
 
     async def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        async with self.app.store.reader.execute(
-            "SELECT * FROM events" + (" WHERE event = ?" if name else "") + " ORDER BY id",
-            (name,) if name else (),
-        ) as cursor:
+        sql = "SELECT * FROM events" + (" WHERE event = ?" if name else "") + " ORDER BY id"
+        params = (name,) if name else ()
+        if self.postgres:
+            async with self.app.store.connection() as db:
+                return [dict(row) for row in await db.fetch(pg_params(sql), *params)]
+        async with self.app.store.reader.execute(sql, params) as cursor:
             columns = [c[0] for c in cursor.description]
             return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
 
@@ -463,14 +596,16 @@ async def left_mid_attempt(path: Path, owner: str, now: float, lease_for: float 
 
 @pytest.fixture
 async def make_relay(
-    tmp_path: Path, upstream: Upstream
+    tmp_path: Path, upstream: Upstream, store_config: dict[str, Any]
 ) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
     running: list[Relay] = []
 
     async def make(
         *, clock: Clock = SYSTEM, store_factory: StoreFactory = open_store, **overrides: Any
     ) -> Relay:
-        raw = deep_merge(base_config(tmp_path, upstream.port), overrides)
+        raw = base_config(tmp_path, upstream.port)
+        raw["store"] = dict(store_config)
+        raw = deep_merge(raw, overrides)
         app = App(from_mapping(raw), clock=clock, store_factory=store_factory)
         await app.start()
         relay = Relay(app)

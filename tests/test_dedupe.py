@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from relay.fingerprint import MAX_DEPTH
-from tests.conftest import Relay, Upstream, eventually, make_message, send
+from tests.conftest import BACKENDS, Relay, Upstream, eventually, make_message, send
+
+# Every behaviour here holds on both store backends.
+pytestmark = pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
 
 
 def header(data: bytes, name: str) -> list[str]:

@@ -9,12 +9,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
-import os
 import re
-import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -30,25 +26,13 @@ from tests.conftest import (
     Reply,
     Upstream,
     base_config,
+    cli,
     eventually,
     make_message,
     queued_id,
     repeat_id,
     send,
 )
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.out.splitlines()]
-
-    def events(self) -> list[str]:
-        return [r["event"] for r in self.records()]
 
 
 def cli_config(tmp_path: Path, upstream: Upstream | None = None, store: Path | None = None) -> Path:
@@ -64,28 +48,6 @@ def cli_config(tmp_path: Path, upstream: Upstream | None = None, store: Path | N
         )
     )
     return path
-
-
-async def cli(config: Path, *args: str, tz: str | None = None) -> Run:
-    """`python -m relay ARGS --config FILE` without blocking the loop the relay runs on."""
-    env = dict(os.environ)
-    if tz is not None:
-        env["TZ"] = tz
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        "--config",
-        str(config),
-        cwd=config.parent,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
 
 
 def lines_with(text: str, *needles: str) -> list[str]:

@@ -184,12 +184,14 @@ async def test_recipient_search_covers_events_from_before_the_index_and_forgets_
     await store.open()
     await store.record(Event(ts=100.0, event="received", queue_id="OLD", rcpts=("Ann@x.test",)))
     await store.close()
-    # A store written by a relay from before the recipient index: no table, no triggers.
+    # A store written by a relay from before the recipient index (schema version 1): no table,
+    # no triggers. Opening it migrates it to version 2.
     with sqlite3.connect(path) as db:
         db.executescript(
             "DROP TRIGGER events_rcpt_insert; DROP TRIGGER events_rcpts_insert;"
             " DROP TRIGGER events_rcpts_delete;"
             " DROP TABLE event_rcpts; DELETE FROM meta WHERE name = 'event_rcpts';"
+            " UPDATE meta SET value = '1' WHERE name = 'schema';"
             " INSERT INTO events (ts, event, queue_id, rcpts)"
             " VALUES (200.0, 'received', 'OLDER', 'bo@x.test,ann@X.test');"
         )

@@ -3,9 +3,10 @@
 The front half hands the store a `Submission` and replies 250 only once the
 store has committed it; the back half leases `Lease`s and reports `Update`s.
 Intake, delivery, the CLI and the app know only the `Store` protocol; the SQLite
-backend (`relay.store.sqlite`) is one implementation, and a PostgreSQL one
-would sit beside it. The store never reads a clock: every time it compares
-against is passed in, from the caller's injected clock.
+backend (`relay.store.sqlite`) and the PostgreSQL one (`relay.store.postgres`)
+implement it, and `open_store` picks one from the config. The store never reads
+a clock: every time it compares against is passed in, from the caller's
+injected clock.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from relay.instance import Instance
 
 if TYPE_CHECKING:
     from relay.config import StoreConfig
+    from relay.store.migrations import Migrated
 
 RecipientState = Literal["queued", "delivered", "failed", "expired", "held"]
 MessageState = Literal["queued", "sending", "held", "done"]
@@ -196,6 +198,10 @@ class Store(Protocol):
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
         """What is still to be delivered, per pending state, with the oldest receipt time."""
 
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        """Call `wake` when another process may have made work due (new mail on another
+        replica, a requeue from the command line), so an idle relay need not poll hard."""
+
     async def acquire_instance(self, me: Instance, stale_after: float) -> Instance:
         """Take the instance name `me.name` for this process, unless a live process holds it.
 
@@ -226,12 +232,27 @@ class Store(Protocol):
 def open_store(
     config: StoreConfig, on_commit: OnCommit | None = None, on_batch: OnBatch | None = None
 ) -> Store:
-    """The backend `store` in the config names; SQLite is the only one so far."""
+    """The backend the config names: PostgreSQL when `store.url` is set, else SQLite."""
+    if config.url is not None:
+        from relay.store.postgres import PostgresStore
+
+        return PostgresStore(config, on_commit=on_commit, on_batch=on_batch)
     from relay.store.sqlite import SqliteStore
 
     return SqliteStore(
         config.path, keep_bodies=config.keep_bodies, on_commit=on_commit, on_batch=on_batch
     )
+
+
+async def migrate(config: StoreConfig) -> Migrated:
+    """Bring the store's schema up to this relay's version (creating it when there is none)."""
+    if config.url is not None:
+        from relay.store.postgres import migrate_database
+
+        return await migrate_database(config)
+    from relay.store.sqlite import migrate_file
+
+    return await migrate_file(config.path)
 
 
 __all__ = [
@@ -254,5 +275,6 @@ __all__ = [
     "Submission",
     "Update",
     "Verdict",
+    "migrate",
     "open_store",
 ]

@@ -1,9 +1,10 @@
 """What every store backend records the same way, whatever SQL it speaks.
 
 The audit events for an accept and for an attempt's outcome, a message's state
-derived from its recipients', and the updates that recovery and `requeue` make.
-A backend only runs SQL around these, so two backends cannot drift apart in
-what the audit log says.
+derived from its recipients', the updates that recovery and `requeue` make, and
+the rows the SQL reads and writes (a spooled message, a claim, a lease, the end
+of a lease). A backend only runs SQL around these, so two backends cannot drift
+apart in what they store or what the audit log says.
 """
 
 from __future__ import annotations
@@ -13,17 +14,32 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.audit import Event
-from relay.decision import Verdict
-from relay.store import MessageState, RecipientUpdate, Submission, Update
+from relay.decision import Claim, Verdict, normalise_rcpt
+from relay.store import Lease, MessageState, RecipientUpdate, Submission, Update
 
 __all__ = [
+    "FINAL_STATES",
+    "INLINE_BODY_LIMIT",
+    "PURGE_CHUNK",
     "MessageFields",
     "accept_events",
+    "claim_params",
+    "lease_end",
+    "lease_of",
+    "message_row",
     "message_state",
     "recovery_update",
     "requeue_update",
+    "settlement",
     "update_events",
 ]
+
+# A recipient in one of these states owes nothing more: its claim settles (or is released).
+FINAL_STATES = ("delivered", "failed", "expired")
+# Bodies up to this size are read in the lease itself, sparing a round-trip per message.
+INLINE_BODY_LIMIT = 256 * 1024
+# Rows a purge deletes per transaction, so a big purge never holds up the intake for long.
+PURGE_CHUNK = 5000
 
 
 @dataclass(frozen=True)
@@ -187,3 +203,80 @@ def requeue_update(queue_id: str, rcpts: Sequence[str], now: float) -> Update:
         ts=now,
         detail="requeued by an operator",
     )
+
+
+def claim_params(sub: Submission, claim: Claim) -> dict[str, Any]:
+    """The claim's values; `rcpts` are the normalised recipients, each once, sorted (so that
+    concurrent claims lock rows in one order)."""
+    return {
+        "scope": claim.scope,
+        "key": claim.namespaced,
+        "queue_id": sub.queue_id,
+        "fingerprint": claim.fingerprint,
+        "now": sub.received_at,
+        "expires_at": sub.received_at + claim.window,
+        "rcpts": sorted({normalise_rcpt(r) for r in sub.recipients}),
+    }
+
+
+def message_row(sub: Submission, verdict: Verdict) -> dict[str, Any]:
+    """A spooled message's row (its recipients are `verdict.forward`)."""
+    claim = sub.claim
+    return {
+        "queue_id": sub.queue_id,
+        "received_at": sub.received_at,
+        "sender": sub.sender,
+        "size": len(sub.data),
+        "message_id": sub.message_id,
+        "scope": claim.scope if claim else None,
+        "key": claim.key if claim else None,
+        "strategy": claim.strategy if claim else None,
+        "fingerprint": claim.fingerprint if claim else None,
+        "rule": sub.rule,
+        "client": sub.client,
+        "user": sub.user,
+        "helo": sub.helo,
+        "smtputf8": sub.smtputf8,
+        "body8bit": sub.body8bit,
+        "duplicate_of": verdict.duplicate_of,
+        "data": sub.data,
+    }
+
+
+def lease_of(row: Any, recipients: tuple[str, ...], data: bytes | None) -> Lease:
+    """A leased message from its row (read by column name, whichever backend returned it)."""
+    return Lease(
+        queue_id=row["queue_id"],
+        sender=row["sender"],
+        recipients=recipients,
+        received_at=row["received_at"],
+        attempts=row["attempts"],
+        message_id=row["message_id"],
+        key=row["key"],
+        strategy=row["strategy"],
+        scope=row["scope"],
+        size=row["size"],
+        smtputf8=bool(row["smtputf8"]),
+        body8bit=bool(row["body8bit"]),
+        duplicate_of=row["duplicate_of"],
+        data=None if data is None else bytes(data),
+        rule=row["rule"],
+        user=row["user"],
+    )
+
+
+def settlement(u: Update) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Recipients whose claim now only waits for its window to end, and recipients whose claim
+    is freed (a final failure under release_on_failure)."""
+    final = [r for r in u.recipients if r.state in FINAL_STATES]
+    return tuple(r.rcpt for r in final if not r.release), tuple(r.rcpt for r in final if r.release)
+
+
+def lease_end(u: Update, state: MessageState) -> dict[str, Any]:
+    """The message's row after an attempt: due again, held, or finished."""
+    return {
+        "queue_id": u.queue_id,
+        "state": state,
+        "next_attempt": u.next_attempt if state == "queued" else None,
+        "finished_at": u.ts if state == "done" else None,
+    }

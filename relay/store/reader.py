@@ -1,20 +1,25 @@
 """Read-only queries over the store for the review commands (log, show, stats) and the web page.
 
-It opens its own read-only connection: in WAL mode readers never block the
-writer, so an operator can dig into an incident while the relay keeps taking
-mail. Every query runs inside one read transaction, so a report is one snapshot.
+One `Reader` and one set of queries for both backends: the SQL is portable, and
+the little that is not (placeholders, case-insensitive equality, ASCII-only
+`lower()`, how a snapshot begins) is each backend's `Source`. On SQLite it
+opens its own read-only connection (in WAL mode readers never block the writer);
+on PostgreSQL a connection of its own too (MVCC: readers never block writers).
+Every query runs inside one read transaction, so a report is one snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiosqlite
 
@@ -23,6 +28,10 @@ from relay.errors import ReadError
 from relay.keys import normalise_message_id
 from relay.store import PENDING_STATES, QueueDepth
 from relay.store.sqlite import connect
+
+if TYPE_CHECKING:
+    from relay.config import StoreConfig
+    from relay.store.postgres import Db
 
 __all__ = [
     "PENDING_STATES",
@@ -39,15 +48,95 @@ __all__ = [
     "RecipientState",
     "RepeatSource",
     "SearchPage",
+    "Source",
     "Stats",
     "Timeline",
     "open_reader",
     "percentile",
 ]
 
-_COLUMNS = ", ".join(FIELDS)
-_QUALIFIED = ", ".join(f"e.{name}" for name in FIELDS)
+# Quoted: `user` is a reserved word in PostgreSQL (it means current_user there).
+_COLUMNS = ", ".join(f'"{name}"' for name in FIELDS)
+_QUALIFIED = ", ".join(f'e."{name}"' for name in FIELDS)
 _RCPTS = FIELDS.index("rcpts")
+_TABLES = ("events", "messages", "recipients")
+
+
+class Source(Protocol):
+    """One backend's read connection and the few words of SQL it says its own way."""
+
+    async def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]: ...
+
+    async def begin(self) -> None:
+        """Start one read-only snapshot."""
+
+    async def end(self) -> None: ...
+
+    def nocase(self, column: str) -> str:
+        """`column = ?`, ignoring ASCII case."""
+        ...
+
+    def lower(self, value: str) -> str:
+        """An expression folding ASCII case only, the way the recipient index was written."""
+        ...
+
+
+class SqliteSource:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            async with self.db.execute(sql, params) as cursor:
+                return [tuple(row) for row in await cursor.fetchall()]
+        except sqlite3.Error as exc:
+            raise ReadError(f"cannot read the store: {exc}") from None
+
+    async def begin(self) -> None:
+        await self.rows("BEGIN", ())
+
+    async def end(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            await self.db.execute("COMMIT")
+
+    def nocase(self, column: str) -> str:
+        return f"{column} = ? COLLATE NOCASE"
+
+    def lower(self, value: str) -> str:
+        return f"lower({value})"
+
+
+@functools.lru_cache(maxsize=512)
+def numbered(sql: str) -> str:
+    """`?` placeholders as PostgreSQL's `$1, $2, ...` (no query here has a `?` in a literal)."""
+    count = iter(range(1, 10_000))
+    return re.sub(r"\?", lambda _: f"${next(count)}", sql)
+
+
+class PostgresSource:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    async def rows(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        from relay.store.postgres import FAILURES
+
+        try:
+            return [tuple(row) for row in await self.db.fetch(numbered(sql), *params)]
+        except FAILURES as exc:
+            raise ReadError(f"cannot read the store: {exc}") from None
+
+    async def begin(self) -> None:
+        await self.rows("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", ())
+
+    async def end(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.db.execute("COMMIT")
+
+    def nocase(self, column: str) -> str:
+        return f"lower({column}) = {self.lower('?')}"
+
+    def lower(self, value: str) -> str:
+        return f'lower({value} COLLATE "C")'
 
 
 @dataclass(frozen=True)
@@ -191,6 +280,10 @@ class Stats:
         return min((q.oldest for q in self.queue if q.oldest is not None), default=None)
 
 
+# Typed, so that PostgreSQL compares the bounds with `ts` as numbers.
+_BUCKET = "(CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION), CAST(? AS DOUBLE PRECISION))"
+
+
 def percentile(ordered: Sequence[float], fraction: float) -> float | None:
     """Nearest rank: always a latency that really happened, never an interpolation."""
     if not ordered:
@@ -209,7 +302,7 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _where(f: EventFilter) -> tuple[str, list[Any]]:
+def _where(f: EventFilter, source: Source) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     if f.since is not None:
@@ -228,46 +321,42 @@ def _where(f: EventFilter) -> tuple[str, list[Any]]:
         clauses.append("key = ?")
         params.append(f.key)
     if f.rcpt is not None:
-        # One whole address of the comma-joined list; LIKE is case-insensitive for ASCII.
-        clauses.append("',' || rcpts || ',' LIKE ? ESCAPE '\\'")
+        # One whole address of the comma-joined list, ignoring ASCII case.
+        wrapped = source.lower("',' || rcpts || ','")
+        clauses.append(f"{wrapped} LIKE {source.lower('?')} ESCAPE '\\'")
         params.append(f"%,{_like_escape(f.rcpt.strip())},%")
     if f.sender is not None:
-        clauses.append("sender = ? COLLATE NOCASE")
+        clauses.append(source.nocase("sender"))
         params.append(f.sender.strip())
     if f.client is not None:
         clauses.append("client = ?")
         params.append(f.client.strip())
     if f.user is not None:
-        clauses.append("user = ?")
+        clauses.append('"user" = ?')
         params.append(f.user.strip())
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 class Reader:
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+    def __init__(self, source: Source) -> None:
+        self._source = source
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            async with self._db.execute(sql, params) as cursor:
-                return [tuple(row) for row in await cursor.fetchall()]
-        except sqlite3.Error as exc:
-            raise ReadError(f"cannot read the store: {exc}") from None
+        return await self._source.rows(sql, params)
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Reader]:
         """One read transaction, so counts and timelines agree with each other."""
-        await self._rows("BEGIN")
+        await self._source.begin()
         try:
             yield self
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.execute("COMMIT")
+            await self._source.end()
 
     # --- log ---------------------------------------------------------------
 
     async def events(self, f: EventFilter) -> EventPage:
-        where, params = _where(f)
+        where, params = _where(f, self._source)
         rows = await self._rows(
             f"SELECT {_COLUMNS} FROM events{where} ORDER BY ts DESC, id DESC LIMIT ?",
             [*params, f.limit + 1],
@@ -284,14 +373,14 @@ class Reader:
         thousandth page costs what the first does, and new events never shift a page. A recipient
         search walks `event_rcpts`, every other field an index on (field, ts) where there is one.
         """
-        where, params = _where(replace(f, rcpt=None))
+        where, params = _where(replace(f, rcpt=None), self._source)
         clauses = [where.removeprefix(" WHERE ")] if where else []
         if f.queue_id is not None:
             clauses.append("e.queue_id IN (?, ?)")
             params += [f.queue_id.strip(), f.queue_id.strip().upper()]
         for column, value in (("user", f.user), ("strategy", f.strategy)):
             if value is not None:
-                clauses.append(f"e.{column} = ?")
+                clauses.append(f'e."{column}" = ?')
                 params.append(value.strip())
         if f.rule is not None:
             clauses.append("e.detail = ?")
@@ -299,7 +388,7 @@ class Reader:
         source, ts, ident = "events e", "e.ts", "e.id"
         if f.rcpt is not None:
             source, ts, ident = "event_rcpts r CROSS JOIN events e", "r.event_ts", "r.event_id"
-            clauses.append("e.id = r.event_id AND r.rcpt = lower(?)")
+            clauses.append(f"e.id = r.event_id AND r.rcpt = {self._source.lower('?')}")
             params.append(f.rcpt.strip())
             for bound, op in ((f.since, ">="), (f.until, "<=")):
                 if bound is not None:  # also on r, so the walk stops at the window's edge
@@ -344,8 +433,8 @@ class Reader:
             (n, max(n * width, since), min((n + 1) * width, end)) for n in range(first, last + 1)
         ]
         rows = await self._rows(
-            f"WITH b (n, lo, hi) AS (VALUES {','.join('(?, ?, ?)' for _ in ranges)}),"
-            f" k (event) AS (VALUES {','.join('(?)' for _ in events)})"
+            f"WITH b (n, lo, hi) AS (VALUES {','.join(_BUCKET for _ in ranges)}),"
+            f" k (event) AS (VALUES {','.join('(CAST(? AS TEXT))' for _ in events)})"
             " SELECT b.n, k.event, (SELECT count(*) FROM events"
             "  WHERE event = k.event AND ts >= b.lo AND ts < b.hi) FROM b, k",
             [*(v for r in ranges for v in r), *events],
@@ -355,9 +444,9 @@ class Reader:
     async def repeat_sources(self, since: float, until: float) -> tuple[RepeatSource, ...]:
         """Duplicates in the window, counted by client, user, rule, strategy and action at once."""
         rows = await self._rows(
-            "SELECT client, user, detail, strategy, action, count(*) FROM events"
+            'SELECT client, "user", detail, strategy, action, count(*) FROM events'
             " WHERE event = 'duplicate' AND ts >= ? AND ts <= ?"
-            " GROUP BY client, user, detail, strategy, action",
+            ' GROUP BY client, "user", detail, strategy, action',
             (since, until),
         )
         return tuple(
@@ -391,7 +480,7 @@ class Reader:
             " UNION ALL SELECT queue_id, ts FROM events WHERE message_id = ?"
             " UNION ALL SELECT queue_id, ts FROM events WHERE key = ?"
             " UNION ALL SELECT queue_id, received_at FROM messages WHERE queue_id IN (?, ?)"
-            ") WHERE queue_id IS NOT NULL GROUP BY queue_id ORDER BY min(ts), queue_id",
+            ") AS found WHERE queue_id IS NOT NULL GROUP BY queue_id ORDER BY min(ts), queue_id",
             (ident, ident.upper(), message_id, ident, ident, ident.upper()),
         )
         found = [str(r[0]) for r in rows]
@@ -504,8 +593,16 @@ class Reader:
 
 
 @contextlib.asynccontextmanager
-async def open_reader(path: str) -> AsyncIterator[Reader]:
-    """A reader for an existing store; it never creates one, so a typo cannot make an empty DB."""
+async def open_reader(store: StoreConfig | str) -> AsyncIterator[Reader]:
+    """A reader for an existing store (a StoreConfig, or a SQLite file's path); it never creates
+    one, so a typo cannot make an empty database."""
+    if not isinstance(store, str) and store.url is not None:
+        from relay.store.postgres import open_source
+
+        async with open_source(store) as source:
+            yield await _checked(Reader(source), store.url, _PG_TABLES)
+        return
+    path = store if isinstance(store, str) else store.path
     if not await asyncio.to_thread(Path(path).is_file):
         raise ReadError(f"no store at {path} (is store.path right, and has the relay run yet?)")
     try:
@@ -513,12 +610,20 @@ async def open_reader(path: str) -> AsyncIterator[Reader]:
     except sqlite3.Error as exc:
         raise ReadError(f"cannot open the store {path}: {exc}") from None
     try:
-        tables = await Reader(db)._rows(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
-            " AND name IN ('events', 'messages', 'recipients')"
-        )
-        if tables[0][0] != 3:
-            raise ReadError(f"{path} is not a dedup-relay store")
-        yield Reader(db)
+        yield await _checked(Reader(SqliteSource(db)), path, _SQLITE_TABLES)
     finally:
         await db.close()
+
+
+_SQLITE_TABLES = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?, ?)"
+_PG_TABLES = (
+    "SELECT count(*) FROM information_schema.tables"
+    " WHERE table_schema = current_schema() AND table_name IN (?, ?, ?)"
+)
+
+
+async def _checked(reader: Reader, where: str, tables_sql: str) -> Reader:
+    tables = await reader._rows(tables_sql, _TABLES)
+    if tables[0][0] != len(_TABLES):
+        raise ReadError(f"{where} is not a dedup-relay store")
+    return reader

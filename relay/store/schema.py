@@ -1,10 +1,13 @@
-"""The SQLite schema: tables for the queue, the dedupe claims and the audit trail."""
+"""The SQLite schema: tables for the queue, the dedupe claims and the audit trail.
+
+Each part is one versioned migration (`relay.store.migrations`); a new column or
+index goes into a new part, never into an old one, so every store reaches the
+same schema by the same steps.
+"""
 
 from __future__ import annotations
 
-__all__ = ["PRAGMAS", "TABLES", "VERSION"]
-
-VERSION = 1
+__all__ = ["INSTANCES", "PACING", "PRAGMAS", "REVIEW", "TABLES"]
 
 PRAGMAS = (
     # First, so that processes opening one store at once wait for each other's set-up.
@@ -48,17 +51,6 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
 CREATE INDEX IF NOT EXISTS messages_finished ON messages (finished_at);
 
--- One row per live process name (runtime.instance): who holds it, and when it last said so.
-CREATE TABLE IF NOT EXISTS instances (
-    name      TEXT PRIMARY KEY,
-    host      TEXT NOT NULL,
-    pid       INTEGER NOT NULL,
-    token     TEXT NOT NULL,
-    started   TEXT NOT NULL,
-    since     REAL NOT NULL,
-    heartbeat REAL NOT NULL
-);
-
 CREATE TABLE IF NOT EXISTS bodies (
     queue_id TEXT PRIMARY KEY,
     data     BLOB NOT NULL
@@ -73,12 +65,6 @@ CREATE TABLE IF NOT EXISTS recipients (
     upstream_id TEXT,
     updated_at  REAL NOT NULL,
     PRIMARY KEY (queue_id, rcpt)
-) WITHOUT ROWID;
-
--- One row per rate-limited upstream: the time booked for its latest transaction.
-CREATE TABLE IF NOT EXISTS pacing (
-    upstream TEXT PRIMARY KEY,
-    last_at  REAL NOT NULL
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS claims (
@@ -135,7 +121,7 @@ def _split(rcpts: str) -> str:
 # can search, so `event_rcpts` holds one row per recipient of each event; triggers keep it in
 # step with every insert and purge, whoever writes the event (a one-recipient event, the common
 # case, skips the JSON split).
-TABLES += f"""
+REVIEW = f"""
 CREATE INDEX IF NOT EXISTS events_event ON events (event, ts);
 CREATE INDEX IF NOT EXISTS events_sender ON events (sender COLLATE NOCASE, ts);
 CREATE INDEX IF NOT EXISTS events_client ON events (client, ts);
@@ -169,4 +155,25 @@ FROM (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM meta WHERE name = 'event_rcpts'))
 CROSS JOIN events e, json_each({_split("e.rcpts")}) r
 WHERE e.rcpts <> '' AND r.value <> '';
 INSERT OR IGNORE INTO meta (name, value) VALUES ('event_rcpts', 'filled');
+"""
+
+# One row per rate-limited upstream: the time booked for its latest transaction.
+PACING = """
+CREATE TABLE IF NOT EXISTS pacing (
+    upstream TEXT PRIMARY KEY,
+    last_at  REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+# One row per live process name (runtime.instance): who holds it, and when it last said so.
+INSTANCES = """
+CREATE TABLE IF NOT EXISTS instances (
+    name      TEXT PRIMARY KEY,
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    token     TEXT NOT NULL,
+    started   TEXT NOT NULL,
+    since     REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """

@@ -28,7 +28,6 @@ from relay.store import (
     PENDING_STATES,
     Claim,
     Instance,
-    Lease,
     LeaseBatch,
     MessageState,
     OnBatch,
@@ -39,9 +38,11 @@ from relay.store import (
     Submission,
     Update,
     changes,
+    migrations,
     schema,
 )
 from relay.store import statements as sql
+from relay.store.changes import INLINE_BODY_LIMIT, PURGE_CHUNK
 from relay.store.writer import BatchResult, GroupCommit, Outcome
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "backup",
     "connect",
     "is_outage",
+    "migrate",
+    "migrate_file",
     "run_batch",
 ]
 
@@ -60,9 +63,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Bodies up to this size are read in the lease itself, sparing a round-trip per message.
-INLINE_BODY_LIMIT = 256 * 1024
-PURGE_CHUNK = 5000
 # Leases renewed per statement, well inside SQLite's limit on parameters.
 RENEW_CHUNK = 500
 
@@ -201,12 +201,13 @@ class SqliteStore:
             factory=self._factory,
         )
         db.row_factory = sqlite3.Row
-        for pragma in schema.PRAGMAS:
-            db.execute(pragma)
-        db.executescript(schema.TABLES)
-        db.execute(
-            "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)", (str(schema.VERSION),)
-        )
+        try:
+            for pragma in schema.PRAGMAS:
+                db.execute(pragma)
+            migrate(db, self.path)
+        except BaseException:
+            db.close()
+            raise
         found = os.stat(self.path)
         self._identity = (found.st_dev, found.st_ino)
         self._db = db
@@ -215,7 +216,7 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._thread, self._open_writer)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from None
         self._reader = await connect(self.path)
         self.writer.start()
@@ -234,6 +235,10 @@ class SqliteStore:
     def running(self) -> bool:
         """The writer is taking jobs; when it is not, nothing can be accepted or delivered."""
         return self.writer.running
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        """Processes sharing a file have no channel to each other: delivery's poll finds their
+        work (within a second)."""
 
     @property
     def lost(self) -> str | None:
@@ -366,15 +371,7 @@ class SqliteStore:
             row["state"] for row in tx.execute(sql.RECIPIENT_STATES, {"queue_id": u.queue_id})
         ]
         state = changes.message_state(states)
-        tx.execute(
-            sql.END_LEASE,
-            {
-                "state": state,
-                "next_attempt": u.next_attempt if state == "queued" else None,
-                "finished_at": u.ts if state == "done" else None,
-                "queue_id": u.queue_id,
-            },
-        )
+        tx.execute(sql.END_LEASE, changes.lease_end(u, state))
         if state == "done" and self.keep_bodies <= 0:
             tx.execute(sql.DELETE_BODY, {"queue_id": u.queue_id})
         return state
@@ -457,9 +454,9 @@ class SqliteStore:
         )
 
     async def queue_depth(self) -> tuple[QueueDepth, ...]:
-        from relay.store.reader import Reader  # the reader module imports this one
+        from relay.store.reader import Reader, SqliteSource  # the reader imports this module
 
-        return await Reader(self.reader).queue_depth()
+        return await Reader(SqliteSource(self.reader)).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
         """A chunk per transaction, so a big purge never holds up the intake for long."""
@@ -485,25 +482,83 @@ class SqliteStore:
                 return total
 
 
+def migrate(db: sqlite3.Connection, where: str) -> migrations.Migrated:
+    """The steps this store lacks, in one transaction; BEGIN IMMEDIATE keeps out other processes
+    migrating the same file at once (the second finds the work done)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        current = _schema_version(db)
+        steps = migrations.pending(migrations.SQLITE, current, where)
+        for step in steps:
+            for statement in _statements(step.script):
+                db.execute(statement)
+        after = steps[-1].version if steps else current
+        if steps:
+            db.execute(sql.SET_SCHEMA_VERSION, {"version": str(after)})
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    return migrations.Migrated(current, after, steps)
+
+
+def _schema_version(db: sqlite3.Connection) -> int:
+    if db.execute(sql.HAS_META).fetchone() is None:
+        return 0
+    row = db.execute(sql.SCHEMA_VERSION).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _statements(script: str) -> list[str]:
+    """A script as single statements (a trigger's body holds semicolons of its own)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete statement at the end of a migration: {buffer.strip()!r}")
+    return statements
+
+
+async def migrate_file(path: str) -> migrations.Migrated:
+    """`relay migrate` on a SQLite store: creates it when there is none yet."""
+
+    def run() -> migrations.Migrated:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        try:
+            for pragma in schema.PRAGMAS:
+                db.execute(pragma)
+            return migrate(db, path)
+        finally:
+            db.close()
+
+    try:
+        return await asyncio.to_thread(run)
+    except (sqlite3.Error, OSError, ValueError) as exc:
+        raise StoreError(f"cannot migrate the store {path}: {exc}") from None
+
+
 def _take_claims(tx: Tx, sub: Submission, claim: Claim) -> ClaimResult:
     """Claim the key for every recipient; the unique index decides, not a prior read."""
-    now = sub.received_at
-    rcpts = sorted({normalise_rcpt(r) for r in sub.recipients})
-    params: dict[str, Any] = {
-        "scope": claim.scope,
-        "key": claim.namespaced,
-        "queue_id": sub.queue_id,
-        "fingerprint": claim.fingerprint,
-        "now": now,
-        "expires_at": now + claim.window,
-    }
-    params.update({f"rcpt{n}": rcpt for n, rcpt in enumerate(rcpts)})
+    params = changes.claim_params(sub, claim)
+    rcpts = params.pop("rcpts")
+    params.update(sql.in_params(rcpts, "rcpt"))
     claimed = frozenset(row["rcpt"] for row in tx.execute(sql.claim(len(rcpts)), params))
     if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
         return ClaimResult(claimed)  # a fingerprint key cannot conflict with its own content
     holders = tx.execute(
         sql.CLAIMS_OF_OTHERS,
-        {"scope": claim.scope, "key": claim.namespaced, "queue_id": sub.queue_id, "now": now},
+        {
+            "scope": claim.scope,
+            "key": claim.namespaced,
+            "queue_id": sub.queue_id,
+            "now": sub.received_at,
+        },
     )
     return ClaimResult(
         claimed,
@@ -512,29 +567,9 @@ def _take_claims(tx: Tx, sub: Submission, claim: Claim) -> ClaimResult:
 
 
 def _spool(tx: Tx, sub: Submission, verdict: Verdict) -> None:
-    claim = sub.claim
-    tx.execute(
-        sql.INSERT_MESSAGE,
-        {
-            "queue_id": sub.queue_id,
-            "received_at": sub.received_at,
-            "sender": sub.sender,
-            "size": len(sub.data),
-            "message_id": sub.message_id,
-            "scope": claim.scope if claim else None,
-            "key": claim.key if claim else None,
-            "strategy": claim.strategy if claim else None,
-            "fingerprint": claim.fingerprint if claim else None,
-            "rule": sub.rule,
-            "client": sub.client,
-            "user": sub.user,
-            "helo": sub.helo,
-            "smtputf8": int(sub.smtputf8),
-            "body8bit": int(sub.body8bit),
-            "duplicate_of": verdict.duplicate_of,
-        },
-    )
-    tx.execute(sql.INSERT_BODY, {"queue_id": sub.queue_id, "data": sub.data})
+    row = changes.message_row(sub, verdict)
+    tx.execute(sql.INSERT_MESSAGE, row)
+    tx.execute(sql.INSERT_BODY, row)
     tx.executemany(
         sql.INSERT_RECIPIENT,
         [
@@ -563,24 +598,7 @@ def _lease(tx: Tx, owner: str, limit: int, now: float, lease_for: float) -> Leas
             for row in tx.execute(sql.bodies_of(len(small)), sql.in_params(small))
         }
     leases = tuple(
-        Lease(
-            queue_id=row["queue_id"],
-            sender=row["sender"],
-            recipients=tuple(rcpts[row["queue_id"]]),
-            received_at=row["received_at"],
-            attempts=row["attempts"],
-            message_id=row["message_id"],
-            key=row["key"],
-            strategy=row["strategy"],
-            scope=row["scope"],
-            size=row["size"],
-            smtputf8=bool(row["smtputf8"]),
-            body8bit=bool(row["body8bit"]),
-            duplicate_of=row["duplicate_of"],
-            data=bodies.get(row["queue_id"]),
-            rule=row["rule"],
-            user=row["user"],
-        )
+        changes.lease_of(row, tuple(rcpts[row["queue_id"]]), bodies.get(row["queue_id"]))
         for row in rows
     )
     return LeaseBatch(leases, next_due)
@@ -588,16 +606,11 @@ def _lease(tx: Tx, owner: str, limit: int, now: float, lease_for: float) -> Leas
 
 def _settle_claims(tx: Tx, u: Update) -> tuple[str, ...]:
     """A final outcome lets a claim expire with its window, or frees it (returned)."""
-    settled = [r for r in u.recipients if r.state in ("delivered", "failed", "expired")]
+    settled, released = changes.settlement(u)
     tx.executemany(
         sql.SETTLE_CLAIM,
-        [
-            {"queue_id": u.queue_id, "rcpt": normalise_rcpt(r.rcpt)}
-            for r in settled
-            if not r.release
-        ],
+        [{"queue_id": u.queue_id, "rcpt": normalise_rcpt(rcpt)} for rcpt in settled],
     )
-    released = tuple(r.rcpt for r in settled if r.release)
     tx.executemany(
         sql.DELETE_RECIPIENT_CLAIM,
         [{"queue_id": u.queue_id, "rcpt": normalise_rcpt(rcpt)} for rcpt in released],

@@ -27,6 +27,7 @@ __all__ = [
     "END_LEASE",
     "EXPIRED_LEASES",
     "FINISHED_MESSAGES",
+    "HAS_META",
     "HEARTBEAT_INSTANCE",
     "INSERT_BODY",
     "INSERT_EVENT",
@@ -40,9 +41,11 @@ __all__ = [
     "RECIPIENT_STATES",
     "RELEASE_INSTANCE",
     "RESERVE_SEND",
+    "SCHEMA_VERSION",
     "SELECT_BODY",
     "SELECT_INSTANCE",
     "SETTLE_CLAIM",
+    "SET_SCHEMA_VERSION",
     "STUCK_LEASES",
     "TAKE_INSTANCE",
     "UNLEASE",
@@ -199,6 +202,13 @@ RESERVE_SEND = (
     "INSERT INTO pacing (upstream, last_at) VALUES (:upstream, :now)"
     " ON CONFLICT (upstream) DO UPDATE SET last_at = max(last_at + :interval, :now)"
     " RETURNING last_at"
+)
+
+HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+SCHEMA_VERSION = "SELECT value FROM meta WHERE name = 'schema'"
+SET_SCHEMA_VERSION = (
+    "INSERT INTO meta (name, value) VALUES ('schema', :version)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
 
 READY_PROBE = (

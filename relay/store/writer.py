@@ -168,7 +168,9 @@ class GroupCommit(Generic[J]):
             unavailable = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(unavailable)
+                    # One instance per caller, as each raises it on its own; a backend's own
+                    # kind (it says whether anything was stored) is kept.
+                    future.set_exception(type(unavailable)(str(unavailable)))
             return
         self.batches += 1
         self.jobs_run += len(batch)

@@ -50,11 +50,11 @@ def routes(
     """The page routes, each behind the login when `users_file` is set; static files are open.
 
     `reader_factory` opens a read-only view of the store per request (default: the CLI's
-    read-only connection to `store.path`). Headers of a message are shown only when the relay
-    keeps bodies (`store.keep_bodies`); the body never is. Raises ConfigError for a bad users
-    file, naming the line.
+    read-only connection to the store the config names). Headers of a message are shown only
+    when the relay keeps bodies (`store.keep_bodies`); the body never is. Raises ConfigError for
+    a bad users file, naming the line.
     """
-    factory = reader_factory or (lambda: open_reader(config.store.path))
+    factory = reader_factory or (lambda: open_reader(config.store))
     gate = Gate(users_file, failure_delay=login_failure_delay)
     extra = {} if clock is None else {"clock": clock}
     site = Site(factory, gate, show_headers=config.store.keep_bodies > 0, **extra)
