@@ -10,7 +10,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relay ./relay
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[uvloop]'
 
 # --- run: the wheels only, no source tree, no compiler ------------------------------------
 FROM python:3.11-slim
@@ -18,7 +18,7 @@ RUN groupadd --system --gid 10025 relay \
     && useradd --system --uid 10025 --gid 10025 --no-create-home \
         --home-dir /var/lib/dedup-relay --shell /usr/sbin/nologin relay
 COPY --from=build /wheels /tmp/wheels
-RUN pip install --no-cache-dir --no-index --find-links /tmp/wheels dedup-relay \
+RUN pip install --no-cache-dir --no-index --find-links /tmp/wheels 'dedup-relay[uvloop]' \
     && rm -rf /tmp/wheels \
     && install -d -o 10025 -g 10025 -m 0750 /var/lib/dedup-relay
 

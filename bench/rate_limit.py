@@ -42,9 +42,12 @@ def run(
     upstream: dict[str, object] = {"name": "sink", "url": f"smtp://127.0.0.1:{sink.port}"}
     if rate is not None:
         upstream["rate"] = rate
-    with relay(work, sink.port, processes, {"upstreams": [upstream]}) as port:
+    # Several processes: `serve --workers N`, which share the store's rate-limit row.
+    quiet = {"audit": {"output": "none"}, "runtime": {"log_level": "warning"}}
+    extra = {"upstreams": [upstream], "listen": {"max_connections": 1000}, **quiet}
+    with relay(work, sink, processes, extra) as server:
         base = sink.count()
-        began = load(port, messages, sessions, 2000)
+        began = load(server.port, messages, sessions, 2000)
         delivered = sink.wait_for(base + messages)
     per_second = messages / (delivered - began)
     print(f"{label:<40} delivered {per_second:8,.1f} msg/s   ({delivered - began:5.1f}s)")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from relay.upstream import Transport, open_transport
 if TYPE_CHECKING:
     from relay.upstream.mx import Resolver
 
-__all__ = ["App", "serve"]
+__all__ = ["App", "listening_line", "serve"]
 
 log = logging.getLogger("relay")
 
@@ -49,8 +50,10 @@ class App:
         *,
         clock: Clock = SYSTEM,
         store_factory: StoreFactory = open_store,
+        worker: int | None = None,
     ) -> None:
         self.config = config
+        self.worker = worker
         self.emitter = Emitter(config.audit.output)
         self.metrics = Metrics(config.runtime.instance)
         self.store = store_factory(config.store, self._committed, self.metrics.observe_batch)
@@ -130,14 +133,18 @@ class App:
         except BaseException:
             await self._abandon_start()
             raise
-        log.info(
-            "dedup-relay listening on %s:%d, upstream %s, store %s%s",
-            self.config.listen.host,
-            self.port,
-            _upstreams(self.config),
-            self.config.store.where,
-            f", http on {self.config.http.listen}" if self.side is not None else "",
-        )
+        if self.worker is None:
+            http_port = self.side.port if self.side else None
+            log.info("dedup-relay %s", listening_line(self.config, self.port, http_port))
+        else:
+            # The parent says "dedup-relay listening" once every worker serves.
+            log.info(
+                "worker %d (pid %d) ready on %s:%d",
+                self.worker,
+                os.getpid(),
+                self.config.listen.host,
+                self.port,
+            )
 
     async def _abandon_start(self) -> None:
         self.front.close()
@@ -174,6 +181,15 @@ class App:
         log.info("dedup-relay stopped")
 
 
+def listening_line(config: Config, port: int, http_port: int | None) -> str:
+    """What a started relay says: where it listens, its upstreams and its store."""
+    http = f", http on {config.http.host}:{http_port}" if http_port is not None else ""
+    return (
+        f"listening on {config.listen.host}:{port}, upstream {_upstreams(config)},"
+        f" store {config.store.where}{http}"
+    )
+
+
 def _upstreams(config: Config) -> str:
     if not config.upstreams:
         return config.upstream.label
@@ -187,14 +203,19 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def serve(config: Config) -> None:
-    app = App(config)
+async def serve(
+    config: Config, ready: Callable[[App], None] | None = None, *, worker: int | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT; `ready` is called once the relay serves."""
+    app = App(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
     await app.start()
+    if ready is not None:
+        ready(app)
     grace = config.runtime.shutdown_grace
     try:
         await _first(stop, app.failed)

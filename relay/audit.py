@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -73,7 +73,8 @@ def iso_time(ts: float) -> str:
 
 
 def to_json(event: Event) -> dict[str, Any]:
-    record = asdict(event)
+    # Every field is a scalar or a tuple of strings: a shallow copy, not asdict's deep one.
+    record = {name: getattr(event, name) for name in FIELDS}
     record["ts"] = iso_time(event.ts)
     record["rcpts"] = list(event.rcpts)
     if event.duration is not None:

@@ -27,6 +27,13 @@ from relay.errors import (
     RelayError,
     UsageError,
 )
+from relay.workers import (
+    WORKER_OPTION,
+    WorkerSlot,
+    default_workers,
+    die_with_parent,
+    parse_worker_option,
+)
 
 if TYPE_CHECKING:
     from relay.store import Store
@@ -74,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="this process's name in delivery leases (overrides runtime.instance); give each"
         " process sharing a store its own",
     )
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="relay processes sharing the port (SO_REUSEPORT) and the store, under one"
+        " supervising parent (default: the number of CPUs; 1 runs the relay in this process)",
+    )
+    serve.add_argument(WORKER_OPTION, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check-config",
@@ -125,13 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(config: Config) -> int:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
     from relay import logs
-    from relay.app import serve
+    from relay import loop as event_loop
 
     logs.setup(config.runtime.log_level, config.runtime.log_format)
+    workers = args.workers or default_workers()
     try:
-        asyncio.run(serve(config))
+        if args.worker_slot is not None:
+            return _worker(config, parse_worker_option(args.worker_slot))
+        if workers > 1:
+            from relay.workers import supervise
+
+            passed = ["--config", args.config] if args.config is not None else []
+            return event_loop.run(
+                supervise(config, workers, passed, instance=_instance_arg(args.instance))
+            )
+        from relay.app import serve
+
+        event_loop.run(serve(config))
     except RelayError as exc:  # a busy port, a busy instance name: one line, exit 1
         print(f"dedup-relay: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -142,6 +179,27 @@ def _serve(config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _instance_arg(instance: str | None) -> str | None:
+    return instance.strip() if instance is not None else None
+
+
+def _worker(config: Config, slot: WorkerSlot) -> int:
+    """One of `serve --workers N`'s processes: tells the parent once it serves."""
+    from relay import loop as event_loop
+    from relay.app import App, serve
+
+    if not die_with_parent(slot.parent):
+        return EXIT_FAILURE
+
+    def ready(app: App) -> None:
+        http = app.http_port if app.side is not None else 0
+        os.write(slot.ready_fd, f"{app.port} {http}\n".encode())
+        os.close(slot.ready_fd)
+
+    event_loop.run(serve(config, ready, worker=slot.slot))
     return EXIT_OK
 
 
@@ -252,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layers = read_layers(config_path(args.config), os.environ)
         config = layers.config(check_paths=args.command in ("serve", "check-config"))
         handlers: dict[str, Callable[[], int]] = {
-            "serve": lambda: _serve(_with_instance(config, args.instance)),
+            "serve": lambda: _serve(_with_instance(config, args.instance), args),
             "check-config": lambda: _check_config(config, layers),
             "health": lambda: _health(config),
             "backup": lambda: _backup(config, args.to),

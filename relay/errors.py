@@ -8,6 +8,9 @@ bugs. The module imports nothing from the relay, so any module may use it.
 
 from __future__ import annotations
 
+import errno
+import os
+
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
@@ -83,6 +86,14 @@ class StoreLost(StoreUnavailable):
 
 class ListenError(RelayError):
     """A port could not be opened; the message names the key and the reason."""
+
+    @classmethod
+    def bind_failed(cls, host: str, port: int, key: str, exc: OSError) -> ListenError:
+        """The one wording for a bind that failed, whichever process tried it."""
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason += " (another process has it: a relay already running on this config?)"
+        return cls(f"cannot listen on {host}:{port} ({key}): {reason}")
 
 
 class InstanceBusy(RelayError):

@@ -9,6 +9,7 @@ __all__ = ["new_queue_id", "queue_id_time"]
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 _TAIL = 8
+_TAILS = len(_ALPHABET) ** _TAIL
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -18,7 +19,12 @@ def new_queue_id(now: float | None = None) -> str:
     while ms:
         ms, digit = divmod(ms, len(_ALPHABET))
         head = _ALPHABET[digit] + head
-    tail = "".join(secrets.choice(_ALPHABET) for _ in range(_TAIL))
+    # One draw from the OS for the whole tail (not one per character), uniform as before.
+    rest = secrets.randbelow(_TAILS)
+    tail = ""
+    for _ in range(_TAIL):
+        rest, digit = divmod(rest, len(_ALPHABET))
+        tail = _ALPHABET[digit] + tail
     return head + tail
 
 

@@ -61,13 +61,29 @@ class Instance:
     heartbeat: float
 
 
-def _process_start(pid: int) -> str:
-    """Field 22 of /proc/PID/stat: with the pid, it names one process, not a reused pid."""
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 3 on), [] if unknown."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return ""
+            return stat.read().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def _process_start(pid: int) -> str:
+    """Field 22 of /proc/PID/stat: with the pid, it names one process, not a reused pid."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _exited(pid: int) -> bool:
+    """A zombie (or dead) process holds nothing: it has exited and waits to be reaped.
+
+    Workers killed with their parent (`serve --workers N` after `kill -9`) are orphans that
+    init reaps when it gets to them; until then their pid still answers `kill(pid, 0)`.
+    """
+    fields = _stat(pid)
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def this_process(name: str, now: float) -> Instance:
@@ -95,6 +111,8 @@ def _alive(holder: Instance) -> bool:
         return False
     except PermissionError:
         pass  # it exists, under another user
+    if _exited(holder.pid):
+        return False
     return not holder.started or _process_start(holder.pid) in ("", holder.started)
 
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import logging
-import os
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from fnmatch import fnmatchcase
 from ssl import SSLContext
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
@@ -60,6 +58,9 @@ TOO_SLOW = b"421 4.4.2 DATA too slow or too long, closing connection\r\n"
 # The store can never be written again by this process (its file was deleted or replaced).
 STORE_LOST = "4.3.0 Mail store unavailable, not accepting mail; try again later"
 LINGER = 5.0  # seconds a cut-off client gets to stop sending before the socket closes
+# MAIL FROM / RCPT TO arguments already parsed, and how many to keep (each at most 512 bytes).
+_PATHS: dict[str, tuple[str | None, str | None]] = {}
+_PATHS_KEPT = 4096
 
 
 def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
@@ -103,7 +104,29 @@ def _options_size(options: list[str]) -> int:
     return 0
 
 
-class Handler:
+_HOOK_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+class _Hooks:
+    """`dir()` that lists only aiosmtpd's hook names, computed once per class.
+
+    aiosmtpd's SMTP constructor finds its hooks with `dir()` and `inspect.getmembers()`
+    on the protocol and the handler, which evaluates every attribute of both: a fresh
+    scan for every connection, and the largest single cost of accepting one. The names
+    a class has do not change, so the scan is done once; what aiosmtpd builds from
+    them (bound methods of this instance) is unchanged.
+    """
+
+    def __dir__(self) -> tuple[str, ...]:
+        cls = type(self)
+        names = _HOOK_NAMES.get(cls)
+        if names is None:
+            names = tuple(n for n in dir(cls) if n.startswith(("auth_", "handle_", "smtp_")))
+            _HOOK_NAMES[cls] = names
+        return names
+
+
+class Handler(_Hooks):
     """aiosmtpd's hooks: policy per command, and the hand-off to the intake at end of DATA."""
 
     def __init__(self, front: FrontDoor) -> None:
@@ -243,7 +266,7 @@ class RelaySession(Session):
         self._login_data = value
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(_Hooks, SMTP):
     """aiosmtpd's SMTP with network policy, AUTH off the loop, DATA deadlines and shutdown."""
 
     # What RFC 4954 clients expect (aiosmtpd's default is "User Name\x00").
@@ -263,6 +286,7 @@ class RelaySMTP(SMTP):
         self._data_bytes = 0
         self._last_data = 0.0
         self._discarding = False
+        self._continued = b""
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -272,6 +296,13 @@ class RelaySMTP(SMTP):
         # must not turn a reply into an internal error.
         if isinstance(status, str):
             status = status.encode("utf-8", "replace")
+        # aiosmtpd pushes a multi-line reply (EHLO's) line by line, each line a send() and
+        # a drain; the same bytes go out in one write with the reply's last line.
+        if status[3:4] == b"-":
+            self._continued += status + b"\r\n"
+            return
+        if self._continued:
+            status, self._continued = self._continued + status, b""
         await super().push(status)
 
     async def smtp_VRFY(self, arg: str | None) -> None:
@@ -282,13 +313,21 @@ class RelaySMTP(SMTP):
         await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # The stdlib parser aiosmtpd uses raises IndexError on "MAIL FROM:<" (found by
-        # fuzzing): a malformed address (553), not an internal error (451, retried forever).
+        # aiosmtpd parses with the stdlib's header parser (and defines a class on every
+        # call); the answer depends on the text alone, and senders repeat, so it is kept.
+        known = _PATHS.get(arg)
+        if known is not None:
+            return known
+        # That parser raises IndexError on "MAIL FROM:<" (found by fuzzing): a malformed
+        # address (553), not an internal error (451, retried forever).
         try:
-            address, rest = super()._getaddr(arg)
+            found: tuple[str | None, str | None] = super()._getaddr(arg)
         except (IndexError, ValueError):
-            return None, None
-        return address, rest
+            found = (None, None)
+        if len(_PATHS) >= _PATHS_KEPT:
+            _PATHS.clear()
+        _PATHS[arg] = found
+        return found
 
     def offers_auth(self) -> bool:
         """AUTH is offered when configured, and only over TLS unless the client is trusted."""
@@ -396,8 +435,9 @@ class RelaySMTP(SMTP):
             super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _hang_up(self, reply: bytes) -> None:
-        transport = self.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance here.
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is None or transport.is_closing():
             return
         transport.write(reply)
         if not (self.in_data and transport.can_write_eof()):
@@ -412,7 +452,7 @@ class RelaySMTP(SMTP):
         self._discarding = True
         self.in_data = False
         self._give_back()
-        if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+        if not transport.is_reading():
             transport.resume_reading()
         self.loop.call_later(LINGER, transport.close)
 
@@ -585,12 +625,7 @@ class FrontDoor:
             )
         except OSError as exc:
             self.close()
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            if exc.errno == errno.EADDRINUSE:
-                reason += " (another process has it: a relay already running on this config?)"
-            raise ListenError(
-                f"cannot listen on {self.config.host}:{port} ({key}): {reason}"
-            ) from None
+            raise ListenError.bind_failed(self.config.host, port, key, exc) from None
 
     async def serve(self) -> None:
         """Answer on the bound ports."""

@@ -637,12 +637,14 @@ class RelayProcess:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.instance: str | None = None
+        self.args: list[str] = []  # more `serve` flags, such as --workers
         self.port = 0
         self.stderr_lines: list[str] = []
 
     def start(self, timeout: float = DEADLINE) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         extra = ["--instance", self.instance] if self.instance else []
+        extra += self.args
         if self.config_path is not None:
             extra += ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(
