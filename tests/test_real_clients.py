@@ -524,6 +524,8 @@ async def test_postfix_retries_while_the_relay_is_down_and_every_message_arrives
     # Killed only once the delivery is recorded: a kill between the upstream's 250 and that
     # record is the ambiguous case (sent again, by design), which is not what this test is about.
     await eventually(relay_idle, what="the first delivery to be recorded")
+    # Postfix removes its queue file a moment after the relay's 250: counted below.
+    await asyncio.to_thread(postfix.wait_for_empty_queue)
     relay.kill()
     for message_id in ids[1:]:
         await submit(message_id)
