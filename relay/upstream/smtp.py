@@ -195,9 +195,8 @@ class SmtpTransport:
         elif kind is not Kind.DELIVERED:
             await self._reset(client)
         upstream_id = upstream_queue_id(final.message) if kind is Kind.DELIVERED else None
-        outcome = RecipientResult("", kind, final.code, final.message)
         results = tuple(
-            refused.get(r) or RecipientResult(r, outcome.kind, outcome.code, outcome.reply)
+            refused.get(r) or RecipientResult(r, kind, final.code, final.message)
             for r in message.recipients
         )
         return results, upstream_id
