@@ -51,15 +51,6 @@ class Leases:
         self._waiting: dict[str, Settlement] = {}
         self._waiting_since = 0.0
 
-    @property
-    def held(self) -> frozenset[str]:
-        return frozenset(self._held)
-
-    @property
-    def waiting(self) -> int:
-        """Outcomes the store refused and that are still to be written."""
-        return len(self._waiting)
-
     def took(self, queue_ids: Iterable[str]) -> None:
         self._held.update(queue_ids)
 

@@ -23,7 +23,6 @@ __all__ = [
     "Outgoing",
     "RecipientResult",
     "Transport",
-    "describe",
     "open_transport",
 ]
 
@@ -84,10 +83,6 @@ class Transport(Protocol):
     async def close_idle(self) -> None: ...
 
     async def close(self) -> None: ...
-
-
-def describe(config: UpstreamConfig) -> str:
-    return config.label
 
 
 def open_transport(

@@ -108,9 +108,9 @@ class Upstreams:
             upstream_id = attempt.upstream_id or upstream_id
             moving = [r for r in attempt.results if r.failover]
             final.update((r.rcpt, r) for r in attempt.results if not r.failover)
-            later = [p for p in route[i + 1 :] if not p.is_down(self._clock.time())]
             if not moving:
                 break
+            later = [p for p in route[i + 1 :] if not p.is_down(self._clock.time())]
             if not later:
                 final.update((r.rcpt, r) for r in moving)
                 break

@@ -22,6 +22,7 @@ __all__ = [
     "classify",
     "classify_error",
     "throttled",
+    "unsendable",
     "unusable",
     "upstream_queue_id",
 ]
@@ -92,8 +93,15 @@ def classify_error(
             return Kind.AMBIGUOUS, None, f"connection lost after the message was sent: {text}"
         return Kind.AMBIGUOUS, None, f"no clear reply after the message was sent: {text}"
     if isinstance(error, UnicodeEncodeError):
-        return Kind.PERMANENT, None, "a non-ASCII address in a message not sent with SMTPUTF8"
+        return Kind.PERMANENT, None, unsendable(error)
     return Kind.TEMPORARY, None, text
+
+
+def unsendable(error: ValueError) -> str:
+    """Why the client library refused to write an address on a command line."""
+    if isinstance(error, UnicodeEncodeError):
+        return "a non-ASCII address in a message not sent with SMTPUTF8"
+    return "the address cannot be written on an SMTP command line"
 
 
 def unusable(error: BaseException, stage: Stage, code: int | None) -> bool:

@@ -22,6 +22,7 @@ from relay.upstream.replies import (
     Stage,
     classify,
     classify_error,
+    unsendable,
     unusable,
     upstream_queue_id,
 )
@@ -43,12 +44,6 @@ def wire_payload(data: bytes) -> bytes:
     if text.startswith(b".") or b"\n." in text:
         text = _LEADING_DOT.sub(b"..", text)
     return text + (b".\r\n" if text.endswith(b"\r\n") else b"\r\n.\r\n")
-
-
-def _unsendable(error: ValueError) -> str:
-    if isinstance(error, UnicodeEncodeError):
-        return "a non-ASCII address in a message not sent with SMTPUTF8"
-    return "the address cannot be written on an SMTP command line"
 
 
 class PlaintextAuthRefused(aiosmtplib.SMTPException):
@@ -186,7 +181,7 @@ class SmtpTransport:
             except ValueError as exc:
                 # Refused by the client library before anything was sent: this recipient
                 # can never be sent, and must not hold back the others.
-                refused[rcpt] = RecipientResult(rcpt, Kind.PERMANENT, None, _unsendable(exc))
+                refused[rcpt] = RecipientResult(rcpt, Kind.PERMANENT, None, unsendable(exc))
             else:
                 accepted.append(rcpt)
         if not accepted:
@@ -200,9 +195,8 @@ class SmtpTransport:
         elif kind is not Kind.DELIVERED:
             await self._reset(client)
         upstream_id = upstream_queue_id(final.message) if kind is Kind.DELIVERED else None
-        outcome = RecipientResult("", kind, final.code, final.message)
         results = tuple(
-            refused.get(r) or RecipientResult(r, outcome.kind, outcome.code, outcome.reply)
+            refused.get(r) or RecipientResult(r, kind, final.code, final.message)
             for r in message.recipients
         )
         return results, upstream_id
@@ -224,7 +218,7 @@ class SmtpTransport:
                 message.sender, options=options, encoding="utf-8" if message.smtputf8 else "ascii"
             )
         except ValueError as exc:
-            raise aiosmtplib.SMTPResponseException(553, _unsendable(exc)) from None
+            raise aiosmtplib.SMTPResponseException(553, unsendable(exc)) from None
 
     async def _data(self, client: aiosmtplib.SMTP, message: Outgoing) -> aiosmtplib.SMTPResponse:
         start = await client.execute_command(b"DATA")
