@@ -281,9 +281,10 @@ class RelaySMTP(_Hooks, SMTP):
         self.client = "unknown"
         self.trusted = False
         self._counted = False
+        # Bytes of the current DATA, held against the budget and paced by min_data_rate;
+        # zero outside DATA, as every way out of it gives them back.
         self._charged = 0
         self._data_started = 0.0
-        self._data_bytes = 0
         self._last_data = 0.0
         self._discarding = False
         self._continued = b""
@@ -405,7 +406,6 @@ class RelaySMTP(_Hooks, SMTP):
             self._hang_up(f"421 {BUSY_MEMORY}\r\n".encode())
             return
         self._charged += len(data)
-        self._data_bytes += len(data)
         self._last_data = self.loop.time()
         self._arm_data_timer()
 
@@ -414,7 +414,7 @@ class RelaySMTP(_Hooks, SMTP):
         config = self.front.config
         deadline = self._data_started + config.max_data_time
         if config.min_data_rate > 0:
-            paced = self._data_bytes / config.min_data_rate
+            paced = self._charged / config.min_data_rate
             deadline = min(deadline, self._data_started + config.data_timeout + paced)
         return deadline
 
@@ -463,7 +463,6 @@ class RelaySMTP(_Hooks, SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
         self._data_started = self._last_data = self.loop.time()
-        self._data_bytes = 0
         self._arm_data_timer()
         try:
             await super().smtp_DATA(arg)
