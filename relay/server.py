@@ -19,14 +19,13 @@ import logging
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
-from fnmatch import fnmatchcase
 from ssl import SSLContext
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
 
-from relay import content, logs
+from relay import content, logs, rules
 from relay.audit import Event
 from relay.auth import Authenticator, Guard
 from relay.config import AuthConfig, ConfigError, ListenConfig, Network
@@ -726,9 +725,7 @@ class FrontDoor:
             )
             return reply
 
-        if limits.senders and not any(
-            fnmatchcase(shown.lower(), p.lower()) for p in limits.senders
-        ):
+        if limits.senders and not rules.any_glob(limits.senders, [shown]):
             return await refuse(
                 "rejected",
                 f"553 5.7.1 Sender address not allowed for user {user}",
