@@ -83,7 +83,7 @@ def address_problem(address: str) -> str | None:
     survive the upstream client's own parser unchanged, so that what the audit log
     names is exactly what the upstream is sent.
     """
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in address):
+    if _has_control(address):
         return "control character or invalid UTF-8 in the address"
     if "," in address:
         return "a comma in the address"
@@ -139,7 +139,7 @@ class Handler(_Hooks):
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        if _bad_name(hostname):
+        if _has_control(hostname):
             session.host_name = None
             return ["501 5.5.2 Invalid EHLO name"]
         session.host_name = hostname
@@ -150,7 +150,7 @@ class Handler(_Hooks):
     async def handle_HELO(
         self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str
     ) -> str:
-        if _bad_name(hostname):
+        if _has_control(hostname):
             session.host_name = None
             return "501 5.5.2 Invalid HELO name"
         session.host_name = hostname
@@ -240,8 +240,9 @@ class Handler(_Hooks):
         return "451 4.3.0 Internal error, try again later"
 
 
-def _bad_name(hostname: str) -> bool:
-    return any(unicodedata.category(c) in ("Cc", "Cs") for c in hostname)
+def _has_control(text: str) -> bool:
+    """A control character, or invalid UTF-8 (kept by the decoder as lone surrogates)."""
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
 def _login(session: Session) -> str | None:
