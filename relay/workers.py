@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from relay.config import Config
 from relay.errors import ListenError
@@ -390,7 +390,7 @@ async def supervise(
             log.error("dedup-relay did not start: %s", exc)
             return exc.code if exc.code > 0 else 1
         where = listening_line(
-            replace(config, listen=replace(listen, port=supervisor.port)),
+            config,
             supervisor.port,
             side.port if side is not None else None,
         )
