@@ -544,8 +544,6 @@ class FrontDoor:
         self.authenticator = Authenticator(self.auth_config) if self.auth_config.enabled else None
         self.guard = Guard(self.auth_config, clock)
         self.sent = Events(60.0, clock)
-        # Called with (client, user) on every failed AUTH; for a metrics counter.
-        self.on_auth_failed: Callable[[str, str], None] | None = None
         self.closing = False
         self._record = record
         self._servers: list[asyncio.Server] = []
@@ -701,8 +699,6 @@ class FrontDoor:
                 detail=detail,
             )
         )
-        if self.on_auth_failed is not None:
-            self.on_auth_failed(client, user)
         return locked
 
     async def user_policy(self, server: RelaySMTP, user: str, sender: str) -> str | None:
