@@ -169,9 +169,6 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         from relay.app import serve
 
         event_loop.run(serve(config))
-    except RelayError as exc:  # a busy port, a busy instance name: one line, exit 1
-        print(f"dedup-relay: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except OSError as exc:
         print(
             f"dedup-relay: error: cannot listen on {config.listen.host}:"

@@ -834,7 +834,7 @@ def _tls(raw: object, key: str) -> TlsConfig:
     config = TlsConfig(
         cert_file=s.get("cert_file", _opt_str, None),
         key_file=s.get("key_file", _opt_str, None),
-        implicit_port=s.get("implicit_port", _opt_port, None),
+        implicit_port=s.get("implicit_port", _opt_int_at_least(0, 65535), None),
         required=s.get("required", _bool, False),
     )
     s.finish()
@@ -846,10 +846,6 @@ def _tls(raw: object, key: str) -> TlsConfig:
             if getattr(config, name):
                 raise ConfigError(f"{key}.{name}: needs {key}.cert_file and {key}.key_file")
     return config
-
-
-def _opt_port(value: object, key: str) -> int | None:
-    return None if value is None else _int_at_least(0, 65535)(value, key)
 
 
 def _user_limits(raw: object, key: str) -> UserLimits:

@@ -15,17 +15,17 @@ _TAILS = len(_ALPHABET) ** _TAIL
 def new_queue_id(now: float | None = None) -> str:
     """Milliseconds in base 31 (no vowels, so no words) then 40 random bits."""
     ms = int((time.time() if now is None else now) * 1000)
-    head = ""
-    while ms:
-        ms, digit = divmod(ms, len(_ALPHABET))
-        head = _ALPHABET[digit] + head
     # One draw from the OS for the whole tail (not one per character), uniform as before.
-    rest = secrets.randbelow(_TAILS)
-    tail = ""
-    for _ in range(_TAIL):
-        rest, digit = divmod(rest, len(_ALPHABET))
-        tail = _ALPHABET[digit] + tail
-    return head + tail
+    return _digits(ms) + _digits(secrets.randbelow(_TAILS), _TAIL)
+
+
+def _digits(number: int, width: int = 0) -> str:
+    """`number` in base 31, padded with leading "0" to `width` digits."""
+    out = ""
+    while number or len(out) < width:
+        number, digit = divmod(number, len(_ALPHABET))
+        out = _ALPHABET[digit] + out
+    return out
 
 
 def queue_id_time(queue_id: str) -> float | None:

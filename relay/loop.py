@@ -10,37 +10,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["LoopChoice", "loop_factory", "loop_name", "run"]
+__all__ = ["loop_factory", "run"]
 
 T = TypeVar("T")
-LoopChoice = Literal["auto", "asyncio", "uvloop"]
 
 
-def loop_factory(choice: LoopChoice = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """A factory for `asyncio.Runner`, or None for asyncio's default loop."""
-    if choice == "asyncio":
-        return None
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """A factory for `asyncio.Runner`: uvloop's, or None for asyncio's default loop."""
     try:
         import uvloop
     except ImportError:
-        if choice == "uvloop":
-            from relay.errors import ConfigError
-
-            raise ConfigError(
-                "runtime.event_loop: uvloop is not installed (pip install 'dedup-relay[uvloop]')"
-            ) from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
 
 
-def loop_name(loop: asyncio.AbstractEventLoop) -> str:
-    module = type(loop).__module__
-    return "uvloop" if module.startswith("uvloop") else "asyncio"
-
-
-def run(main: Coroutine[Any, Any, T], choice: LoopChoice = "auto") -> T:
-    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+def run(main: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)

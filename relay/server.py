@@ -19,14 +19,13 @@ import logging
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
-from fnmatch import fnmatchcase
 from ssl import SSLContext
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
 
-from relay import content, logs
+from relay import content, logs, rules
 from relay.audit import Event
 from relay.auth import Authenticator, Guard
 from relay.config import AuthConfig, ConfigError, ListenConfig, Network
@@ -84,7 +83,7 @@ def address_problem(address: str) -> str | None:
     survive the upstream client's own parser unchanged, so that what the audit log
     names is exactly what the upstream is sent.
     """
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in address):
+    if _has_control(address):
         return "control character or invalid UTF-8 in the address"
     if "," in address:
         return "a comma in the address"
@@ -140,7 +139,7 @@ class Handler(_Hooks):
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        if _bad_name(hostname):
+        if _has_control(hostname):
             session.host_name = None
             return ["501 5.5.2 Invalid EHLO name"]
         session.host_name = hostname
@@ -151,7 +150,7 @@ class Handler(_Hooks):
     async def handle_HELO(
         self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str
     ) -> str:
-        if _bad_name(hostname):
+        if _has_control(hostname):
             session.host_name = None
             return "501 5.5.2 Invalid HELO name"
         session.host_name = hostname
@@ -241,8 +240,9 @@ class Handler(_Hooks):
         return "451 4.3.0 Internal error, try again later"
 
 
-def _bad_name(hostname: str) -> bool:
-    return any(unicodedata.category(c) in ("Cc", "Cs") for c in hostname)
+def _has_control(text: str) -> bool:
+    """A control character, or invalid UTF-8 (kept by the decoder as lone surrogates)."""
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
 def _login(session: Session) -> str | None:
@@ -281,9 +281,10 @@ class RelaySMTP(_Hooks, SMTP):
         self.client = "unknown"
         self.trusted = False
         self._counted = False
+        # Bytes of the current DATA, held against the budget and paced by min_data_rate;
+        # zero outside DATA, as every way out of it gives them back.
         self._charged = 0
         self._data_started = 0.0
-        self._data_bytes = 0
         self._last_data = 0.0
         self._discarding = False
         self._continued = b""
@@ -405,7 +406,6 @@ class RelaySMTP(_Hooks, SMTP):
             self._hang_up(f"421 {BUSY_MEMORY}\r\n".encode())
             return
         self._charged += len(data)
-        self._data_bytes += len(data)
         self._last_data = self.loop.time()
         self._arm_data_timer()
 
@@ -414,7 +414,7 @@ class RelaySMTP(_Hooks, SMTP):
         config = self.front.config
         deadline = self._data_started + config.max_data_time
         if config.min_data_rate > 0:
-            paced = self._data_bytes / config.min_data_rate
+            paced = self._charged / config.min_data_rate
             deadline = min(deadline, self._data_started + config.data_timeout + paced)
         return deadline
 
@@ -463,7 +463,6 @@ class RelaySMTP(_Hooks, SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
         self._data_started = self._last_data = self.loop.time()
-        self._data_bytes = 0
         self._arm_data_timer()
         try:
             await super().smtp_DATA(arg)
@@ -545,8 +544,6 @@ class FrontDoor:
         self.authenticator = Authenticator(self.auth_config) if self.auth_config.enabled else None
         self.guard = Guard(self.auth_config, clock)
         self.sent = Events(60.0, clock)
-        # Called with (client, user) on every failed AUTH; for a metrics counter.
-        self.on_auth_failed: Callable[[str, str], None] | None = None
         self.closing = False
         self._record = record
         self._servers: list[asyncio.Server] = []
@@ -702,8 +699,6 @@ class FrontDoor:
                 detail=detail,
             )
         )
-        if self.on_auth_failed is not None:
-            self.on_auth_failed(client, user)
         return locked
 
     async def user_policy(self, server: RelaySMTP, user: str, sender: str) -> str | None:
@@ -727,9 +722,7 @@ class FrontDoor:
             )
             return reply
 
-        if limits.senders and not any(
-            fnmatchcase(shown.lower(), p.lower()) for p in limits.senders
-        ):
+        if limits.senders and not rules.any_glob(limits.senders, [shown]):
             return await refuse(
                 "rejected",
                 f"553 5.7.1 Sender address not allowed for user {user}",

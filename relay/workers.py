@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from relay.config import Config
 from relay.errors import ListenError
@@ -239,7 +239,7 @@ class Supervisor:
                 _status(code),
                 lived,
             )
-            pause = 0.0 if lived >= STABLE_AFTER else min(max(pause * 2, 0.5), MAX_PAUSE)
+            pause = 0.0 if lived >= STABLE_AFTER else _longer(pause)
             while not self.stopping:
                 if pause:
                     with contextlib.suppress(TimeoutError):
@@ -250,7 +250,7 @@ class Supervisor:
                     worker = await self._spawn(worker.slot)
                 except StartError as exc:
                     log.error("worker %d could not start: %s", worker.slot, exc)
-                    pause = min(max(pause * 2, 0.5), MAX_PAUSE)
+                    pause = _longer(pause)
                     continue
                 log.info("worker %d restarted (pid %d)", worker.slot, worker.process.pid)
                 break
@@ -338,6 +338,11 @@ def _read_line(fd: int) -> str:
     return data.decode()
 
 
+def _longer(pause: float) -> float:
+    """The next pause before restarting a worker that keeps dying: doubled, from 0.5s to 30s."""
+    return min(max(pause * 2, 0.5), MAX_PAUSE)
+
+
 def _status(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -385,7 +390,7 @@ async def supervise(
             log.error("dedup-relay did not start: %s", exc)
             return exc.code if exc.code > 0 else 1
         where = listening_line(
-            replace(config, listen=replace(listen, port=supervisor.port)),
+            config,
             supervisor.port,
             side.port if side is not None else None,
         )
