@@ -35,7 +35,6 @@ from relay.store.reader import (
 from relay.web.auth import Gate
 from relay.web.query import FIELDS as SEARCH_FIELDS
 from relay.web.query import (
-    Search,
     SearchError,
     format_cursor,
     parse_search,
@@ -448,24 +447,24 @@ class Site:
             },
         )
 
-    async def _export_events(self, request: web.Request) -> tuple[Search, tuple[Event, ...]]:
+    async def _export_events(self, request: web.Request) -> tuple[Event, ...]:
         try:
             search = parse_search(request.query, self._clock(), export=True)
         except SearchError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
         async with self._snapshot(request) as reader:
             page = await reader.search(search.filter)
-        return search, tuple(reversed(page.events))
+        return tuple(reversed(page.events))
 
     async def export_csv(self, request: web.Request) -> web.StreamResponse:
         """The rows `relay log --csv --utc` prints for the same filters, oldest first."""
-        _, events = await self._export_events(request)
+        events = await self._export_events(request)
         text = await asyncio.to_thread(_csv, events)  # up to 100,000 rows: not on the mail loop
         return self._download(text, "text/csv", "dedup-relay-log.csv")
 
     async def export_json(self, request: web.Request) -> web.StreamResponse:
         """A JSON array of the objects `relay log --json` prints, one per line, oldest first."""
-        _, events = await self._export_events(request)
+        events = await self._export_events(request)
         text = await asyncio.to_thread(_json_array, events)
         return self._download(text, "application/json", "dedup-relay-log.json")
 
