@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from relay.clock import SYSTEM, Clock
 from relay.config import from_mapping
 from relay.decision import Claim
 from relay.store import Submission, open_store
+from tests.mta import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -729,12 +729,6 @@ def relay_cli(
         cwd=cwd,
         timeout=timeout,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def process_config(tmp_path: Path, upstream: Upstream, **extra: Any) -> dict[str, Any]:
