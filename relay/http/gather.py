@@ -149,8 +149,7 @@ class GatherPort:
             for name, result in found.items():
                 if checks.get(name, OK) == OK:
                     checks[name] = OK if result == OK else f"worker {slot}: {result}"
-        verdict = Verdict(good if all(v == OK for v in checks.values()) else bad, checks)
-        return verdict_response(verdict)
+        return verdict_response(Verdict.judge(checks, good=good, bad=bad))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return await self._probe("/healthz", every_slot=False, good="alive", bad="not alive")
