@@ -934,6 +934,24 @@ def secure_config(tmp: Path, certificates: Certificates, **auth: Any) -> dict[st
     }
 
 
+OUTSIDER = "127.0.0.2"  # not on listen.networks in secure_config
+
+
+def plain(user: str = "alice", password: str = PASSWORD) -> str:
+    """An AUTH PLAIN command line with its initial response."""
+    import base64
+
+    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+@pytest.fixture
+async def secure(
+    make_relay: Callable[..., Awaitable[Relay]], tmp_path: Path, certificates: Certificates
+) -> Relay:
+    """A relay on secure_config: STARTTLS, implicit TLS and AUTH for alice and bob."""
+    return await make_relay(**secure_config(tmp_path, certificates))
+
+
 async def send_authenticated(
     port: int,
     data: bytes,
