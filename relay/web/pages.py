@@ -23,7 +23,15 @@ from aiohttp import web
 
 from relay.audit import FIELDS, Event, iso_time, to_json
 from relay.headers import decoded, fields
-from relay.review import csv_row, format_seconds, format_time, info, printable, reply_text
+from relay.review import (
+    csv_row,
+    format_seconds,
+    format_time,
+    info,
+    message_state,
+    printable,
+    reply_text,
+)
 from relay.store.reader import (
     Bucket,
     Reader,
@@ -189,18 +197,9 @@ def _summary(t: Timeline) -> list[tuple[str, str, str | None]]:
         rows.append(("User", printable(user), None))
     if m is not None:
         rows.append(("Received", f"{_time(m.received_at)}, {m.size} bytes", None))
-        state = f"{m.state}, {m.attempts} attempt(s)"
-        if m.state == "queued" and m.next_attempt is not None:
-            state += f", next {_time(m.next_attempt)}"
-        if m.finished_at is not None:
-            state += f", finished {_time(m.finished_at)}"
-        rows.append(("State", state, None))
-        if m.duplicate_of:
-            rows.append(("Tagged", f"duplicate of {m.duplicate_of}", message_url(m.duplicate_of)))
-    elif first is not None and first.event in ("duplicate", "conflict", "rejected"):
-        rows.append(("State", f"{first.event}, not spooled", None))
-    else:
-        rows.append(("State", "no longer in the queue (purged) or never spooled", None))
+    rows.append(("State", message_state(t, first, utc=True), None))
+    if m is not None and m.duplicate_of:
+        rows.append(("Tagged", f"duplicate of {m.duplicate_of}", message_url(m.duplicate_of)))
     return rows
 
 
