@@ -31,6 +31,11 @@ class Verdict:
     status: str
     checks: Mapping[str, str]
 
+    @classmethod
+    def judge(cls, checks: Mapping[str, str], *, good: str, bad: str) -> Verdict:
+        """Status `good` when every check is ok, else `bad`."""
+        return cls(good if all(result == OK for result in checks.values()) else bad, checks)
+
     @property
     def ok(self) -> bool:
         return all(result == OK for result in self.checks.values())
@@ -64,7 +69,7 @@ class Health:
             "shutdown": self._shutdown(),
             "store": OK if self._store.running else "the store writer has stopped",
         }
-        return Verdict("alive" if all(v == OK for v in checks.values()) else "not alive", checks)
+        return Verdict.judge(checks, good="alive", bad="not alive")
 
     async def ready(self) -> Verdict:
         checks = {
@@ -75,7 +80,7 @@ class Health:
             checks["store"] = self._store.lost
         elif not self.draining:  # a store about to close is not worth a write
             checks["store"] = await self._store_write()
-        return Verdict("ready" if all(v == OK for v in checks.values()) else "not ready", checks)
+        return Verdict.judge(checks, good="ready", bad="not ready")
 
     async def _store_write(self) -> str:
         try:

@@ -46,6 +46,7 @@ __all__ = [
     "format_seconds",
     "format_time",
     "info",
+    "message_state",
     "parse_events",
     "parse_limit",
     "parse_when",
@@ -396,6 +397,21 @@ def _first(events: Sequence[Event], queue_id: str) -> Event | None:
     return next((e for e in own if e.event == "received"), own[0] if own else None)
 
 
+def message_state(t: Timeline, first: Event | None, *, utc: bool) -> str:
+    """The message's state in the queue, or, with none there, what `first` says became of it."""
+    m = t.message
+    if m is not None:
+        state = f"{m.state}, {m.attempts} attempt(s)"
+        if m.state == "queued" and m.next_attempt is not None:
+            state += f", next {format_time(m.next_attempt, utc=utc)}"
+        if m.finished_at is not None:
+            state += f", finished {format_time(m.finished_at, utc=utc)}"
+        return state
+    if first is not None and first.event in ("duplicate", "conflict", "rejected"):
+        return f"{first.event}, not spooled"
+    return "no longer in the queue (purged) or never spooled"
+
+
 def _summary(t: Timeline, utc: bool) -> list[tuple[str, str]]:
     m, first = t.message, _first(t.events, t.queue_id)
     lines: list[tuple[str, str]] = [("Queue id", t.queue_id)]
@@ -412,18 +428,9 @@ def _summary(t: Timeline, utc: bool) -> list[tuple[str, str]]:
     lines.append(("From", f"{clip(sender or '<>', INFO_WIDTH)} via {client or '-'}"))
     if m is not None:
         lines.append(("Received", f"{format_time(m.received_at, utc=utc)}, {m.size} bytes"))
-        state = f"{m.state}, {m.attempts} attempt(s)"
-        if m.state == "queued" and m.next_attempt is not None:
-            state += f", next {format_time(m.next_attempt, utc=utc)}"
-        if m.finished_at is not None:
-            state += f", finished {format_time(m.finished_at, utc=utc)}"
-        lines.append(("State", state))
-        if m.duplicate_of:
-            lines.append(("Tagged", f"duplicate of {m.duplicate_of}"))
-    elif first is not None and first.event in ("duplicate", "conflict", "rejected"):
-        lines.append(("State", f"{first.event}, not spooled"))
-    else:
-        lines.append(("State", "no longer in the queue (purged) or never spooled"))
+    lines.append(("State", message_state(t, first, utc=utc)))
+    if m is not None and m.duplicate_of:
+        lines.append(("Tagged", f"duplicate of {m.duplicate_of}"))
     if t.repeats:
         lines.append(("Repeats", ", ".join(t.repeats)))
     return lines

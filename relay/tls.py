@@ -52,8 +52,8 @@ class ServerTls:
 
     def __init__(self, config: TlsConfig) -> None:
         self.config = config
-        self.current = server_context(config)
-        self.context = server_context(config)
+        # The first context serves both roles until a reload replaces `current`.
+        self.context = self.current = server_context(config)
         self.context.sni_callback = self._select
 
     def _select(

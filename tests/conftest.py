@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from relay.clock import SYSTEM, Clock
 from relay.config import from_mapping
 from relay.decision import Claim
 from relay.store import Submission, open_store
+from tests.mta import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -731,12 +731,6 @@ def relay_cli(
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def process_config(tmp_path: Path, upstream: Upstream, **extra: Any) -> dict[str, Any]:
     """A config for `relay_process`: the test's upstream, a port of its own, then `extra`."""
     config = base_config(tmp_path, upstream.port)
@@ -938,6 +932,24 @@ def secure_config(tmp: Path, certificates: Certificates, **auth: Any) -> dict[st
         },
         "auth": {"users_file": str(users), "failure_delay": "10ms", **auth},
     }
+
+
+OUTSIDER = "127.0.0.2"  # not on listen.networks in secure_config
+
+
+def plain(user: str = "alice", password: str = PASSWORD) -> str:
+    """An AUTH PLAIN command line with its initial response."""
+    import base64
+
+    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+@pytest.fixture
+async def secure(
+    make_relay: Callable[..., Awaitable[Relay]], tmp_path: Path, certificates: Certificates
+) -> Relay:
+    """A relay on secure_config: STARTTLS, implicit TLS and AUTH for alice and bob."""
+    return await make_relay(**secure_config(tmp_path, certificates))
 
 
 async def send_authenticated(

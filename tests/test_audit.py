@@ -10,8 +10,14 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import Upstream, eventually, free_port, make_message, send
-from tests.test_restart import process_config
+from tests.conftest import (
+    Upstream,
+    eventually,
+    free_port,
+    make_message,
+    process_config,
+    send,
+)
 
 
 async def test_stream_has_one_json_line_per_stored_event(

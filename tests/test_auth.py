@@ -17,6 +17,7 @@ from relay.auth import Guard, Users, parse_users
 from relay.config import AuthConfig, ConfigError
 from relay.limits import Events
 from tests.conftest import (
+    OUTSIDER,
     PASSWORD,
     ROOT,
     Certificates,
@@ -25,11 +26,11 @@ from tests.conftest import (
     Upstream,
     client_context,
     make_message,
+    plain,
     secure_config,
     send_authenticated,
     write_users,
 )
-from tests.test_tls import OUTSIDER, plain
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 

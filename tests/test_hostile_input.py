@@ -26,13 +26,13 @@ from tests.conftest import (
     RelayProcess,
     Upstream,
     base_config,
+    cli,
     deep_merge,
     free_port,
     make_message,
     send,
 )
 from tests.mta import Postfix
-from tests.test_review import cli
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 postfix_factory = mta.postfix_factory

@@ -17,6 +17,7 @@ import yaml
 
 from relay.config import ConfigError, from_mapping
 from tests.conftest import (
+    OUTSIDER,
     PASSWORD,
     ROOT,
     Certificates,
@@ -26,13 +27,13 @@ from tests.conftest import (
     base_config,
     deep_merge,
     make_message,
+    plain,
     secure_config,
     send,
     send_authenticated,
     write_users,
 )
 from tests.mta import swaks
-from tests.test_tls import OUTSIDER, plain
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 

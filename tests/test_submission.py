@@ -17,6 +17,7 @@ import pytest
 
 from tests import mta
 from tests.conftest import (
+    OUTSIDER,
     PASSWORD,
     Certificates,
     Relay,
@@ -26,15 +27,9 @@ from tests.conftest import (
     write_users,
 )
 from tests.mta import Postfix, run_nodemailer, swaks, swaks_replies
-from tests.test_tls import OUTSIDER
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 postfix_factory = mta.postfix_factory
-
-
-@pytest.fixture
-async def secure(make_relay: RelayFactory, tmp_path: Path, certificates: Certificates) -> Relay:
-    return await make_relay(**secure_config(tmp_path, certificates))
 
 
 async def received_by(relay: Relay, upstream: Upstream, count: int) -> list[dict[str, object]]:

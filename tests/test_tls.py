@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
+    OUTSIDER,
     PASSWORD,
     Certificates,
     Dialog,
@@ -28,25 +29,13 @@ from tests.conftest import (
     deep_merge,
     free_port,
     make_message,
+    plain,
     secure_config,
     write_users,
 )
 from tests.mta import CertificateAuthority
 
 RelayFactory = Callable[..., Awaitable[Relay]]
-
-OUTSIDER = "127.0.0.2"  # not on listen.networks in secure_config
-
-
-def plain(user: str = "alice", password: str = PASSWORD) -> str:
-    import base64
-
-    return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-
-
-@pytest.fixture
-async def secure(make_relay: RelayFactory, tmp_path: Path, certificates: Certificates) -> Relay:
-    return await make_relay(**secure_config(tmp_path, certificates))
 
 
 async def test_starttls_is_offered_and_auth_only_once_tls_is_up(

@@ -29,11 +29,12 @@ from tests.conftest import (
     Relay,
     Upstream,
     WebServer,
+    cli,
     make_message,
     queued_id,
     send,
 )
-from tests.test_review import cli, cli_config
+from tests.test_review import cli_config
 
 
 async def fetch(server: WebServer, path: str) -> tuple[int, str, str]:

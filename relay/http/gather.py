@@ -28,6 +28,7 @@ from prometheus_client.samples import Sample
 
 from relay.config import HttpConfig
 from relay.health import OK, Verdict
+from relay.http.probes import verdict_response
 from relay.http.site import SidePort
 
 if TYPE_CHECKING:
@@ -148,10 +149,7 @@ class GatherPort:
             for name, result in found.items():
                 if checks.get(name, OK) == OK:
                     checks[name] = OK if result == OK else f"worker {slot}: {result}"
-        verdict = Verdict(good if all(v == OK for v in checks.values()) else bad, checks)
-        response = web.json_response(verdict.to_json(), status=200 if verdict.ok else 503)
-        response.headers["Cache-Control"] = "no-store"
-        return response
+        return verdict_response(Verdict.judge(checks, good=good, bad=bad))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return await self._probe("/healthz", every_slot=False, good="alive", bad="not alive")

@@ -7,21 +7,22 @@ from aiohttp import web
 from relay.health import Verdict
 from relay.http.keys import HEALTH
 
-__all__ = ["add_routes"]
+__all__ = ["add_routes", "verdict_response"]
 
 
-def _reply(verdict: Verdict) -> web.Response:
+def verdict_response(verdict: Verdict) -> web.Response:
+    """200 or 503 with the checks as JSON; never cached, since the next probe must ask again."""
     response = web.json_response(verdict.to_json(), status=200 if verdict.ok else 503)
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _reply(request.config_dict[HEALTH].live())
+    return verdict_response(request.config_dict[HEALTH].live())
 
 
 async def readyz(request: web.Request) -> web.Response:
-    return _reply(await request.config_dict[HEALTH].ready())
+    return verdict_response(await request.config_dict[HEALTH].ready())
 
 
 def add_routes(app: web.Application) -> None:

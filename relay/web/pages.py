@@ -23,7 +23,15 @@ from aiohttp import web
 
 from relay.audit import FIELDS, Event, iso_time, to_json
 from relay.headers import decoded, fields
-from relay.review import csv_row, format_seconds, format_time, info, printable, reply_text
+from relay.review import (
+    csv_row,
+    format_seconds,
+    format_time,
+    info,
+    message_state,
+    printable,
+    reply_text,
+)
 from relay.store.reader import (
     Bucket,
     Reader,
@@ -35,7 +43,6 @@ from relay.store.reader import (
 from relay.web.auth import Gate
 from relay.web.query import FIELDS as SEARCH_FIELDS
 from relay.web.query import (
-    Search,
     SearchError,
     format_cursor,
     parse_search,
@@ -190,18 +197,9 @@ def _summary(t: Timeline) -> list[tuple[str, str, str | None]]:
         rows.append(("User", printable(user), None))
     if m is not None:
         rows.append(("Received", f"{_time(m.received_at)}, {m.size} bytes", None))
-        state = f"{m.state}, {m.attempts} attempt(s)"
-        if m.state == "queued" and m.next_attempt is not None:
-            state += f", next {_time(m.next_attempt)}"
-        if m.finished_at is not None:
-            state += f", finished {_time(m.finished_at)}"
-        rows.append(("State", state, None))
-        if m.duplicate_of:
-            rows.append(("Tagged", f"duplicate of {m.duplicate_of}", message_url(m.duplicate_of)))
-    elif first is not None and first.event in ("duplicate", "conflict", "rejected"):
-        rows.append(("State", f"{first.event}, not spooled", None))
-    else:
-        rows.append(("State", "no longer in the queue (purged) or never spooled", None))
+    rows.append(("State", message_state(t, first, utc=True), None))
+    if m is not None and m.duplicate_of:
+        rows.append(("Tagged", f"duplicate of {m.duplicate_of}", message_url(m.duplicate_of)))
     return rows
 
 
@@ -448,24 +446,24 @@ class Site:
             },
         )
 
-    async def _export_events(self, request: web.Request) -> tuple[Search, tuple[Event, ...]]:
+    async def _export_events(self, request: web.Request) -> tuple[Event, ...]:
         try:
             search = parse_search(request.query, self._clock(), export=True)
         except SearchError as exc:
             raise web.HTTPBadRequest(text=f"{exc}\n") from None
         async with self._snapshot(request) as reader:
             page = await reader.search(search.filter)
-        return search, tuple(reversed(page.events))
+        return tuple(reversed(page.events))
 
     async def export_csv(self, request: web.Request) -> web.StreamResponse:
         """The rows `relay log --csv --utc` prints for the same filters, oldest first."""
-        _, events = await self._export_events(request)
+        events = await self._export_events(request)
         text = await asyncio.to_thread(_csv, events)  # up to 100,000 rows: not on the mail loop
         return self._download(text, "text/csv", "dedup-relay-log.csv")
 
     async def export_json(self, request: web.Request) -> web.StreamResponse:
         """A JSON array of the objects `relay log --json` prints, one per line, oldest first."""
-        _, events = await self._export_events(request)
+        events = await self._export_events(request)
         text = await asyncio.to_thread(_json_array, events)
         return self._download(text, "application/json", "dedup-relay-log.json")
 
