@@ -378,10 +378,9 @@ class Reader:
         if f.queue_id is not None:
             clauses.append("e.queue_id IN (?, ?)")
             params += [f.queue_id.strip(), f.queue_id.strip().upper()]
-        for column, value in (("user", f.user), ("strategy", f.strategy)):
-            if value is not None:
-                clauses.append(f'e."{column}" = ?')
-                params.append(value.strip())
+        if f.strategy is not None:
+            clauses.append("e.strategy = ?")
+            params.append(f.strategy.strip())
         if f.rule is not None:
             clauses.append("e.detail = ?")
             params.append(f"rule={f.rule.strip()}")
