@@ -166,18 +166,18 @@ def message_state(recipient_states: Iterable[str]) -> MessageState:
 
 
 def recovery_update(
-    queue_id: str, rcpts: Sequence[str], now: float, *, hold: bool, owner: str | None = None
+    queue_id: str, rcpts: Sequence[str], now: float, *, hold: bool, holder: str | None, owner: str
 ) -> Update:
     """A message left mid-attempt: whether the upstream has it is unknown, so it is ambiguous.
 
-    `owner` names the process whose lease ran out, when it is not the one recovering
-    (which is then taking back what its own previous run left).
+    `holder` is the lease's owner as stored; the detail names it when it is not `owner`, the
+    process recovering (which is otherwise taking back what its own previous run left).
     """
-    if owner is None:
+    if holder == owner:
         cause = "the relay stopped before the outcome of a delivery attempt was recorded"
     else:
         cause = (
-            f"the lease of {owner} ran out during a delivery attempt"
+            f"the lease of {holder or 'an unknown process'} ran out during a delivery attempt"
             " (that process stopped, or could not reach the store to renew it)"
         )
     return Update(

@@ -541,10 +541,10 @@ class PostgresStore:
         ]
         for queue_id, holder in stuck:
             rcpts = await _recipients_in(tx, queue_id, "queued")
-            other = None if holder == owner else holder or "an unknown process"
-            await self._update(
-                tx, changes.recovery_update(queue_id, rcpts, now, hold=hold, owner=other)
+            update = changes.recovery_update(
+                queue_id, rcpts, now, hold=hold, holder=holder, owner=owner
             )
+            await self._update(tx, update)
         tx.notify = bool(stuck) and not hold
         return [queue_id for queue_id, _ in stuck]
 

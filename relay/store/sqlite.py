@@ -411,8 +411,10 @@ class SqliteStore:
         ]
         for queue_id, holder in stuck:
             rcpts = _recipients_in(tx, queue_id, "queued")
-            other = None if holder == owner else holder or "an unknown process"
-            self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold, owner=other))
+            update = changes.recovery_update(
+                queue_id, rcpts, now, hold=hold, holder=holder, owner=owner
+            )
+            self._update(tx, update)
         return [queue_id for queue_id, _ in stuck]
 
     async def requeue(self, queue_id: str, now: float) -> int:
