@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.audit import Event
+from relay.audit import FIELDS, Event
 from relay.decision import Claim, Verdict, normalise_rcpt
 from relay.store import Lease, MessageState, RecipientUpdate, Submission, Update
 
@@ -24,6 +24,7 @@ __all__ = [
     "MessageFields",
     "accept_events",
     "claim_params",
+    "event_row",
     "lease_end",
     "lease_of",
     "message_row",
@@ -108,6 +109,11 @@ def accept_events(sub: Submission, verdict: Verdict) -> list[Event]:
             )
         )
     return events
+
+
+def event_row(e: Event) -> tuple[Any, ...]:
+    """An event as the events table holds it, in the order of FIELDS: recipients comma-joined."""
+    return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
 
 
 def _group(updates: Sequence[RecipientUpdate]) -> list[list[RecipientUpdate]]:

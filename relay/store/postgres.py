@@ -236,10 +236,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _event_arrays(events: Sequence[Event]) -> dict[str, list[Any]]:
-    return {
-        name: [",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for e in events]
-        for name, _ in sql.event_columns()
-    }
+    """One array per column, for `INSERT_EVENTS`' unnest."""
+    rows = [changes.event_row(e) for e in events]
+    return {name: [row[n] for row in rows] for n, (name, _) in enumerate(sql.event_columns())}
 
 
 class PostgresStore:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from relay import instance
-from relay.audit import FIELDS, Event
+from relay.audit import Event
 from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
 from relay.store import (
     PENDING_STATES,
@@ -84,15 +84,11 @@ class Tx:
     def record(self, events: Sequence[Event]) -> None:
         """Audit events, in the same transaction as the change they describe."""
         if events:
-            self.db.executemany(sql.INSERT_EVENT, [_event_row(e) for e in events])
+            self.db.executemany(sql.INSERT_EVENT, [changes.event_row(e) for e in events])
             self.events.extend(events)
 
 
 Job = Callable[[Tx], Any]
-
-
-def _event_row(e: Event) -> tuple[Any, ...]:
-    return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
 
 
 def is_outage(error: BaseException) -> bool:
