@@ -35,7 +35,14 @@ from asyncpg.pool import PoolConnectionProxy
 from relay import instance
 from relay.audit import Event
 from relay.config import StoreConfig
-from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
+from relay.decision import (
+    ClaimResult,
+    Holder,
+    Verdict,
+    decide,
+    needs_holders,
+    normalise_rcpt,
+)
 from relay.store import (
     Claim,
     Instance,
@@ -657,8 +664,8 @@ async def _take_claims(tx: PgTx, sub: Submission, claim: Claim) -> ClaimResult:
     params = changes.claim_params(sub, claim)
     rcpts = params.pop("rcpts")
     claimed = frozenset(row["rcpt"] for row in await tx.fetch(sql.CLAIM, rcpts=rcpts, **params))
-    if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
-        return ClaimResult(claimed)  # a fingerprint key cannot conflict with its own content
+    if not needs_holders(claim, claimed, len(rcpts)):
+        return ClaimResult(claimed)
     del params["fingerprint"], params["expires_at"]
     holders = await tx.fetch(sql.CLAIMS_OF_OTHERS, **params)
     return ClaimResult(

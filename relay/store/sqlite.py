@@ -23,7 +23,14 @@ import aiosqlite
 
 from relay import instance
 from relay.audit import Event
-from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
+from relay.decision import (
+    ClaimResult,
+    Holder,
+    Verdict,
+    decide,
+    needs_holders,
+    normalise_rcpt,
+)
 from relay.store import (
     PENDING_STATES,
     Claim,
@@ -547,17 +554,9 @@ def _take_claims(tx: Tx, sub: Submission, claim: Claim) -> ClaimResult:
     rcpts = params.pop("rcpts")
     params.update(sql.in_params(rcpts, "rcpt"))
     claimed = frozenset(row["rcpt"] for row in tx.execute(sql.claim(len(rcpts)), params))
-    if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
-        return ClaimResult(claimed)  # a fingerprint key cannot conflict with its own content
-    holders = tx.execute(
-        sql.CLAIMS_OF_OTHERS,
-        {
-            "scope": claim.scope,
-            "key": claim.namespaced,
-            "queue_id": sub.queue_id,
-            "now": sub.received_at,
-        },
-    )
+    if not needs_holders(claim, claimed, len(rcpts)):
+        return ClaimResult(claimed)
+    holders = tx.execute(sql.CLAIMS_OF_OTHERS, params)  # the names it needs, among others
     return ClaimResult(
         claimed,
         tuple(Holder(row["rcpt"], row["queue_id"], row["fingerprint"]) for row in holders),
