@@ -9,7 +9,7 @@ apart in what they store or what the audit log says.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "lease_of",
     "message_row",
     "message_state",
+    "purge",
     "recovery_update",
     "requeue_update",
     "settlement",
@@ -286,3 +287,32 @@ def lease_end(u: Update, state: MessageState) -> dict[str, Any]:
         "next_attempt": u.next_attempt if state == "queued" else None,
         "finished_at": u.ts if state == "done" else None,
     }
+
+
+async def purge(
+    chunk: Callable[[str, float], Awaitable[int]],
+    now: float,
+    keep_bodies: float,
+    audit_retention: float,
+) -> dict[str, int]:
+    """`Store.purge` for any backend: claims past their window, bodies kept past `keep_bodies`,
+    events and finished messages past `audit_retention`, in that order.
+
+    `chunk(kind, cutoff)` deletes up to `PURGE_CHUNK` rows of one kind in one transaction, so a
+    big purge never holds up the intake for long; it runs again until one comes up short.
+    """
+    cutoffs = {
+        "claims": now,
+        "bodies": now - keep_bodies,
+        "events": now - audit_retention,
+        "messages": now - audit_retention,
+    }
+    totals: dict[str, int] = {}
+    for kind, cutoff in cutoffs.items():
+        totals[kind] = 0
+        while True:
+            deleted = max(await chunk(kind, cutoff), 0)
+            totals[kind] += deleted
+            if deleted < PURGE_CHUNK:
+                break
+    return totals

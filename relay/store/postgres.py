@@ -85,6 +85,12 @@ T = TypeVar("T")
 OUTCOME_RETRY = 60.0
 # The LISTEN connection is checked this often, so a silently dead one is replaced.
 LISTEN_KEEPALIVE = 15.0
+# What `purge` deletes by a plain DELETE (finished messages return their count in a row).
+_PURGES = {
+    "claims": sql.DELETE_EXPIRED_CLAIMS,
+    "bodies": sql.DELETE_KEPT_BODIES,
+    "events": sql.DELETE_OLD_EVENTS,
+}
 
 # Errors that say the connection (or the server behind it) is gone, not that a statement was
 # wrong: the connection is dropped, and nothing of an uncommitted transaction was stored.
@@ -617,22 +623,12 @@ class PostgresStore:
             return await Reader(PostgresSource(db)).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
-        """A chunk per transaction, so a big purge never holds up the intake for long."""
-        steps = {
-            "claims": (sql.DELETE_EXPIRED_CLAIMS, now),
-            "bodies": (sql.DELETE_KEPT_BODIES, now - self.keep_bodies),
-            "events": (sql.DELETE_OLD_EVENTS, now - audit_retention),
-            "messages": (sql.PURGE_MESSAGES, now - audit_retention),
-        }
-        totals: dict[str, int] = {}
-        for name, (query, cutoff) in steps.items():
-            totals[name] = 0
-            while True:
-                deleted = await self._run(_deleter(query, cutoff))
-                totals[name] += deleted
-                if deleted < PURGE_CHUNK:
-                    break
-        return totals
+        return await changes.purge(self._purge_chunk, now, self.keep_bodies, audit_retention)
+
+    async def _purge_chunk(self, kind: str, cutoff: float) -> int:
+        if kind == "messages":
+            return await self._run(lambda tx: _purge_messages(tx, cutoff))
+        return await self._run(_deleter(_PURGES[kind], cutoff))
 
 
 def _flag(event: asyncio.Event, *_: object) -> None:
@@ -651,12 +647,14 @@ def _first_of(
 
 def _deleter(query: Query, cutoff: float) -> Callable[[PgTx], Awaitable[int]]:
     async def job(tx: PgTx) -> int:
-        if query is sql.PURGE_MESSAGES:
-            row = await tx.fetchrow(query, cutoff=cutoff, chunk=PURGE_CHUNK)
-            return 0 if row is None else int(row[0])
         return await tx.execute(query, cutoff=cutoff, chunk=PURGE_CHUNK)
 
     return job
+
+
+async def _purge_messages(tx: PgTx, cutoff: float) -> int:
+    row = await tx.fetchrow(sql.PURGE_MESSAGES, cutoff=cutoff, chunk=PURGE_CHUNK)
+    return 0 if row is None else int(row[0])
 
 
 async def _take_claims(tx: PgTx, sub: Submission, claim: Claim) -> ClaimResult:

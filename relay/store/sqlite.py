@@ -72,6 +72,12 @@ T = TypeVar("T")
 
 # Leases renewed per statement, well inside SQLite's limit on parameters.
 RENEW_CHUNK = 500
+# What `purge` deletes by a single statement (finished messages take several).
+_PURGES = {
+    "claims": sql.DELETE_EXPIRED_CLAIMS,
+    "bodies": sql.DELETE_KEPT_BODIES,
+    "events": sql.DELETE_OLD_EVENTS,
+}
 
 
 class Tx:
@@ -464,27 +470,12 @@ class SqliteStore:
         return await Reader(SqliteSource(self.reader)).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
-        """A chunk per transaction, so a big purge never holds up the intake for long."""
-        totals = {"claims": 0, "bodies": 0, "events": 0, "messages": 0}
-        statements = {
-            "claims": (sql.DELETE_EXPIRED_CLAIMS, now),
-            "bodies": (sql.DELETE_KEPT_BODIES, now - self.keep_bodies),
-            "events": (sql.DELETE_OLD_EVENTS, now - audit_retention),
-        }
-        for name, (statement, cutoff) in statements.items():
-            totals[name] = await self._chunks(_deleter(statement, cutoff))
-        totals["messages"] = await self._chunks(
-            lambda tx: _purge_messages(tx, now - audit_retention)
-        )
-        return totals
+        return await changes.purge(self._purge_chunk, now, self.keep_bodies, audit_retention)
 
-    async def _chunks(self, job: Callable[[Tx], int]) -> int:
-        total = 0
-        while True:
-            deleted = max(await self._run(job), 0)
-            total += deleted
-            if deleted < PURGE_CHUNK:
-                return total
+    async def _purge_chunk(self, kind: str, cutoff: float) -> int:
+        if kind == "messages":
+            return await self._run(lambda tx: _purge_messages(tx, cutoff))
+        return await self._run(_deleter(_PURGES[kind], cutoff))
 
 
 def migrate(db: sqlite3.Connection, where: str) -> migrations.Migrated:
