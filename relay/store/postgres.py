@@ -699,12 +699,12 @@ async def migrate_database(config: StoreConfig) -> migrations.Migrated:
             await db.execute("SELECT pg_advisory_xact_lock($1)", sql.MIGRATION_LOCK)
             current = await _schema_version(db)
             steps = migrations.pending(migrations.POSTGRES, current, config.url)
+            done = migrations.Migrated(current, steps)
             for step in steps:
                 await db.execute(step.script)
-            after = steps[-1].version if steps else current
             if steps:
-                await db.execute(sql.SET_SCHEMA_VERSION.text, str(after))
-        return migrations.Migrated(current, after, steps)
+                await db.execute(sql.SET_SCHEMA_VERSION.text, str(done.after))
+        return done
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot migrate the store {config.url}: {_describe(exc)}") from None
     finally:

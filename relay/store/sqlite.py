@@ -485,18 +485,18 @@ def migrate(db: sqlite3.Connection, where: str) -> migrations.Migrated:
     try:
         current = _schema_version(db)
         steps = migrations.pending(migrations.SQLITE, current, where)
+        done = migrations.Migrated(current, steps)
         for step in steps:
             for statement in _statements(step.script):
                 db.execute(statement)
-        after = steps[-1].version if steps else current
         if steps:
-            db.execute(sql.SET_SCHEMA_VERSION, {"version": str(after)})
+            db.execute(sql.SET_SCHEMA_VERSION, {"version": str(done.after)})
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-    return migrations.Migrated(current, after, steps)
+    return done
 
 
 def _schema_version(db: sqlite3.Connection) -> int:
