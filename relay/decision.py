@@ -18,6 +18,7 @@ __all__ = [
     "Verdict",
     "VerdictKind",
     "decide",
+    "needs_holders",
     "normalise_rcpt",
 ]
 
@@ -92,6 +93,13 @@ class Verdict:
     def accepted(self) -> bool:
         """The client hears 250: the message is spooled, or knowingly not forwarded."""
         return self.reply.startswith("250")
+
+
+def needs_holders(claim: Claim, claimed: frozenset[str], recipients: int) -> bool:
+    """Whether `decide` needs the key's other live holders, read after taking the claims: not
+    when a fingerprint key was won for all `recipients`, as it cannot conflict with its own
+    content."""
+    return len(claimed) != recipients or claim.strategy != "fingerprint"
 
 
 def _queued_reply(queue_id: str) -> str:

@@ -9,11 +9,11 @@ apart in what they store or what the audit log says.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.audit import Event
+from relay.audit import FIELDS, Event
 from relay.decision import Claim, Verdict, normalise_rcpt
 from relay.store import Lease, MessageState, RecipientUpdate, Submission, Update
 
@@ -24,10 +24,12 @@ __all__ = [
     "MessageFields",
     "accept_events",
     "claim_params",
+    "event_row",
     "lease_end",
     "lease_of",
     "message_row",
     "message_state",
+    "purge",
     "recovery_update",
     "requeue_update",
     "settlement",
@@ -110,6 +112,11 @@ def accept_events(sub: Submission, verdict: Verdict) -> list[Event]:
     return events
 
 
+def event_row(e: Event) -> tuple[Any, ...]:
+    """An event as the events table holds it, in the order of FIELDS: recipients comma-joined."""
+    return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
+
+
 def _group(updates: Sequence[RecipientUpdate]) -> list[list[RecipientUpdate]]:
     """One audit event per distinct outcome, listing every recipient it applies to."""
     groups: dict[tuple[Any, ...], list[RecipientUpdate]] = {}
@@ -166,18 +173,18 @@ def message_state(recipient_states: Iterable[str]) -> MessageState:
 
 
 def recovery_update(
-    queue_id: str, rcpts: Sequence[str], now: float, *, hold: bool, owner: str | None = None
+    queue_id: str, rcpts: Sequence[str], now: float, *, hold: bool, holder: str | None, owner: str
 ) -> Update:
     """A message left mid-attempt: whether the upstream has it is unknown, so it is ambiguous.
 
-    `owner` names the process whose lease ran out, when it is not the one recovering
-    (which is then taking back what its own previous run left).
+    `holder` is the lease's owner as stored; the detail names it when it is not `owner`, the
+    process recovering (which is otherwise taking back what its own previous run left).
     """
-    if owner is None:
+    if holder == owner:
         cause = "the relay stopped before the outcome of a delivery attempt was recorded"
     else:
         cause = (
-            f"the lease of {owner} ran out during a delivery attempt"
+            f"the lease of {holder or 'an unknown process'} ran out during a delivery attempt"
             " (that process stopped, or could not reach the store to renew it)"
         )
     return Update(
@@ -280,3 +287,32 @@ def lease_end(u: Update, state: MessageState) -> dict[str, Any]:
         "next_attempt": u.next_attempt if state == "queued" else None,
         "finished_at": u.ts if state == "done" else None,
     }
+
+
+async def purge(
+    chunk: Callable[[str, float], Awaitable[int]],
+    now: float,
+    keep_bodies: float,
+    audit_retention: float,
+) -> dict[str, int]:
+    """`Store.purge` for any backend: claims past their window, bodies kept past `keep_bodies`,
+    events and finished messages past `audit_retention`, in that order.
+
+    `chunk(kind, cutoff)` deletes up to `PURGE_CHUNK` rows of one kind in one transaction, so a
+    big purge never holds up the intake for long; it runs again until one comes up short.
+    """
+    cutoffs = {
+        "claims": now,
+        "bodies": now - keep_bodies,
+        "events": now - audit_retention,
+        "messages": now - audit_retention,
+    }
+    totals: dict[str, int] = {}
+    for kind, cutoff in cutoffs.items():
+        totals[kind] = 0
+        while True:
+            deleted = max(await chunk(kind, cutoff), 0)
+            totals[kind] += deleted
+            if deleted < PURGE_CHUNK:
+                break
+    return totals

@@ -29,8 +29,11 @@ class Migrated:
     """What a migration run found and did."""
 
     before: int
-    after: int
     applied: tuple[Migration, ...]
+
+    @property
+    def after(self) -> int:
+        return self.applied[-1].version if self.applied else self.before
 
 
 SQLITE = (

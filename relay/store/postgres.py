@@ -35,7 +35,14 @@ from asyncpg.pool import PoolConnectionProxy
 from relay import instance
 from relay.audit import Event
 from relay.config import StoreConfig
-from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
+from relay.decision import (
+    ClaimResult,
+    Holder,
+    Verdict,
+    decide,
+    needs_holders,
+    normalise_rcpt,
+)
 from relay.store import (
     Claim,
     Instance,
@@ -78,6 +85,12 @@ T = TypeVar("T")
 OUTCOME_RETRY = 60.0
 # The LISTEN connection is checked this often, so a silently dead one is replaced.
 LISTEN_KEEPALIVE = 15.0
+# What `purge` deletes by a plain DELETE (finished messages return their count in a row).
+_PURGES = {
+    "claims": sql.DELETE_EXPIRED_CLAIMS,
+    "bodies": sql.DELETE_KEPT_BODIES,
+    "events": sql.DELETE_OLD_EVENTS,
+}
 
 # Errors that say the connection (or the server behind it) is gone, not that a statement was
 # wrong: the connection is dropped, and nothing of an uncommitted transaction was stored.
@@ -236,10 +249,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _event_arrays(events: Sequence[Event]) -> dict[str, list[Any]]:
-    return {
-        name: [",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for e in events]
-        for name, _ in sql.event_columns()
-    }
+    """One array per column, for `INSERT_EVENTS`' unnest."""
+    rows = [changes.event_row(e) for e in events]
+    return {name: [row[n] for row in rows] for n, (name, _) in enumerate(sql.event_columns())}
 
 
 class PostgresStore:
@@ -541,10 +553,10 @@ class PostgresStore:
         ]
         for queue_id, holder in stuck:
             rcpts = await _recipients_in(tx, queue_id, "queued")
-            other = None if holder == owner else holder or "an unknown process"
-            await self._update(
-                tx, changes.recovery_update(queue_id, rcpts, now, hold=hold, owner=other)
+            update = changes.recovery_update(
+                queue_id, rcpts, now, hold=hold, holder=holder, owner=owner
             )
+            await self._update(tx, update)
         tx.notify = bool(stuck) and not hold
         return [queue_id for queue_id, _ in stuck]
 
@@ -611,22 +623,12 @@ class PostgresStore:
             return await Reader(PostgresSource(db)).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
-        """A chunk per transaction, so a big purge never holds up the intake for long."""
-        steps = {
-            "claims": (sql.DELETE_EXPIRED_CLAIMS, now),
-            "bodies": (sql.DELETE_KEPT_BODIES, now - self.keep_bodies),
-            "events": (sql.DELETE_OLD_EVENTS, now - audit_retention),
-            "messages": (sql.PURGE_MESSAGES, now - audit_retention),
-        }
-        totals: dict[str, int] = {}
-        for name, (query, cutoff) in steps.items():
-            totals[name] = 0
-            while True:
-                deleted = await self._run(_deleter(query, cutoff))
-                totals[name] += deleted
-                if deleted < PURGE_CHUNK:
-                    break
-        return totals
+        return await changes.purge(self._purge_chunk, now, self.keep_bodies, audit_retention)
+
+    async def _purge_chunk(self, kind: str, cutoff: float) -> int:
+        if kind == "messages":
+            return await self._run(lambda tx: _purge_messages(tx, cutoff))
+        return await self._run(_deleter(_PURGES[kind], cutoff))
 
 
 def _flag(event: asyncio.Event, *_: object) -> None:
@@ -645,12 +647,14 @@ def _first_of(
 
 def _deleter(query: Query, cutoff: float) -> Callable[[PgTx], Awaitable[int]]:
     async def job(tx: PgTx) -> int:
-        if query is sql.PURGE_MESSAGES:
-            row = await tx.fetchrow(query, cutoff=cutoff, chunk=PURGE_CHUNK)
-            return 0 if row is None else int(row[0])
         return await tx.execute(query, cutoff=cutoff, chunk=PURGE_CHUNK)
 
     return job
+
+
+async def _purge_messages(tx: PgTx, cutoff: float) -> int:
+    row = await tx.fetchrow(sql.PURGE_MESSAGES, cutoff=cutoff, chunk=PURGE_CHUNK)
+    return 0 if row is None else int(row[0])
 
 
 async def _take_claims(tx: PgTx, sub: Submission, claim: Claim) -> ClaimResult:
@@ -658,8 +662,8 @@ async def _take_claims(tx: PgTx, sub: Submission, claim: Claim) -> ClaimResult:
     params = changes.claim_params(sub, claim)
     rcpts = params.pop("rcpts")
     claimed = frozenset(row["rcpt"] for row in await tx.fetch(sql.CLAIM, rcpts=rcpts, **params))
-    if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
-        return ClaimResult(claimed)  # a fingerprint key cannot conflict with its own content
+    if not needs_holders(claim, claimed, len(rcpts)):
+        return ClaimResult(claimed)
     del params["fingerprint"], params["expires_at"]
     holders = await tx.fetch(sql.CLAIMS_OF_OTHERS, **params)
     return ClaimResult(
@@ -695,12 +699,12 @@ async def migrate_database(config: StoreConfig) -> migrations.Migrated:
             await db.execute("SELECT pg_advisory_xact_lock($1)", sql.MIGRATION_LOCK)
             current = await _schema_version(db)
             steps = migrations.pending(migrations.POSTGRES, current, config.url)
+            done = migrations.Migrated(current, steps)
             for step in steps:
                 await db.execute(step.script)
-            after = steps[-1].version if steps else current
             if steps:
-                await db.execute(sql.SET_SCHEMA_VERSION.text, str(after))
-        return migrations.Migrated(current, after, steps)
+                await db.execute(sql.SET_SCHEMA_VERSION.text, str(done.after))
+        return done
     except asyncpg.PostgresError as exc:
         raise StoreError(f"cannot migrate the store {config.url}: {_describe(exc)}") from None
     finally:

@@ -334,6 +334,15 @@ def _where(f: EventFilter, source: Source) -> tuple[str, list[Any]]:
     if f.user is not None:
         clauses.append('"user" = ?')
         params.append(f.user.strip())
+    if f.queue_id is not None:
+        clauses.append("queue_id IN (?, ?)")
+        params += [f.queue_id.strip(), f.queue_id.strip().upper()]
+    if f.strategy is not None:
+        clauses.append("strategy = ?")
+        params.append(f.strategy.strip())
+    if f.rule is not None:
+        clauses.append("detail = ?")
+        params.append(f"rule={f.rule.strip()}")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
@@ -375,16 +384,6 @@ class Reader:
         """
         where, params = _where(replace(f, rcpt=None), self._source)
         clauses = [where.removeprefix(" WHERE ")] if where else []
-        if f.queue_id is not None:
-            clauses.append("e.queue_id IN (?, ?)")
-            params += [f.queue_id.strip(), f.queue_id.strip().upper()]
-        for column, value in (("user", f.user), ("strategy", f.strategy)):
-            if value is not None:
-                clauses.append(f'e."{column}" = ?')
-                params.append(value.strip())
-        if f.rule is not None:
-            clauses.append("e.detail = ?")
-            params.append(f"rule={f.rule.strip()}")
         source, ts, ident = "events e", "e.ts", "e.id"
         if f.rcpt is not None:
             source, ts, ident = "event_rcpts r CROSS JOIN events e", "r.event_ts", "r.event_id"

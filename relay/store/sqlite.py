@@ -22,8 +22,15 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from relay import instance
-from relay.audit import FIELDS, Event
-from relay.decision import ClaimResult, Holder, Verdict, decide, normalise_rcpt
+from relay.audit import Event
+from relay.decision import (
+    ClaimResult,
+    Holder,
+    Verdict,
+    decide,
+    needs_holders,
+    normalise_rcpt,
+)
 from relay.store import (
     PENDING_STATES,
     Claim,
@@ -65,6 +72,12 @@ T = TypeVar("T")
 
 # Leases renewed per statement, well inside SQLite's limit on parameters.
 RENEW_CHUNK = 500
+# What `purge` deletes by a single statement (finished messages take several).
+_PURGES = {
+    "claims": sql.DELETE_EXPIRED_CLAIMS,
+    "bodies": sql.DELETE_KEPT_BODIES,
+    "events": sql.DELETE_OLD_EVENTS,
+}
 
 
 class Tx:
@@ -84,15 +97,11 @@ class Tx:
     def record(self, events: Sequence[Event]) -> None:
         """Audit events, in the same transaction as the change they describe."""
         if events:
-            self.db.executemany(sql.INSERT_EVENT, [_event_row(e) for e in events])
+            self.db.executemany(sql.INSERT_EVENT, [changes.event_row(e) for e in events])
             self.events.extend(events)
 
 
 Job = Callable[[Tx], Any]
-
-
-def _event_row(e: Event) -> tuple[Any, ...]:
-    return tuple(",".join(e.rcpts) if name == "rcpts" else getattr(e, name) for name in FIELDS)
 
 
 def is_outage(error: BaseException) -> bool:
@@ -411,8 +420,10 @@ class SqliteStore:
         ]
         for queue_id, holder in stuck:
             rcpts = _recipients_in(tx, queue_id, "queued")
-            other = None if holder == owner else holder or "an unknown process"
-            self._update(tx, changes.recovery_update(queue_id, rcpts, now, hold=hold, owner=other))
+            update = changes.recovery_update(
+                queue_id, rcpts, now, hold=hold, holder=holder, owner=owner
+            )
+            self._update(tx, update)
         return [queue_id for queue_id, _ in stuck]
 
     async def requeue(self, queue_id: str, now: float) -> int:
@@ -459,27 +470,12 @@ class SqliteStore:
         return await Reader(SqliteSource(self.reader)).queue_depth()
 
     async def purge(self, now: float, audit_retention: float) -> dict[str, int]:
-        """A chunk per transaction, so a big purge never holds up the intake for long."""
-        totals = {"claims": 0, "bodies": 0, "events": 0, "messages": 0}
-        statements = {
-            "claims": (sql.DELETE_EXPIRED_CLAIMS, now),
-            "bodies": (sql.DELETE_KEPT_BODIES, now - self.keep_bodies),
-            "events": (sql.DELETE_OLD_EVENTS, now - audit_retention),
-        }
-        for name, (statement, cutoff) in statements.items():
-            totals[name] = await self._chunks(_deleter(statement, cutoff))
-        totals["messages"] = await self._chunks(
-            lambda tx: _purge_messages(tx, now - audit_retention)
-        )
-        return totals
+        return await changes.purge(self._purge_chunk, now, self.keep_bodies, audit_retention)
 
-    async def _chunks(self, job: Callable[[Tx], int]) -> int:
-        total = 0
-        while True:
-            deleted = max(await self._run(job), 0)
-            total += deleted
-            if deleted < PURGE_CHUNK:
-                return total
+    async def _purge_chunk(self, kind: str, cutoff: float) -> int:
+        if kind == "messages":
+            return await self._run(lambda tx: _purge_messages(tx, cutoff))
+        return await self._run(_deleter(_PURGES[kind], cutoff))
 
 
 def migrate(db: sqlite3.Connection, where: str) -> migrations.Migrated:
@@ -489,18 +485,18 @@ def migrate(db: sqlite3.Connection, where: str) -> migrations.Migrated:
     try:
         current = _schema_version(db)
         steps = migrations.pending(migrations.SQLITE, current, where)
+        done = migrations.Migrated(current, steps)
         for step in steps:
             for statement in _statements(step.script):
                 db.execute(statement)
-        after = steps[-1].version if steps else current
         if steps:
-            db.execute(sql.SET_SCHEMA_VERSION, {"version": str(after)})
+            db.execute(sql.SET_SCHEMA_VERSION, {"version": str(done.after)})
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-    return migrations.Migrated(current, after, steps)
+    return done
 
 
 def _schema_version(db: sqlite3.Connection) -> int:
@@ -549,17 +545,9 @@ def _take_claims(tx: Tx, sub: Submission, claim: Claim) -> ClaimResult:
     rcpts = params.pop("rcpts")
     params.update(sql.in_params(rcpts, "rcpt"))
     claimed = frozenset(row["rcpt"] for row in tx.execute(sql.claim(len(rcpts)), params))
-    if len(claimed) == len(rcpts) and claim.strategy == "fingerprint":
-        return ClaimResult(claimed)  # a fingerprint key cannot conflict with its own content
-    holders = tx.execute(
-        sql.CLAIMS_OF_OTHERS,
-        {
-            "scope": claim.scope,
-            "key": claim.namespaced,
-            "queue_id": sub.queue_id,
-            "now": sub.received_at,
-        },
-    )
+    if not needs_holders(claim, claimed, len(rcpts)):
+        return ClaimResult(claimed)
+    holders = tx.execute(sql.CLAIMS_OF_OTHERS, params)  # the names it needs, among others
     return ClaimResult(
         claimed,
         tuple(Holder(row["rcpt"], row["queue_id"], row["fingerprint"]) for row in holders),

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 # Generated from the Event fields, in their order: the one statement bound by position
-# (`sqlite.event_row`), as it runs for every event and cannot drift from its columns.
+# (`changes.event_row`), as it runs for every event and cannot drift from its columns.
 INSERT_EVENT = f"INSERT INTO events ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
 
 # --- accept ------------------------------------------------------------------
