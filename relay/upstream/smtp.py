@@ -24,6 +24,7 @@ from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol
 
 from relay.config import UpstreamConfig
+from relay.content import normalise_line_endings
 from relay.errors import StoreError
 from relay.upstream import Attempt, Gate, Outgoing, RecipientResult
 from relay.upstream.replies import (
@@ -38,8 +39,6 @@ from relay.upstream.replies import (
 
 __all__ = ["PlaintextAuthRefused", "SmtpTransport", "wire_payload"]
 
-_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
-_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
@@ -49,7 +48,7 @@ def wire_payload(data: bytes) -> bytes:
     Each rewrite is skipped when a search finds nothing to rewrite, so a clean message
     (the front door already normalised its line endings) is copied once, not three times.
     """
-    text = _LINE_ENDINGS.sub(b"\r\n", data) if _BARE_LINE_END.search(data) else data
+    text = normalise_line_endings(data)
     if text.startswith(b".") or b"\n." in text:
         text = _LEADING_DOT.sub(b"..", text)
     return text + (b".\r\n" if text.endswith(b"\r\n") else b"\r\n.\r\n")
