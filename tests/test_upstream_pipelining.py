@@ -353,10 +353,11 @@ async def test_a_421_to_the_payload_is_deferred_and_never_fails_over(
         assert upstream.connections == 0
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
 async def test_a_reused_connection_found_dead_is_replaced_and_the_message_goes_once(
-    make_relay: RelayFactory,
+    make_relay: RelayFactory, pipelining: bool
 ) -> None:
-    async with batch_upstream() as server:
+    async with batch_upstream(pipelining=pipelining) as server:
         server.hang_up_after = 1  # after one message, a session hangs up on the next batch
         relay = await relay_to(make_relay, server.port)
         assert (await send(relay.port, make_message("first"))).code == 250

@@ -196,6 +196,7 @@ class SmtpTransport:
         self.config = config
         self.payload_sent = False
         self._stage: Stage = "session"
+        self._answered = False  # a reply to the current transaction has come
         self._client: aiosmtplib.SMTP | None = None
         self._sent = 0
         self._last_used = 0.0
@@ -286,16 +287,27 @@ class SmtpTransport:
         client, reused = await self._connection()
         if gate is not None:
             await gate()
-        self._stage = "mail"
-        if client.supports_extension("pipelining"):
-            return await self._send_pipelined(client, reused, message, refused)
         try:
-            await self._mail(client, message)
+            return await self._transaction(client, message, refused)
         except _STALE:
-            if not reused:
+            if not reused or self._answered:
                 raise
-            client = await self._reconnect()
-            await self._mail(client, message)
+        # A reused connection died before any reply to this transaction: with no reply
+        # (MAIL's comes first) nothing was taken, so it goes again on a fresh one, once.
+        await self.close()
+        self._stage = "session"
+        client, _ = await self._connection()
+        return await self._transaction(client, message, refused)
+
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, message: Outgoing, refused: dict[str, RecipientResult]
+    ) -> tuple[tuple[RecipientResult, ...], str | None]:
+        self._stage = "mail"
+        self._answered = False
+        if client.supports_extension("pipelining"):
+            return await self._send_pipelined(client, message, refused)
+        await self._mail(client, message)
+        self._answered = True
         self._sent += 1
         self._stage = "rcpt"
         encoding = "utf-8" if message.smtputf8 else "ascii"
@@ -324,23 +336,13 @@ class SmtpTransport:
             raise _not_started(start)
         return await self._deliver(client, message, refused)
 
-    async def _reconnect(self) -> aiosmtplib.SMTP:
-        """A reused connection died before any reply to this transaction: nothing was
-        accepted, so the same transaction goes again on a fresh one, once."""
-        await self.close()
-        self._stage = "session"
-        client, _ = await self._connection()
-        self._stage = "mail"
-        return client
-
     async def _send_pipelined(
         self,
         client: aiosmtplib.SMTP,
-        reused: bool,
         message: Outgoing,
         refused: dict[str, RecipientResult],
     ) -> tuple[tuple[RecipientResult, ...], str | None]:
-        """MAIL, RCPT... and DATA in one write; the replies are then judged as one by one."""
+        """MAIL, RCPT... and DATA in one write; the replies are then judged one by one, as on the unpipelined path."""
         encoding = "utf-8" if message.smtputf8 else "ascii"
         try:
             mail = _address(
@@ -362,15 +364,7 @@ class SmtpTransport:
             return tuple(unwritable[r] for r in message.recipients), None
         commands.append(b"DATA\r\n")
         batch = b"".join(commands)
-        replies: list[aiosmtplib.SMTPResponse] = []
-        try:
-            await self._pipeline(client, batch, len(commands), replies)
-        except _STALE:
-            # No reply at all means no command was taken (MAIL's reply comes first).
-            if not reused or replies:
-                raise
-            client = await self._reconnect()
-            await self._pipeline(client, batch, len(commands), replies)
+        replies = await self._pipeline(client, batch, len(commands))
         mail_reply, rcpt_replies = replies[0], replies[1 : len(commands) - 1]
         self._stage = "mail"
         if mail_reply.code == 421:
@@ -417,9 +411,8 @@ class SmtpTransport:
         client: aiosmtplib.SMTP,
         batch: bytes,
         expected: int,
-        replies: list[aiosmtplib.SMTPResponse],
-    ) -> None:
-        """Write the batch and read its replies into `replies`, stopping at a 421.
+    ) -> list[aiosmtplib.SMTPResponse]:
+        """Write the batch and read its replies, in order, stopping at a 421.
 
         Any failure, a 421 and a stray reply drop the connection: its reply stream can no
         longer be paired with commands.
@@ -429,16 +422,18 @@ class SmtpTransport:
         if protocol is None or transport is None:
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         reader = _Replies(protocol, transport, client.timeout)
+        replies: list[aiosmtplib.SMTPResponse] = []
         try:
             protocol.write(batch)
             while len(replies) < expected:
                 n = len(replies)
                 self._stage = "mail" if n == 0 else "data" if n == expected - 1 else "rcpt"
                 reply = await reader.next()
+                self._answered = True
                 replies.append(reply)
                 if reply.code == 421:
                     self.abort()  # the upstream is closing: the transaction is off
-                    return
+                    return replies
             if reader.stray:
                 raise _Desynced(
                     "the upstream sent more replies than commands; the message was not sent"
@@ -448,6 +443,7 @@ class SmtpTransport:
             raise
         finally:
             reader.release()
+        return replies
 
     def _mail_options(self, client: aiosmtplib.SMTP, message: Outgoing) -> list[str]:
         options: list[str] = []
