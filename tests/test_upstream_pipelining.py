@@ -12,15 +12,23 @@ Postfix.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from tests import mta
-from tests.conftest import Relay, Upstream, eventually, make_message, send
+from tests.conftest import (
+    LoopbackServer,
+    Relay,
+    Upstream,
+    eventually,
+    make_message,
+    primary_and_backup,
+    running,
+    send,
+)
 from tests.mta import Postfix
 
 postfix_factory = mta.postfix_factory
@@ -34,7 +42,7 @@ QUEUED = b"250 2.0.0 Ok: queued as BATCH1\r\n"
 OUTCOMES = ("delivered", "deferred", "failed", "ambiguous")
 
 
-class BatchUpstream:
+class BatchUpstream(LoopbackServer):
     """An SMTP server by hand that answers a pipelined batch only once DATA has arrived.
 
     `mail` and `rcpt` map an address to its reply (default 250), `data` is the reply to DATA,
@@ -59,8 +67,6 @@ class BatchUpstream:
         self.payloads: list[bytes] = []
         self.partial: list[bytes] = []
         self.sessions = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
 
     def _ehlo(self) -> bytes:
         extensions = ["8BITMIME", "SIZE 10240000", *(["PIPELINING"] if self.pipelining else [])]
@@ -150,25 +156,6 @@ class BatchUpstream:
                 self.partial.append(buffer)
             writer.close()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def batch_upstream(**options: Any) -> AsyncIterator[BatchUpstream]:
-    server = BatchUpstream(**options)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
 
 def url(port: int) -> str:
     return f"smtp://127.0.0.1:{port}"
@@ -205,7 +192,7 @@ def by_rcpt(events: list[dict[str, Any]]) -> dict[str, tuple[str, int | None]]:
 async def test_mail_rcpts_and_data_go_in_one_batch_when_the_upstream_offers_pipelining(
     make_relay: RelayFactory,
 ) -> None:
-    async with batch_upstream() as server:
+    async with running(BatchUpstream()) as server:
         relay = await relay_to(make_relay, server.port)
         rcpts = ("alice@example.org", "bob@example.org")
         assert (await send(relay.port, make_message("batched"), rcpts=rcpts)).code == 250
@@ -220,7 +207,7 @@ async def test_mail_rcpts_and_data_go_in_one_batch_when_the_upstream_offers_pipe
 async def test_without_pipelining_each_command_waits_for_its_reply(
     make_relay: RelayFactory,
 ) -> None:
-    async with batch_upstream(pipelining=False) as server:
+    async with running(BatchUpstream(pipelining=False)) as server:
         relay = await relay_to(make_relay, server.port)
         rcpts = ("alice@example.org", "bob@example.org")
         assert (await send(relay.port, make_message("one by one"), rcpts=rcpts)).code == 250
@@ -237,7 +224,7 @@ async def test_without_pipelining_each_command_waits_for_its_reply(
 async def test_mixed_recipient_replies_are_judged_per_recipient_and_the_payload_goes_once(
     make_relay: RelayFactory,
 ) -> None:
-    async with batch_upstream() as server:
+    async with running(BatchUpstream()) as server:
         server.rcpt = {
             "bob@example.org": b"550 5.1.1 <bob@example.org>: no such user\r\n",
             "carol@example.org": b"251 2.1.5 will forward\r\n",
@@ -259,7 +246,7 @@ async def test_mixed_recipient_replies_are_judged_per_recipient_and_the_payload_
 async def test_a_354_after_every_recipient_was_refused_gets_no_payload_and_a_dropped_line(
     make_relay: RelayFactory,
 ) -> None:
-    async with batch_upstream() as server:
+    async with running(BatchUpstream()) as server:
         server.rcpt = {
             "alice@example.org": b"550 5.1.1 no such user\r\n",
             "bob@example.org": b"553 5.1.3 bad address\r\n",
@@ -281,7 +268,7 @@ async def test_a_354_after_every_recipient_was_refused_gets_no_payload_and_a_dro
 async def test_a_refused_mail_sends_nothing_and_the_next_message_reuses_the_connection(
     make_relay: RelayFactory,
 ) -> None:
-    async with batch_upstream() as server:
+    async with running(BatchUpstream()) as server:
         server.mail = {"blocked@example.com": b"550 5.7.1 sender blocked\r\n"}
         relay = await relay_to(make_relay, server.port)
         refused = make_message("blocked", sender="blocked@example.com")
@@ -307,7 +294,7 @@ async def test_a_refused_mail_sends_nothing_and_the_next_message_reuses_the_conn
 async def test_a_421_in_the_batch_fails_over_with_nothing_sent(
     make_relay: RelayFactory, upstream: Upstream, stage: str
 ) -> None:
-    async with batch_upstream() as primary:
+    async with running(BatchUpstream()) as primary:
         closing = b"421 4.3.2 Service shutting down\r\n"
         if stage == "mail":
             primary.mail = {"shop@example.com": closing}
@@ -315,13 +302,7 @@ async def test_a_421_in_the_batch_fails_over_with_nothing_sent(
             primary.rcpt = {"alice@example.org": closing}
         else:
             primary.data = closing
-        relay = await make_relay(
-            upstreams=[
-                {"name": "primary", "url": url(primary.port)},
-                {"name": "backup", "url": url(upstream.port)},
-            ],
-            routes=[{"upstreams": ["primary", "backup"]}],
-        )
+        relay = await primary_and_backup(make_relay, primary.port, upstream.port)
         await send(relay.port, make_message())
         await upstream.wait_for(1)
         await relay.idle()
@@ -336,15 +317,9 @@ async def test_a_421_in_the_batch_fails_over_with_nothing_sent(
 async def test_a_421_to_the_payload_is_deferred_and_never_fails_over(
     make_relay: RelayFactory, upstream: Upstream
 ) -> None:
-    async with batch_upstream() as primary:
+    async with running(BatchUpstream()) as primary:
         primary.end = b"421 4.3.2 Service shutting down\r\n"
-        relay = await make_relay(
-            upstreams=[
-                {"name": "primary", "url": url(primary.port)},
-                {"name": "backup", "url": url(upstream.port)},
-            ],
-            routes=[{"upstreams": ["primary", "backup"]}],
-        )
+        relay = await primary_and_backup(make_relay, primary.port, upstream.port)
         await send(relay.port, make_message())
         event = (await outcomes(relay, 1))[0]
         assert (event["event"], event["code"]) == ("deferred", 421)
@@ -357,7 +332,7 @@ async def test_a_421_to_the_payload_is_deferred_and_never_fails_over(
 async def test_a_reused_connection_found_dead_is_replaced_and_the_message_goes_once(
     make_relay: RelayFactory, pipelining: bool
 ) -> None:
-    async with batch_upstream(pipelining=pipelining) as server:
+    async with running(BatchUpstream(pipelining=pipelining)) as server:
         server.hang_up_after = 1  # after one message, a session hangs up on the next batch
         relay = await relay_to(make_relay, server.port)
         assert (await send(relay.port, make_message("first"))).code == 250
@@ -378,7 +353,7 @@ async def test_a_reused_connection_found_dead_is_replaced_and_the_message_goes_o
 async def test_a_reply_too_many_in_the_batch_sends_nothing_then_a_sane_upstream_gets_it_once(
     make_relay: RelayFactory, where: str, stray: bytes
 ) -> None:
-    async with batch_upstream() as server:
+    async with running(BatchUpstream()) as server:
         if where == "after-mail":
             server.mail = {"shop@example.com": OK + stray}
         else:

@@ -342,7 +342,8 @@ class SmtpTransport:
         message: Outgoing,
         refused: dict[str, RecipientResult],
     ) -> tuple[tuple[RecipientResult, ...], str | None]:
-        """MAIL, RCPT... and DATA in one write; the replies are then judged one by one, as on the unpipelined path."""
+        """MAIL, RCPT... and DATA in one write; the replies are then judged one by one, as
+        on the unpipelined path."""
         encoding = "utf-8" if message.smtputf8 else "ascii"
         try:
             mail = _address(
