@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from aiosmtplib.email import quote_address
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.content import normalise_line_endings
 from relay.server import address_problem
 from relay.store import Submission
 from tests import mta
@@ -203,6 +205,17 @@ async def test_one_unsendable_recipient_in_the_queue_does_not_hold_back_the_othe
 
 
 # --- bare CR and LF in DATA (issue 14 item 11, issue 15 smuggling) ----------------------------
+
+
+@given(st.binary(max_size=40) | st.lists(st.sampled_from([b"a", b"\r", b"\n", b"."])).map(b"".join))
+def test_line_ending_normalisation_leaves_only_crlf_and_copies_clean_bytes_never(
+    data: bytes,
+) -> None:
+    out = normalise_line_endings(data)
+    assert out.count(b"\r") == out.count(b"\n") == out.count(b"\r\n")
+    assert out.replace(b"\r\n", b"\n") == data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if re.search(rb"\r(?!\n)|(?<!\r)\n", data) is None:
+        assert out is data
 
 
 async def data_reply(relay: Relay, payload: bytes) -> str:
