@@ -67,6 +67,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _KEPT = 4096
 _PATHS: dict[str, tuple[str | None, str | None]] = {}
 _PROBLEMS: dict[str, str | None] = {}
+_K = TypeVar("_K")
 _T = TypeVar("_T")
 
 
@@ -83,7 +84,7 @@ def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
     return any(address in network for network in networks)
 
 
-def _keep(cache: dict[str, _T], key: str, value: _T) -> _T:
+def _keep(cache: dict[_K, _T], key: _K, value: _T) -> _T:
     """Remember `value` for `key`, forgetting everything once the cache is full."""
     if len(cache) >= _KEPT:
         cache.clear()
@@ -366,7 +367,7 @@ class RelaySMTP(_Hooks, SMTP):
         front = self.front
         assert self.session is not None and self.transport is not None
         logs.bind(client=str(self.session.peer[0]) if self.session.peer else None)
-        self.trusted = allowed(self.session.peer, front.config.networks)
+        self.trusted = front.trusts(self.session.peer)
         self._auth_require_tls = not (
             self.implicit_tls or self.trusted or front.auth_config.allow_plaintext
         )
@@ -595,9 +596,20 @@ class FrontDoor:
         self._record = record
         self._servers: list[asyncio.Server] = []
         self._changed = asyncio.Event()
+        self._trusted: dict[str, bool] = {}
 
     def wake(self) -> None:
         self._changed.set()
+
+    def trusts(self, peer: object) -> bool:
+        """`allowed` on listen.networks, kept per client address: the same for each connection."""
+        if not isinstance(peer, tuple) or not peer:
+            return False
+        host = str(peer[0])
+        known = self._trusted.get(host)
+        if known is None:
+            known = _keep(self._trusted, host, allowed(peer, self.config.networks))
+        return known
 
     @property
     def listening(self) -> bool:
