@@ -5,10 +5,13 @@ keys should accept new mail and recognise repeats about as fast as an empty one.
 
     python bench/claim_bench.py [--backend sqlite|postgres] [--keys 1000000] [--sample 20000]
                                 [--seed accept|bulk] [--dir DIR] [--url postgresql://...]
+                                [--pragma cache_size=-65536 ...]
 
 Prints accepts per second (256 in flight, as many SMTP sessions would) and the
 latency of one accept at a time, for new keys and for repeats, at 0 and N keys,
-and the bytes each live claim takes (its row and its indexes).
+and the bytes each live claim takes (its row and its indexes), each line with the
+load average (the machine may be shared). `--pragma` adds a PRAGMA to the SQLite
+writer's own, to measure another setting (cache_size, mmap_size) against them.
 
 `--seed accept` seeds every key through the same `accept` the SMTP path uses;
 `--seed bulk` (the default on PostgreSQL, where a million accepts take long on a
@@ -38,7 +41,7 @@ import aiosqlite
 import asyncpg
 
 from relay.config import from_mapping
-from relay.store import Claim, Store, Submission, open_store
+from relay.store import Claim, Store, Submission, open_store, schema
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD_ENV = "BENCH_PG_PASSWORD"
@@ -104,22 +107,30 @@ async def measure(store: Store, label: str, live: list[str], sample: int, seq: i
     print(
         f"{label:>14} | new keys {rate:8,.0f}/s  p50 {p50:6.0f} us  p99 {p99:6.0f} us"
         f" | repeats {repeat_rate:8,.0f}/s  p50 {r50:6.0f} us  p99 {r99:6.0f} us"
+        f" | load {load()}"
     )
+
+
+def load() -> str:
+    """The 1-minute load average: the machine is shared, so every figure carries it."""
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 # Rows as the accept path writes them: one claim per key, settled (its message delivered) and
 # live for a day. Both statements take the key count and the expiry.
+# Keys are stored namespaced by their strategy (`Claim.namespaced`), the first parameter.
 PG_BULK = (
     "INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at, expires_at,"
-    " pending) SELECT 'global', 'live-' || n, 'customer' || (n % 5000) || '@example.org',"
+    " pending) SELECT 'global', $3 || 'live-' || n, 'customer' || (n % 5000) || '@example.org',"
     " 'S' || lpad(n::text, 16, '0'), repeat('f', 64), $2 - 60, $2, false"
     " FROM generate_series(0, $1 - 1) AS n"
 )
 SQLITE_BULK = (
-    "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?)"
+    "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < :keys)"
     " INSERT INTO claims (scope, key, rcpt, queue_id, fingerprint, claimed_at, expires_at,"
-    " pending) SELECT 'global', 'live-' || i, 'customer' || (i % 5000) || '@example.org',"
-    " printf('S%016d', i), printf('%.64c', 'f'), ? - 60, ?, 0 FROM n"
+    " pending) SELECT 'global', :prefix || 'live-' || i,"
+    " 'customer' || (i % 5000) || '@example.org',"
+    " printf('S%016d', i), printf('%.64c', 'f'), :expires - 60, :expires, 0 FROM n"
 )
 
 
@@ -141,16 +152,20 @@ async def postgres(url: str | None) -> AsyncIterator[tuple[str, str]]:
 
 async def bulk_seed(store_raw: dict[str, Any], keys: int, password: str) -> None:
     expires = time.time() + 86400.0
+    claim = submission(0, "").claim
+    assert claim is not None
+    prefix = claim.namespaced  # the key itself is ""
     if "url" in store_raw:
         db = await asyncpg.connect(store_raw["url"], password=password)
         try:
-            await db.execute(PG_BULK, keys, expires)
+            await db.execute(PG_BULK, keys, expires, prefix)
             await db.execute("ANALYZE claims")
         finally:
             await db.close()
         return
     async with aiosqlite.connect(store_raw["path"]) as db:
-        await db.execute(SQLITE_BULK, (keys, expires, expires))
+        await db.execute("PRAGMA cache_size=-1048576")  # seeding only: 1 GB
+        await db.execute(SQLITE_BULK, {"keys": keys, "prefix": prefix, "expires": expires})
         await db.commit()
 
 
@@ -182,7 +197,7 @@ async def run(args: argparse.Namespace, store_raw: dict[str, Any], password: str
     try:
         print(
             f"{config.backend} store: {config.where}; sample {args.sample:,} accepts per"
-            " figure, 2,000 for latency"
+            f" figure, 2,000 for latency; writer {' '.join(schema.PRAGMAS[1:])}"
         )
         await measure(store, "empty store", [], args.sample, 0)
         before = await claim_bytes(store_raw, password)
@@ -199,7 +214,7 @@ async def run(args: argparse.Namespace, store_raw: dict[str, Any], password: str
         print(
             f"seeded {args.keys:,} live keys ({args.seed}) in {took:.0f}s"
             f" ({args.keys / took:,.0f}/s); claims with their indexes:"
-            f" {(after - before) / args.keys:,.0f} bytes per live claim"
+            f" {(after - before) / args.keys:,.0f} bytes per live claim | load {load()}"
         )
         await measure(store, f"{args.keys:,} keys", seeded, args.sample, 50_000_000)
     finally:
@@ -214,7 +229,14 @@ async def main() -> None:
     parser.add_argument("--seed", choices=("accept", "bulk"), default=None)
     parser.add_argument("--dir", default=None, help="where to put a SQLite store (a temp dir)")
     parser.add_argument("--url", default=None, help="a PostgreSQL database to use")
+    parser.add_argument(
+        "--pragma",
+        action="append",
+        default=[],
+        help="another PRAGMA for the SQLite writer, after the relay's (e.g. cache_size=-65536)",
+    )
     args = parser.parse_args()
+    schema.PRAGMAS = (*schema.PRAGMAS, *(f"PRAGMA {p}" for p in args.pragma))
     args.seed = args.seed or ("bulk" if args.backend == "postgres" else "accept")
     if args.backend == "postgres":
         async with postgres(args.url) as (url, password):
