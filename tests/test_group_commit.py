@@ -145,3 +145,41 @@ async def test_stop_runs_what_is_queued_then_refuses_new_jobs(harness: Harness) 
     with pytest.raises(StoreError, match="not open"):
         harness.writer.submit(note("late"))
     harness.writer.start()  # for the fixture's stop
+
+
+async def test_processes_sharing_a_file_take_turns_to_write_through_the_kernel_lock(
+    tmp_path: Path,
+) -> None:
+    """A writer waits on the `-writer` lock (woken when it is free), not in SQLite's sleeps."""
+    import fcntl
+    import os
+
+    from relay.store.sqlite import SqliteStore
+    from tests.conftest import submission
+
+    path = tmp_path / "relay.db"
+    first, second = SqliteStore(str(path)), SqliteStore(str(path))
+    await first.open()
+    await second.open()
+    try:
+        holder = os.open(f"{path}-writer", os.O_RDWR)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        try:
+            waiting = asyncio.ensure_future(first.accept(submission("TURN1")))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiting), 0.3)
+        finally:
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            os.close(holder)
+        assert (await waiting).forward == ("alice@example.org",)
+        both = await asyncio.gather(
+            *(
+                store.accept(submission(f"TURN{side}{n}"))
+                for n in range(50)
+                for side, store in (("A", first), ("B", second))
+            )
+        )
+        assert all(v.forward for v in both)
+    finally:
+        await first.close()
+        await second.close()
