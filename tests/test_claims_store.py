@@ -140,13 +140,3 @@ def test_every_claim_statement_finds_its_rows_by_an_index(tmp_path: Path, name: 
     db.close()
     assert "claims USING PRIMARY KEY" in plan or "claims USING INDEX claims_expiry" in plan, plan
     assert "SCAN claims" not in plan, plan
-
-
-async def test_the_writer_keeps_a_64_mb_page_cache(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "relay.db"))
-    await store.open()
-    try:
-        assert store._db is not None
-        assert store._db.execute("PRAGMA cache_size").fetchone()[0] == -65536
-    finally:
-        await store.close()

@@ -16,10 +16,6 @@ PRAGMAS = (
     # FULL: a commit survives power loss, not only a crash of this process.
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=OFF",
-    # The writer's page cache, 64 MiB instead of 2: the upper levels of the claims B-tree stay
-    # in memory as live keys grow, so a repeat at 10M keys costs what it does in an empty store
-    # (measured: DESIGN.md, "The claims on disk"). Allocated as pages are read, per process.
-    "PRAGMA cache_size=-65536",
 )
 
 TABLES = """
