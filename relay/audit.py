@@ -66,6 +66,8 @@ class Event:
 
 
 FIELDS = tuple(Event.__dataclass_fields__)
+# What json.dumps(..., ensure_ascii=False) builds on every call, built once: the same text.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 def iso_time(ts: float) -> str:
@@ -100,7 +102,8 @@ class Emitter:
     def emit(self, events: list[Event]) -> None:
         if self._out is None or not events:
             return
-        text = "".join(json.dumps(to_json(e), ensure_ascii=False) + "\n" for e in events)
+        encode = _ENCODER.encode
+        text = "".join(encode(to_json(e)) + "\n" for e in events)
         with self._lock:
             try:
                 self._out.write(text)

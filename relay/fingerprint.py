@@ -16,6 +16,7 @@ why, so the audit trail can name the form that was used.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Sequence
@@ -115,17 +116,28 @@ def _split_patterns(names: Sequence[str]) -> tuple[frozenset[str], tuple[str, ..
 _ALWAYS_EXACT, _ALWAYS_PREFIXES = _split_patterns(ALWAYS_VOLATILE)
 
 
-def _selected_headers(headers: Sequence[str], volatile: Sequence[str]) -> list[str]:
+def _selected_headers(headers: Sequence[str], volatile: Sequence[str]) -> tuple[str, ...]:
     """Sorted, so the order of names in the configuration does not matter."""
     if isinstance(headers, str):
         headers = (headers,)
     if isinstance(volatile, str):
         volatile = (volatile,)
+    if isinstance(headers, tuple) and isinstance(volatile, tuple):
+        return _selected_from_config(headers, volatile)  # the configuration's: the same each time
+    return _select(headers, volatile)
+
+
+@functools.lru_cache(maxsize=64)
+def _selected_from_config(headers: tuple[str, ...], volatile: tuple[str, ...]) -> tuple[str, ...]:
+    return _select(headers, volatile)
+
+
+def _select(headers: Sequence[str], volatile: Sequence[str]) -> tuple[str, ...]:
     exact, prefixes = _split_patterns(volatile)
     exact |= _ALWAYS_EXACT
     prefixes += _ALWAYS_PREFIXES
     wanted = {str(name).strip().lower() for name in headers}
-    return sorted(n for n in wanted if n and n not in exact and not n.startswith(prefixes))
+    return tuple(sorted(n for n in wanted if n and n not in exact and not n.startswith(prefixes)))
 
 
 def _to_bytes(text: str) -> bytes:

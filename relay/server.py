@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
+import re
 import time
-import unicodedata
 from collections.abc import Awaitable, Callable
 from ssl import SSLContext
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
@@ -57,9 +58,17 @@ TOO_SLOW = b"421 4.4.2 DATA too slow or too long, closing connection\r\n"
 # The store can never be written again by this process (its file was deleted or replaced).
 STORE_LOST = "4.3.0 Mail store unavailable, not accepting mail; try again later"
 LINGER = 5.0  # seconds a cut-off client gets to stop sending before the socket closes
-# MAIL FROM / RCPT TO arguments already parsed, and how many to keep (each at most 512 bytes).
+# Unicode's Cc (C0, DEL, C1) and Cs (lone surrogates, which stand for invalid UTF-8): both
+# categories are fixed by the standard, so the class is exact in every Unicode version.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Answers that depend on an address's text alone, kept because an app's sender and
+# recipients repeat on every message: MAIL FROM / RCPT TO arguments parsed, and why an
+# address cannot be taken. Each holds at most this many (each key at most 512 bytes).
+_KEPT = 4096
 _PATHS: dict[str, tuple[str | None, str | None]] = {}
-_PATHS_KEPT = 4096
+_PROBLEMS: dict[str, str | None] = {}
+_K = TypeVar("_K")
+_T = TypeVar("_T")
 
 
 def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
@@ -75,6 +84,14 @@ def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
     return any(address in network for network in networks)
 
 
+def _keep(cache: dict[_K, _T], key: _K, value: _T) -> _T:
+    """Remember `value` for `key`, forgetting everything once the cache is full."""
+    if len(cache) >= _KEPT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def address_problem(address: str) -> str | None:
     """Why an envelope address cannot be taken, or None.
 
@@ -83,6 +100,13 @@ def address_problem(address: str) -> str | None:
     survive the upstream client's own parser unchanged, so that what the audit log
     names is exactly what the upstream is sent.
     """
+    try:
+        return _PROBLEMS[address]
+    except KeyError:
+        return _keep(_PROBLEMS, address, _address_problem(address))
+
+
+def _address_problem(address: str) -> str | None:
     if _has_control(address):
         return "control character or invalid UTF-8 in the address"
     if "," in address:
@@ -240,9 +264,14 @@ class Handler(_Hooks):
         return "451 4.3.0 Internal error, try again later"
 
 
+# aiosmtpd reads handle_EHLO's signature on every connection (to tell its old 4-argument
+# form from the 5-argument one); a function's own `__signature__` is what inspect returns.
+setattr(Handler.handle_EHLO, "__signature__", inspect.signature(Handler.handle_EHLO))  # noqa: B010
+
+
 def _has_control(text: str) -> bool:
     """A control character, or invalid UTF-8 (kept by the decoder as lone surrogates)."""
-    return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def _login(session: Session) -> str | None:
@@ -288,6 +317,7 @@ class RelaySMTP(_Hooks, SMTP):
         self._last_data = 0.0
         self._discarding = False
         self._continued = b""
+        self._due = 0.0
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -325,10 +355,7 @@ class RelaySMTP(_Hooks, SMTP):
             found: tuple[str | None, str | None] = super()._getaddr(arg)
         except (IndexError, ValueError):
             found = (None, None)
-        if len(_PATHS) >= _PATHS_KEPT:
-            _PATHS.clear()
-        _PATHS[arg] = found
-        return found
+        return _keep(_PATHS, arg, found)
 
     def offers_auth(self) -> bool:
         """AUTH is offered when configured, and only over TLS unless the client is trusted."""
@@ -340,7 +367,7 @@ class RelaySMTP(_Hooks, SMTP):
         front = self.front
         assert self.session is not None and self.transport is not None
         logs.bind(client=str(self.session.peer[0]) if self.session.peer else None)
-        self.trusted = allowed(self.session.peer, front.config.networks)
+        self.trusted = front.trusts(self.session.peer)
         self._auth_require_tls = not (
             self.implicit_tls or self.trusted or front.auth_config.allow_plaintext
         )
@@ -422,6 +449,27 @@ class RelaySMTP(_Hooks, SMTP):
         now = self.loop.time()
         due = min(self._last_data + self.front.config.data_timeout, self._data_deadline())
         self._reset_timeout(max(due - now, 0.001))
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and recreates a timer for every command. One timer per session
+        # moves only when the new deadline is earlier; when it fires early it re-arms for
+        # the deadline, so the session times out when it did before.
+        due = self.loop.time() + (duration or self._timeout_duration)
+        self._due = due
+        handle = self._timeout_handle
+        if handle is not None:
+            if not handle.cancelled() and handle.when() <= due:
+                return
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(due, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._due:
+            self._timeout_handle = self.loop.call_at(self._due, self._timer_fired)
+            return
+        assert self._timeout_handle is not None
+        self._timeout_handle.cancel()  # spent: the next reset arms a new one
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if not self.in_data:
@@ -548,9 +596,20 @@ class FrontDoor:
         self._record = record
         self._servers: list[asyncio.Server] = []
         self._changed = asyncio.Event()
+        self._trusted: dict[str, bool] = {}
 
     def wake(self) -> None:
         self._changed.set()
+
+    def trusts(self, peer: object) -> bool:
+        """`allowed` on listen.networks, kept per client address: the same for each connection."""
+        if not isinstance(peer, tuple) or not peer:
+            return False
+        host = str(peer[0])
+        known = self._trusted.get(host)
+        if known is None:
+            known = _keep(self._trusted, host, allowed(peer, self.config.networks))
+        return known
 
     @property
     def listening(self) -> bool:

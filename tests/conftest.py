@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import aiosmtplib
@@ -338,9 +338,31 @@ class Upstream:
         return self.messages
 
 
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 whose SMTP side a test writes by hand, in `_session`."""
+
+    port = 0
+    _server: asyncio.Server | None = None
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+_Server = TypeVar("_Server", Upstream, LoopbackServer)
+
+
 @contextlib.asynccontextmanager
-async def running(server: Upstream) -> AsyncIterator[Upstream]:
-    """An extra upstream for one test (TLS, AUTH), stopped however the test ends."""
+async def running(server: _Server) -> AsyncIterator[_Server]:
+    """An extra server for one test (TLS, AUTH, hand-written), stopped however it ends."""
     await server.start()
     try:
         yield server
@@ -365,6 +387,20 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+async def primary_and_backup(
+    make_relay: Callable[..., Awaitable[Relay]], primary: int, backup: int, **overrides: Any
+) -> Relay:
+    """A relay whose one route fails over from the upstream on port `primary` to `backup`."""
+    return await make_relay(
+        upstreams=[
+            {"name": "primary", "url": f"smtp://127.0.0.1:{primary}"},
+            {"name": "backup", "url": f"smtp://127.0.0.1:{backup}"},
+        ],
+        routes=[{"upstreams": ["primary", "backup"]}],
+        **overrides,
+    )
 
 
 def base_config(tmp: Path, upstream_port: int) -> dict[str, Any]:

@@ -122,6 +122,18 @@ async def test_idle_client_is_disconnected_after_command_timeout(make_relay) -> 
     writer.close()
 
 
+async def test_each_command_restarts_the_idle_timeout(make_relay) -> None:
+    relay = await make_relay(listen={"command_timeout": "1s"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    await reader.readline()
+    for _ in range(6):  # 1.5 s in all, never 1 s without a command
+        await asyncio.sleep(0.25)
+        writer.write(b"NOOP\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"250")
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
 async def test_client_stalled_in_data_is_disconnected(make_relay) -> None:
     relay = await make_relay(listen={"command_timeout": "30s", "data_timeout": "300ms"})
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)

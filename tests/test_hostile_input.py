@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from aiosmtplib.email import quote_address
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay import content
 from relay.server import address_problem
 from relay.store import Submission
 from tests import mta
@@ -33,6 +36,9 @@ from tests.conftest import (
     send,
 )
 from tests.mta import Postfix
+
+# Any byte drawn becomes CR, LF, a dot or a letter: where line-end edge cases live.
+LINE_BYTES = bytes(b"\r\n.a"[i % 4] for i in range(256))
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 postfix_factory = mta.postfix_factory
@@ -238,6 +244,35 @@ async def test_bare_lf_is_normalised_so_the_relay_stores_and_sends_what_it_parse
     assert delivered.data.endswith(original + b"\r\n")
     [(stored,)] = await relay.rows("SELECT size FROM messages")
     assert stored == len(delivered.data)
+
+
+@given(st.binary(max_size=64).map(lambda b: b.translate(LINE_BYTES)))
+def test_line_endings_become_crlf_exactly_as_a_full_rewrite_would(data: bytes) -> None:
+    normalised = content.normalise_line_endings(data)
+    assert normalised == re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    if normalised == data:
+        assert normalised is data  # no copy when nothing changes
+
+
+@given(st.text(alphabet=st.characters(), max_size=16))
+def test_control_characters_are_unicode_categories_cc_and_cs(text: str) -> None:
+    expected = any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+    problem = address_problem(f"a{text}@example.com")
+    assert (problem == "control character or invalid UTF-8 in the address") == expected
+
+
+@pytest.mark.parametrize("code", [0, 0x1F, 0x7F, 0x80, 0x9F, 0xD800, 0xDFFF])
+def test_each_edge_of_the_control_ranges_is_refused(code: int) -> None:
+    assert address_problem(f"a{chr(code)}b@example.com") == (
+        "control character or invalid UTF-8 in the address"
+    )
+
+
+@pytest.mark.parametrize("code", [0x20, 0x7E, 0xA0, 0xD7FF, 0xE000])
+def test_the_first_character_past_each_control_range_is_not(code: int) -> None:
+    assert address_problem(f"a{chr(code)}b@example.com") != (
+        "control character or invalid UTF-8 in the address"
+    )
 
 
 SMUGGLING = [

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from tests.conftest import Relay, eventually, make_message, send
+from tests.conftest import LoopbackServer, Relay, eventually, make_message, running, send
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 
@@ -30,7 +30,7 @@ GOOD = {
 }
 
 
-class RawUpstream:
+class RawUpstream(LoopbackServer):
     """An SMTP server by hand: `replies` maps a verb (and "." for the payload) to raw bytes.
 
     `payloads` holds every payload that arrived whole; `partial` what arrived of one before
@@ -42,8 +42,6 @@ class RawUpstream:
         self.replies = {**GOOD, **{k.replace("end", "."): v for k, v in replies.items()}}
         self.payloads: list[bytes] = []
         self.partial: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -69,24 +67,9 @@ class RawUpstream:
         finally:
             writer.close()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def raw_upstream(**replies: bytes) -> AsyncIterator[RawUpstream]:
-    server = RawUpstream(**replies)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+def raw_upstream(**replies: bytes) -> contextlib.AbstractAsyncContextManager[RawUpstream]:
+    return running(RawUpstream(**replies))
 
 
 async def relay_to_raw(make_relay: RelayFactory, server: RawUpstream, **overrides: Any) -> Relay:

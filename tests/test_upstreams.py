@@ -26,6 +26,7 @@ from tests.conftest import (
     Upstream,
     eventually,
     make_message,
+    primary_and_backup,
     running,
     secure_config,
     send,
@@ -123,13 +124,7 @@ async def test_a_421_before_the_payload_fails_over_and_the_message_is_sent_once(
     make_relay: RelayFactory, upstream: Upstream, sink_factory: SinkFactory
 ) -> None:
     closing = await start_sink(sink_factory, close_421=["MAIL"])
-    relay = await make_relay(
-        upstreams=[
-            {"name": "primary", "url": url(closing.port)},
-            {"name": "backup", "url": url(upstream.port)},
-        ],
-        routes=[{"upstreams": ["primary", "backup"]}],
-    )
+    relay = await primary_and_backup(make_relay, closing.port, upstream.port)
     await send(relay.port, make_message())
     await upstream.wait_for(1)
     await relay.idle()
@@ -176,14 +171,8 @@ async def test_a_primary_failing_before_mail_fails_over_without_counting_an_atte
 
 
 async def two_upstreams(make_relay: RelayFactory, primary: Upstream, **overrides: Any) -> Relay:
-    return await make_relay(
-        upstreams=[
-            {"name": "primary", "url": url(primary.port)},
-            {"name": "backup", "url": url(overrides.pop("backup_port"))},
-        ],
-        routes=[{"upstreams": ["primary", "backup"]}],
-        **overrides,
-    )
+    backup = overrides.pop("backup_port")
+    return await primary_and_backup(make_relay, primary.port, backup, **overrides)
 
 
 async def test_a_5xx_from_the_primary_is_final_and_never_tried_on_the_backup(
