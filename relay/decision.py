@@ -18,6 +18,7 @@ __all__ = [
     "Verdict",
     "VerdictKind",
     "decide",
+    "namespaced_key",
     "needs_holders",
     "normalise_rcpt",
 ]
@@ -45,8 +46,12 @@ class Claim:
 
     @property
     def namespaced(self) -> str:
-        """Keys of different strategies never match each other."""
-        return f"{self.strategy.lower()}\x1f{self.key}"
+        return namespaced_key(self.strategy, self.key)
+
+
+def namespaced_key(strategy: str, key: str) -> str:
+    """The key a claim is stored under: keys of different strategies never match each other."""
+    return f"{strategy.lower()}\x1f{key}"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ SQLITE = (
     Migration(2, "review indexes and the recipient index", schema.REVIEW),
     Migration(3, "shared rate-limit bookings", schema.PACING),
     Migration(4, "instance names held by live processes", schema.INSTANCES),
+    Migration(
+        5, "claims clustered on their key, without the queue_id index", schema.CLUSTERED_CLAIMS
+    ),
 )
 POSTGRES = (
     Migration(1, "queue, claims, audit trail and review indexes", pg_schema.TABLES),

@@ -7,7 +7,7 @@ same schema by the same steps.
 
 from __future__ import annotations
 
-__all__ = ["INSTANCES", "PACING", "PRAGMAS", "REVIEW", "TABLES"]
+__all__ = ["CLUSTERED_CLAIMS", "INSTANCES", "PACING", "PRAGMAS", "REVIEW", "TABLES"]
 
 PRAGMAS = (
     # First, so that processes opening one store at once wait for each other's set-up.
@@ -176,4 +176,30 @@ CREATE TABLE IF NOT EXISTS instances (
     since     REAL NOT NULL,
     heartbeat REAL NOT NULL
 );
+"""
+
+# The claims clustered on their primary key: one B-tree holds each row under (scope, key,
+# rcpt), where a rowid table kept the row and repeated those columns in a unique index. Every
+# statement on the claim path finds a claim by that key: settling and releasing read the
+# message's scope and key first, so the index on queue_id goes. Purge keeps its expiry index.
+# Rebuilt in place, inside the migration's transaction; the copy runs in key order, so the
+# new tree is written by appending.
+_CLAIM_COLUMNS = "scope, key, rcpt, queue_id, fingerprint, claimed_at, expires_at, pending"
+CLUSTERED_CLAIMS = f"""
+CREATE TABLE claims_clustered (
+    scope       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    rcpt        TEXT NOT NULL,
+    queue_id    TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    claimed_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    pending     INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (scope, key, rcpt)
+) WITHOUT ROWID;
+INSERT INTO claims_clustered ({_CLAIM_COLUMNS})
+SELECT {_CLAIM_COLUMNS} FROM claims ORDER BY scope, key, rcpt;
+DROP TABLE claims;
+ALTER TABLE claims_clustered RENAME TO claims;
+CREATE INDEX claims_expiry ON claims (expires_at);
 """

@@ -29,6 +29,7 @@ from relay.decision import (
     Holder,
     Verdict,
     decide,
+    namespaced_key,
     needs_holders,
     normalise_rcpt,
 )
@@ -352,8 +353,11 @@ class SqliteStore:
     def _accept(self, tx: Tx, sub: Submission) -> Verdict:
         result = None if sub.claim is None else _take_claims(tx, sub, sub.claim)
         verdict = decide(sub.queue_id, sub.recipients, sub.claim, result)
-        if verdict.unclaim:
-            tx.execute(sql.DELETE_CLAIMS_OF_MESSAGE, {"queue_id": sub.queue_id})
+        if verdict.unclaim and sub.claim is not None:
+            tx.execute(
+                sql.DELETE_CLAIMS_OF_MESSAGE,
+                {"scope": sub.claim.scope, "key": sub.claim.namespaced, "queue_id": sub.queue_id},
+            )
         if verdict.forward:
             _spool(tx, sub, verdict)
         tx.record(changes.accept_events(sub, verdict))
@@ -395,7 +399,7 @@ class SqliteStore:
                 for r in u.recipients
             ],
         )
-        released = _settle_claims(tx, u)
+        released = _settle_claims(tx, u, message)
         state = self._end_lease(tx, u)
         tx.record(changes.update_events(u, message, released))
         return state
@@ -617,16 +621,22 @@ def _lease(tx: Tx, owner: str, limit: int, now: float, lease_for: float) -> Leas
     return LeaseBatch(leases, next_due)
 
 
-def _settle_claims(tx: Tx, u: Update) -> tuple[str, ...]:
-    """A final outcome lets a claim expire with its window, or frees it (returned)."""
+def _settle_claims(tx: Tx, u: Update, message: changes.MessageFields) -> tuple[str, ...]:
+    """A final outcome lets a claim expire with its window, or frees it (returned).
+
+    The claim is found by its key, read from the message: a message spooled without a
+    claim has none to settle."""
     settled, released = changes.settlement(u)
+    if message.scope is None or message.key is None or message.strategy is None:
+        return released
+    own = {
+        "scope": message.scope,
+        "key": namespaced_key(message.strategy, message.key),
+        "queue_id": u.queue_id,
+    }
+    tx.executemany(sql.SETTLE_CLAIM, [{**own, "rcpt": normalise_rcpt(r)} for r in settled])
     tx.executemany(
-        sql.SETTLE_CLAIM,
-        [{"queue_id": u.queue_id, "rcpt": normalise_rcpt(rcpt)} for rcpt in settled],
-    )
-    tx.executemany(
-        sql.DELETE_RECIPIENT_CLAIM,
-        [{"queue_id": u.queue_id, "rcpt": normalise_rcpt(rcpt)} for rcpt in released],
+        sql.DELETE_RECIPIENT_CLAIM, [{**own, "rcpt": normalise_rcpt(r)} for r in released]
     )
     return released
 

@@ -92,7 +92,10 @@ CLAIMS_OF_OTHERS = (
     " WHERE scope = :scope AND key = :key AND queue_id <> :queue_id"
     " AND (expires_at > :now OR pending = 1) ORDER BY claimed_at"
 )
-DELETE_CLAIMS_OF_MESSAGE = "DELETE FROM claims WHERE queue_id = :queue_id"
+# Claims are found by their key (the table is clustered on it), never by queue_id alone.
+DELETE_CLAIMS_OF_MESSAGE = (
+    "DELETE FROM claims WHERE scope = :scope AND key = :key AND queue_id = :queue_id"
+)
 INSERT_MESSAGE = (
     "INSERT INTO messages (queue_id, received_at, state, sender, size, message_id, scope, key,"
     " strategy, fingerprint, rule, client, user, helo, smtputf8, body8bit, duplicate_of,"
@@ -187,8 +190,9 @@ UPDATE_RECIPIENT = (
     "UPDATE recipients SET state = :state, code = :code, reply = :reply,"
     " upstream_id = :upstream_id, updated_at = :ts WHERE queue_id = :queue_id AND rcpt = :rcpt"
 )
-SETTLE_CLAIM = "UPDATE claims SET pending = 0 WHERE queue_id = :queue_id AND rcpt = :rcpt"
-DELETE_RECIPIENT_CLAIM = "DELETE FROM claims WHERE queue_id = :queue_id AND rcpt = :rcpt"
+_OWN_CLAIM = "scope = :scope AND key = :key AND rcpt = :rcpt AND queue_id = :queue_id"
+SETTLE_CLAIM = f"UPDATE claims SET pending = 0 WHERE {_OWN_CLAIM}"
+DELETE_RECIPIENT_CLAIM = f"DELETE FROM claims WHERE {_OWN_CLAIM}"
 RECIPIENT_STATES = "SELECT DISTINCT state FROM recipients WHERE queue_id = :queue_id"
 END_LEASE = (
     "UPDATE messages SET state = :state, next_attempt = :next_attempt, lease_owner = NULL,"
@@ -219,7 +223,7 @@ READY_PROBE = (
 # --- purge -------------------------------------------------------------------
 
 DELETE_EXPIRED_CLAIMS = (
-    "DELETE FROM claims WHERE rowid IN (SELECT rowid FROM claims"
+    "DELETE FROM claims WHERE (scope, key, rcpt) IN (SELECT scope, key, rcpt FROM claims"
     " WHERE expires_at <= :cutoff AND pending = 0 LIMIT :chunk)"
 )
 DELETE_KEPT_BODIES = (
