@@ -371,12 +371,7 @@ class SmtpTransport:
         if mail_reply.code == 421:
             raise aiosmtplib.SMTPSenderRefused(mail_reply.code, mail_reply.message, message.sender)
         if mail_reply.code != 250:
-            # Every reply of the batch was read, so the connection stays unless the upstream
-            # waits for a payload (354) that will not come.
-            if replies[-1].code == 354:
-                self.abort()
-            elif self._client is client:
-                await self._reset(client)
+            await self._end_unsent(client, replies[-1])
             kind = classify(mail_reply.code, "mail")
             return tuple(
                 RecipientResult(r, kind, mail_reply.code, mail_reply.message)
@@ -398,14 +393,22 @@ class SmtpTransport:
         self._stage = "data"
         start = replies[-1]
         if not accepted:
-            if start.code == 354:
-                self.abort()  # it would take a message with no recipient: the payload stays
-            elif self._client is client:
-                await self._reset(client)
+            await self._end_unsent(client, start)
             return tuple(refused[r] for r in message.recipients), None
         if start.code != 354:
             raise _not_started(start)
         return await self._deliver(client, message, refused)
+
+    async def _end_unsent(self, client: aiosmtplib.SMTP, start: aiosmtplib.SMTPResponse) -> None:
+        """A pipelined transaction that sends no payload (MAIL refused, or no recipient).
+
+        Every reply of the batch was read, so the connection stays (RSET) unless DATA got
+        354: the upstream then waits for a payload that will not come, and the line goes.
+        """
+        if start.code == 354:
+            self.abort()
+        elif self._client is client:
+            await self._reset(client)
 
     async def _pipeline(
         self,
