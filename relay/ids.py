@@ -55,8 +55,7 @@ def _digits(number: int, width: int = 0) -> str:
         parts.append(_PAIRS[number])
     elif number:
         parts.append(_ALPHABET[number])
-    out = "".join(reversed(parts))
-    return out.rjust(width, "0") if len(out) < width else out
+    return "".join(reversed(parts)).rjust(width, "0")
 
 
 def queue_id_time(queue_id: str) -> float | None:
