@@ -122,17 +122,12 @@ def _selected_headers(headers: Sequence[str], volatile: Sequence[str]) -> tuple[
         headers = (headers,)
     if isinstance(volatile, str):
         volatile = (volatile,)
-    if isinstance(headers, tuple) and isinstance(volatile, tuple):
-        return _selected_from_config(headers, volatile)  # the configuration's: the same each time
-    return _select(headers, volatile)
+    return _select(tuple(headers), tuple(volatile))
 
 
 @functools.lru_cache(maxsize=64)
-def _selected_from_config(headers: tuple[str, ...], volatile: tuple[str, ...]) -> tuple[str, ...]:
-    return _select(headers, volatile)
-
-
-def _select(headers: Sequence[str], volatile: Sequence[str]) -> tuple[str, ...]:
+def _select(headers: tuple[str, ...], volatile: tuple[str, ...]) -> tuple[str, ...]:
+    """Kept per configuration: the same names give the same selection on every message."""
     exact, prefixes = _split_patterns(volatile)
     exact |= _ALWAYS_EXACT
     prefixes += _ALWAYS_PREFIXES
