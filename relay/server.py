@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from typing import Any, TypeVar, cast
 
+import aiosmtpd
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
 
@@ -30,13 +31,16 @@ from relay import content, logs, rules
 from relay.audit import Event
 from relay.auth import Authenticator, Guard
 from relay.config import AuthConfig, ConfigError, ListenConfig, Network
+from relay.dataread import DataPhase
 from relay.errors import ListenError
 from relay.intake import THREAD_THRESHOLD, Intake, Transaction, unique_recipients
 from relay.limits import Budget, Events, Tally
 from relay.tls import ServerTls
 
 __all__ = [
+    "AIOSMTPD_CHECKED",
     "NEEDS_SMTPUTF8",
+    "REPLACES_AIOSMTPD",
     "SHUTDOWN_REPLY",
     "FrontDoor",
     "Handler",
@@ -69,6 +73,10 @@ _PATHS: dict[str, tuple[str | None, str | None]] = {}
 _PROBLEMS: dict[str, str | None] = {}
 _K = TypeVar("_K")
 _T = TypeVar("_T")
+# The aiosmtpd releases whose smtp_DATA relay/dataread.py was checked against, line by
+# line and by tests/test_data_reading.py. Any other release gets aiosmtpd's own code.
+AIOSMTPD_CHECKED = frozenset({"1.4.6"})
+REPLACES_AIOSMTPD = aiosmtpd.__version__ in AIOSMTPD_CHECKED
 
 
 def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
@@ -295,7 +303,7 @@ class RelaySession(Session):
         self._login_data = value
 
 
-class RelaySMTP(_Hooks, SMTP):
+class RelaySMTP(_Hooks, DataPhase):
     """aiosmtpd's SMTP with network policy, AUTH off the loop, DATA deadlines and shutdown."""
 
     # What RFC 4954 clients expect (aiosmtpd's default is "User Name\x00").
@@ -513,7 +521,10 @@ class RelaySMTP(_Hooks, SMTP):
         self._data_started = self._last_data = self.loop.time()
         self._arm_data_timer()
         try:
-            await super().smtp_DATA(arg)
+            if REPLACES_AIOSMTPD:
+                await super().smtp_DATA(arg)
+            else:
+                await SMTP.smtp_DATA(self, arg)
         finally:
             self.in_data = False
             self._give_back()
