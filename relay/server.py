@@ -86,10 +86,9 @@ _PATHS: dict[str, tuple[str | None, str | None]] = {}
 _PROBLEMS: dict[str, str | None] = {}
 _K = TypeVar("_K")
 _T = TypeVar("_T")
-# The aiosmtpd releases whose SMTP.__init__ and smtp_DATA the fast replacements below
-# (and relay/dataread.py) were checked against, line by line and by
-# tests/test_session_setup.py and tests/test_data_reading.py. Any other release gets
-# aiosmtpd's own code.
+# The aiosmtpd releases whose SMTP.__init__, smtp_DATA and sanitized_log the fast
+# replacements below (and relay/dataread.py) were checked against, line by line and by
+# tests/test_session_setup.py. Any other release gets aiosmtpd's own code.
 AIOSMTPD_CHECKED = frozenset({"1.4.6"})
 REPLACES_AIOSMTPD = aiosmtpd.__version__ in AIOSMTPD_CHECKED
 
@@ -148,6 +147,40 @@ def _options_size(options: list[str]) -> int:
         if name.upper() == "SIZE" and value.isdigit():
             return int(value)
     return 0
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def _quiet(sanitized_log: Callable[..., None]) -> Callable[..., None]:
+    """aiosmtpd's sanitized_log, skipped when the logger would drop the line anyway.
+
+    aiosmtpd calls it twice per command, at debug and info level, and it masks AUTH
+    arguments (a regex per line) before the logger looks at its level; the relay keeps
+    aiosmtpd's logger at WARNING, so that work was always thrown away.
+    """
+
+    def quiet_sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+        logger = getattr(func, "__self__", None)
+        if isinstance(logger, logging.Logger):
+            level = _LEVELS.get(getattr(func, "__name__", ""))
+            if level is not None and not logger.isEnabledFor(level):
+                return
+        sanitized_log(func, msg, *args, **kwargs)
+
+    quiet_sanitized_log.__wrapped__ = sanitized_log  # type: ignore[attr-defined]
+    return quiet_sanitized_log
+
+
+if REPLACES_AIOSMTPD and not hasattr(aiosmtpd.smtp.sanitized_log, "__wrapped__"):
+    aiosmtpd.smtp.sanitized_log = _quiet(aiosmtpd.smtp.sanitized_log)
 
 
 _HOOK_NAMES: dict[type, tuple[str, ...]] = {}

@@ -19,6 +19,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, auth_mechanism
 
 from relay.server import AIOSMTPD_CHECKED, REPLACES_AIOSMTPD, Handler, RelaySMTP
+from tests.conftest import Dialog, Relay, make_message, plain, send
 
 
 def test_the_installed_aiosmtpd_is_one_the_replacements_were_checked_against() -> None:
@@ -182,3 +183,38 @@ def test_a_handler_with_the_old_ehlo_hook_is_set_up_by_aiosmtpd() -> None:
             SMTP.__init__(protocol, OldHandler(Front()), loop=loop)
     finally:
         loop.close()
+
+
+# --- aiosmtpd's command log ---------------------------------------------------------------------
+
+
+def test_aiosmtpd_logs_each_command_through_sanitized_log() -> None:
+    # What the relay replaces is what aiosmtpd calls, by its module-level name.
+    assert "sanitized_log" in SMTP._handle_client.__code__.co_names
+    assert aiosmtpd.smtp.sanitized_log.__module__ == "relay.server"
+    assert aiosmtpd.smtp.sanitized_log.__wrapped__.__module__ == "aiosmtpd.smtp"
+
+
+async def test_commands_are_logged_masked_when_aiosmtpds_logger_is_on_and_not_when_off(
+    make_relay: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay: Relay = await make_relay()
+    mail_log = logging.getLogger("mail.log")
+    caplog.set_level(logging.WARNING, "mail.log")
+    assert (await send(relay.port, make_message())).code == 250
+    assert not [r for r in caplog.records if r.name == "mail.log" and ">>" in r.getMessage()]
+
+    caplog.set_level(logging.INFO, "mail.log")
+    assert mail_log.isEnabledFor(logging.INFO) and not mail_log.isEnabledFor(logging.DEBUG)
+    talk, _ = await Dialog.open(relay.port)
+    await talk.command("EHLO client.test")
+    await talk.command(f"AUTH PLAIN {plain()}")
+    await talk.command("QUIT")
+    await talk.close()
+    said = [
+        r.getMessage() for r in caplog.records if r.name == "mail.log" and ">>" in r.getMessage()
+    ]
+    assert any("EHLO client.test" in line for line in said), said
+    assert any("AUTH PLAIN ********" in line for line in said), said
+    assert not any(plain() in line for line in said)
+    assert not [r for r in caplog.records if "readline" in r.getMessage()]  # debug stays off
