@@ -27,17 +27,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import aiosmtpd
 import aiosmtpd.smtp
-from aiosmtpd.smtp import (
-    DATA_SIZE_DEFAULT,
-    SMTP,
-    AuthResult,
-    Envelope,
-    LoginPassword,
-    Session,
-    _AuthMechAttr,
-    login_always_fail,
-    make_loop,
-)
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
 
 from relay import content, logs, rules
@@ -429,7 +419,7 @@ class RelaySMTP(_Hooks, DataPhase):
         self,
         handler: Handler,
         *,
-        data_size_limit: int | None = DATA_SIZE_DEFAULT,
+        data_size_limit: int | None = 2**25,  # aiosmtpd's DATA_SIZE_DEFAULT
         enable_SMTPUTF8: bool = False,
         hostname: str | None = None,
         ident: str | None = None,
@@ -452,8 +442,9 @@ class RelaySMTP(_Hooks, DataPhase):
             plan = _PLANS[key] = _Plan.of(self, handler)
         if plan is None:
             return False
-        self.__ident__ = ident or aiosmtpd.smtp.__ident__
-        self.loop = loop if loop else make_loop()
+        smtp = aiosmtpd.smtp  # its private names are only looked up on a checked release
+        self.__ident__ = ident or smtp.__ident__
+        self.loop = loop if loop else smtp.make_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
             asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
@@ -469,14 +460,13 @@ class RelaySMTP(_Hooks, DataPhase):
         self.hostname = hostname if hostname else socket.getfqdn()
         self.tls_context = tls_context
         if tls_context:
-            smtp_log = aiosmtpd.smtp.log
             if tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
-                smtp_log.warning(
+                smtp.log.warning(
                     "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL};"
                     " this might cause client connection problems"
                 )
             elif tls_context.check_hostname:
-                smtp_log.warning(
+                smtp.log.warning(
                     "tls_context.check_hostname == True;"
                     " this might cause client connection problems"
                 )
@@ -492,15 +482,15 @@ class RelaySMTP(_Hooks, DataPhase):
         self._handler_coroutine = None
         self._auth_require_tls = True
         self._proxy_timeout = None
-        self._auth_callback = login_always_fail
+        self._auth_callback = smtp.login_always_fail
         self._authenticator = None
         self._auth_required = False
         self._auth_methods = {
-            mechanism: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            mechanism: smtp._AuthMechAttr(getattr(self if builtin else handler, name), builtin)
             for mechanism, builtin, name in plan.auth
         }
-        if aiosmtpd.smtp.log.isEnabledFor(logging.INFO):
-            aiosmtpd.smtp.log.info(
+        if smtp.log.isEnabledFor(logging.INFO):
+            smtp.log.info(
                 "Available AUTH mechanisms: "
                 + " ".join(
                     m + "(builtin)" if impl.is_builtin else m
