@@ -600,7 +600,8 @@ def _lease(tx: Tx, owner: str, limit: int, now: float, lease_for: float) -> Leas
     rows = tx.execute(
         sql.LEASE_DUE, {"owner": owner, "until": now + lease_for, "now": now, "limit": limit}
     ).fetchall()
-    next_due = tx.execute(sql.NEXT_DUE).fetchone()["next_due"]
+    # A full batch may have left due mail: the caller looks again at once, not at next_due.
+    next_due = None if len(rows) >= limit else tx.execute(sql.NEXT_DUE).fetchone()["next_due"]
     if not rows:
         return LeaseBatch((), next_due)
     ids = [row["queue_id"] for row in rows]
