@@ -128,6 +128,7 @@ class Delivery:
         self._queue: asyncio.Queue[Lease | None] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._in_flight = 0
+        self._slot_wanted = False
         self._stopping = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._housekeeper: asyncio.Task[None] | None = None
@@ -209,6 +210,7 @@ class Delivery:
                 continue
             free = concurrency - self._in_flight
             if free <= 0:
+                self._slot_wanted = True
                 await self._wake.wait()
                 continue
             try:
@@ -222,7 +224,9 @@ class Delivery:
             for lease in batch.leases:
                 self._in_flight += 1
                 self._queue.put_nowait(lease)
-            if batch.leases:
+            # Only a full batch can have left due mail behind: a short one took all that was
+            # due, and looking again at once would cost a transaction that finds nothing.
+            if len(batch.leases) >= free:
                 continue
             # Measured from the time the lease looked, so a due time that passed while it
             # looked (or a clock moved meanwhile) is leased at once, not one poll later.
@@ -259,10 +263,15 @@ class Delivery:
                 else:
                     later = self.clock.time() + backoff(self.config, 1)
                     await self.leases.settle(GiveBack(lease.queue_id, later))
+                    self._wake.set()  # queued again, with a due time the dispatcher has not seen
             finally:
                 logs.bind(queue_id=None)
                 self._in_flight -= 1
-                self._wake.set()
+                # A finished attempt frees a slot; the dispatcher needs to hear of it only when it
+                # is waiting for one. New mail wakes it from the intake, retries from _record.
+                if self._slot_wanted:
+                    self._slot_wanted = False
+                    self._wake.set()
 
     async def _attempt(self, lease: Lease, trip: Trip) -> None:
         logs.bind(queue_id=lease.queue_id)
@@ -363,6 +372,8 @@ class Delivery:
                 detail=detail,
             )
         )
+        if again:
+            self._wake.set()  # due again later: the dispatcher's last look did not see it
 
     async def _renewing(self) -> None:
         """Keep every lease this process holds alive, however long its attempt takes."""

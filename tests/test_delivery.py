@@ -339,3 +339,38 @@ async def test_a_message_too_big_to_ride_with_its_lease_is_read_apart_and_delive
     [delivered] = await upstream.wait_for(1)
     assert delivered.data.endswith(message.split(b"\r\n\r\n", 1)[1])
     assert delivered.data.count(b" of a long statement") == INLINE_BODY_LIMIT // 20
+
+
+async def test_mail_sent_one_at_a_time_is_leased_once_per_message(
+    make_relay, upstream: Upstream
+) -> None:
+    """A lease batch shorter than its limit took all that was due, and a finished attempt
+    frees a slot nobody was waiting for: neither is a reason to look again at once (each
+    look is a write transaction, and with workers or replicas, a turn at the store)."""
+    from relay.clock import ManualClock
+    from relay.store import open_store
+
+    looks: list[int] = []
+
+    def counting(*args: Any) -> Any:
+        store = open_store(*args)
+        lease = store.lease
+
+        async def counted(*lease_args: Any) -> Any:
+            batch = await lease(*lease_args)
+            looks.append(len(batch.leases))
+            return batch
+
+        store.lease = counted  # type: ignore[method-assign]
+        return store
+
+    # Time stands still, so no poll interval passes and every look is one the relay chose.
+    relay = await make_relay(store_factory=counting, clock=ManualClock())
+    await relay.idle()
+    looks.clear()
+    for n in range(5):
+        assert (await send(relay.port, make_message(f"one at a time {n}"))).code == 250
+        await upstream.wait_for(n + 1)
+        await relay.idle()
+    assert len(await relay.events("delivered")) == 5
+    assert looks == [1] * 5

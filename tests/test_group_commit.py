@@ -183,3 +183,63 @@ async def test_processes_sharing_a_file_take_turns_to_write_through_the_kernel_l
     finally:
         await first.close()
         await second.close()
+
+
+async def test_the_writer_thread_runs_calls_in_order_on_one_thread_and_answers_each() -> None:
+    import threading
+
+    from relay.store.writer_thread import WriterThread
+
+    thread = WriterThread("test-writer")
+    ran: list[tuple[int, str]] = []
+
+    def note(n: int) -> int:
+        ran.append((n, threading.current_thread().name))
+        return n * 10
+
+    def fail() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    try:
+        results = await asyncio.gather(
+            *(thread.call(note, n) for n in range(50)),
+            thread.call(fail),
+            thread.call(note, 50),
+            return_exceptions=True,
+        )
+    finally:
+        thread.shutdown()
+    assert results[:50] == [n * 10 for n in range(50)]
+    assert isinstance(results[50], sqlite3.OperationalError)
+    assert results[51] == 500
+    assert [n for n, _ in ran] == list(range(51))
+    assert {name for _, name in ran} == {"test-writer"}
+    assert threading.current_thread().name != "test-writer"
+
+
+async def test_a_cancelled_caller_leaves_the_writer_thread_serving_the_next() -> None:
+    import threading
+
+    from relay.store.writer_thread import WriterThread
+
+    thread = WriterThread("test-writer")
+    release = threading.Event()
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow() -> str:
+        loop.call_soon_threadsafe(started.set)
+        release.wait(30)
+        return "late"
+
+    try:
+        waiting = asyncio.ensure_future(thread.call(slow))
+        await started.wait()
+        waiting.cancel()
+        release.set()
+        assert await thread.call(str.upper, "next") == "NEXT"
+        assert waiting.cancelled()
+    finally:
+        thread.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        await thread.call(str.upper, "after")

@@ -79,7 +79,12 @@ class Lease:
 
 @dataclass(frozen=True)
 class LeaseBatch:
-    """What one lease round took, and when the next message falls due (None: nothing queued)."""
+    """What one lease round took, and when the next message falls due.
+
+    A batch shorter than its limit took everything that was due; `next_due` is when the
+    rest falls due (None: nothing queued). A full batch may have left due mail behind,
+    so the caller leases again at once (its `next_due` may be None).
+    """
 
     leases: tuple[Lease, ...]
     next_due: float | None

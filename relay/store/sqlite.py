@@ -9,7 +9,6 @@ job and one commit. The SQL is in `statements`; what the SQL decides is in
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import fcntl
 import logging
@@ -53,6 +52,7 @@ from relay.store import (
 from relay.store import statements as sql
 from relay.store.changes import INLINE_BODY_LIMIT, PURGE_CHUNK
 from relay.store.writer import BatchResult, GroupCommit, Outcome
+from relay.store.writer_thread import WriterThread
 
 __all__ = [
     "INLINE_BODY_LIMIT",
@@ -196,7 +196,7 @@ class SqliteStore:
         self._identity: tuple[int, int] | None = None
         self._lost: str | None = None
         self._turn: int | None = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._thread = WriterThread("store-writer")
         self.writer: GroupCommit[Job] = GroupCommit(
             self._run_batch, on_commit=on_commit, on_batch=on_batch, outage=is_outage
         )
@@ -226,9 +226,8 @@ class SqliteStore:
         self._db = db
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._thread, self._open_writer)
+            await self._thread.call(self._open_writer)
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from None
         self._reader = await connect(self.path)
@@ -241,11 +240,11 @@ class SqliteStore:
             self._reader = None
         db, self._db = self._db, None
         if db is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
+            await self._thread.call(db.close)
         turn, self._turn = self._turn, None
         if turn is not None:
             os.close(turn)
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown()
 
     @property
     def running(self) -> bool:
@@ -270,7 +269,7 @@ class SqliteStore:
         db = self._db
         if db is None:
             raise StoreError("store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._batch, db, jobs)
+        return await self._thread.call(self._batch, db, jobs)
 
     def _batch(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
         """In the writer thread: the batch, refused once the file is no longer the store."""
@@ -600,7 +599,8 @@ def _lease(tx: Tx, owner: str, limit: int, now: float, lease_for: float) -> Leas
     rows = tx.execute(
         sql.LEASE_DUE, {"owner": owner, "until": now + lease_for, "now": now, "limit": limit}
     ).fetchall()
-    next_due = tx.execute(sql.NEXT_DUE).fetchone()["next_due"]
+    # A full batch may have left due mail: the caller looks again at once, not at next_due.
+    next_due = None if len(rows) >= limit else tx.execute(sql.NEXT_DUE).fetchone()["next_due"]
     if not rows:
         return LeaseBatch((), next_due)
     ids = [row["queue_id"] for row in rows]
