@@ -366,7 +366,7 @@ async def test_mail_sent_one_at_a_time_is_leased_once_per_message(
 
     # Time stands still, so no poll interval passes and every look is one the relay chose.
     relay = await make_relay(store_factory=counting, clock=ManualClock())
-    await relay.idle()
+    await eventually(lambda: looks, what="the dispatcher's first look, at start")
     looks.clear()
     for n in range(5):
         assert (await send(relay.port, make_message(f"one at a time {n}"))).code == 250
