@@ -18,11 +18,15 @@ import inspect
 import ipaddress
 import logging
 import re
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from ssl import SSLContext
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
+import aiosmtpd
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from aiosmtplib.email import parse_address
 
@@ -30,13 +34,16 @@ from relay import content, logs, rules
 from relay.audit import Event
 from relay.auth import Authenticator, Guard
 from relay.config import AuthConfig, ConfigError, ListenConfig, Network
+from relay.dataread import DataPhase
 from relay.errors import ListenError
 from relay.intake import THREAD_THRESHOLD, Intake, Transaction, unique_recipients
 from relay.limits import Budget, Events, Tally
 from relay.tls import ServerTls
 
 __all__ = [
+    "AIOSMTPD_CHECKED",
     "NEEDS_SMTPUTF8",
+    "REPLACES_AIOSMTPD",
     "SHUTDOWN_REPLY",
     "FrontDoor",
     "Handler",
@@ -69,6 +76,11 @@ _PATHS: dict[str, tuple[str | None, str | None]] = {}
 _PROBLEMS: dict[str, str | None] = {}
 _K = TypeVar("_K")
 _T = TypeVar("_T")
+# The aiosmtpd releases whose SMTP.__init__, smtp_DATA and sanitized_log the fast
+# replacements below (and relay/dataread.py) were checked against, line by line and by
+# tests/test_session_setup.py. Any other release gets aiosmtpd's own code.
+AIOSMTPD_CHECKED = frozenset({"1.4.6"})
+REPLACES_AIOSMTPD = aiosmtpd.__version__ in AIOSMTPD_CHECKED
 
 
 def allowed(peer: object, networks: tuple[Network, ...]) -> bool:
@@ -125,6 +137,40 @@ def _options_size(options: list[str]) -> int:
         if name.upper() == "SIZE" and value.isdigit():
             return int(value)
     return 0
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def _quiet(sanitized_log: Callable[..., None]) -> Callable[..., None]:
+    """aiosmtpd's sanitized_log, skipped when the logger would drop the line anyway.
+
+    aiosmtpd calls it twice per command, at debug and info level, and it masks AUTH
+    arguments (a regex per line) before the logger looks at its level; the relay keeps
+    aiosmtpd's logger at WARNING, so that work was always thrown away.
+    """
+
+    def quiet_sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+        logger = getattr(func, "__self__", None)
+        if isinstance(logger, logging.Logger):
+            level = _LEVELS.get(getattr(func, "__name__", ""))
+            if level is not None and not logger.isEnabledFor(level):
+                return
+        sanitized_log(func, msg, *args, **kwargs)
+
+    quiet_sanitized_log.__wrapped__ = sanitized_log  # type: ignore[attr-defined]
+    return quiet_sanitized_log
+
+
+if REPLACES_AIOSMTPD and not hasattr(aiosmtpd.smtp.sanitized_log, "__wrapped__"):
+    aiosmtpd.smtp.sanitized_log = _quiet(aiosmtpd.smtp.sanitized_log)
 
 
 _HOOK_NAMES: dict[type, tuple[str, ...]] = {}
@@ -295,7 +341,51 @@ class RelaySession(Session):
         self._login_data = value
 
 
-class RelaySMTP(_Hooks, SMTP):
+class _Plan(NamedTuple):
+    """What aiosmtpd's SMTP constructor finds by introspection, as attribute names."""
+
+    auth: tuple[tuple[str, bool, str], ...]  # mechanism, built into the protocol, attribute
+    hooks: tuple[tuple[str, str], ...]  # hook, handler attribute
+    commands: tuple[tuple[str, str], ...]  # command, protocol attribute
+    ehlo_hook_ver: str | None
+
+    @classmethod
+    def of(cls, protocol: SMTP, handler: Any) -> _Plan | None:
+        """aiosmtpd 1.4.6's own expressions, kept as names; None when it would warn or fail."""
+        auth: dict[str, tuple[bool, str]] = {}
+        for obj in (protocol, handler):
+            for name, member in inspect.getmembers(obj):
+                if name.startswith("auth_"):
+                    mechanism = getattr(
+                        member,
+                        "__auth_mechanism_name__",
+                        name.replace("auth_", "").replace("__", "-"),
+                    )
+                    auth[mechanism] = (obj is protocol, name)
+        hooks = {n.replace("handle_", ""): n for n in dir(handler) if n.startswith("handle_")}
+        ehlo_hook_ver = None
+        if "EHLO" in hooks:
+            if len(inspect.signature(getattr(handler, hooks["EHLO"])).parameters) != 5:
+                return None  # the deprecated 4-argument hook, or an error: aiosmtpd's to say
+            ehlo_hook_ver = "new"
+        return cls(
+            auth=tuple((m, builtin, name) for m, (builtin, name) in auth.items()),
+            hooks=tuple(hooks.items()),
+            commands=tuple(
+                (n.replace("smtp_", ""), n) for n in dir(protocol) if n.startswith("smtp_")
+            ),
+            ehlo_hook_ver=ehlo_hook_ver,
+        )
+
+
+_PLANS: dict[tuple[type, type], _Plan | None] = {}
+# The keyword arguments _set_up takes; any other goes to aiosmtpd's own constructor.
+_SET_UP_KWARGS = frozenset(
+    {"data_size_limit", "enable_SMTPUTF8", "hostname", "ident", "timeout", "tls_context", "loop"}
+)
+
+
+class RelaySMTP(_Hooks, DataPhase):
     """aiosmtpd's SMTP with network policy, AUTH off the loop, DATA deadlines and shutdown."""
 
     # What RFC 4954 clients expect (aiosmtpd's default is "User Name\x00").
@@ -303,7 +393,13 @@ class RelaySMTP(_Hooks, SMTP):
     AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, front: FrontDoor, *, implicit_tls: bool = False, **kwargs: Any) -> None:
-        super().__init__(Handler(front), **kwargs)
+        handler = Handler(front)
+        if not (
+            REPLACES_AIOSMTPD
+            and kwargs.keys() <= _SET_UP_KWARGS
+            and self._set_up(handler, **kwargs)
+        ):
+            super().__init__(handler, **kwargs)
         self.front = front
         self.implicit_tls = implicit_tls
         self.in_data = False
@@ -318,6 +414,94 @@ class RelaySMTP(_Hooks, SMTP):
         self._discarding = False
         self._continued = b""
         self._due = 0.0
+
+    def _set_up(
+        self,
+        handler: Handler,
+        *,
+        data_size_limit: int | None = 2**25,  # aiosmtpd's DATA_SIZE_DEFAULT
+        enable_SMTPUTF8: bool = False,
+        hostname: str | None = None,
+        ident: str | None = None,
+        tls_context: SSLContext | None = None,
+        timeout: float = 300,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> bool:
+        """aiosmtpd 1.4.6's SMTP.__init__ for these arguments (the others at their defaults),
+        with its introspection of both classes done once per pair of classes.
+
+        aiosmtpd scans the protocol and the handler with `inspect.getmembers` and `dir`,
+        reads handle_EHLO's signature and formats a log line, for every connection: most
+        of the cost of accepting one. False, having set nothing, when aiosmtpd's own
+        constructor must run instead.
+        """
+        key = (type(self), type(handler))
+        try:
+            plan = _PLANS[key]
+        except KeyError:
+            plan = _PLANS[key] = _Plan.of(self, handler)
+        if plan is None:
+            return False
+        smtp = aiosmtpd.smtp  # its private names are only looked up on a checked release
+        self.__ident__ = ident or smtp.__ident__
+        self.loop = loop if loop else smtp.make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
+        self.event_handler = handler
+        assert data_size_limit is None or isinstance(data_size_limit, int)
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = False
+        self.command_size_limits.clear()
+        self.hostname = hostname if hostname else socket.getfqdn()
+        self.tls_context = tls_context
+        if tls_context:
+            if tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
+                smtp.log.warning(
+                    "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL};"
+                    " this might cause client connection problems"
+                )
+            elif tls_context.check_hostname:
+                smtp.log.warning(
+                    "tls_context.check_hostname == True;"
+                    " this might cause client connection problems"
+                )
+        self.require_starttls = tls_context and False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._auth_callback = smtp.login_always_fail
+        self._authenticator = None
+        self._auth_required = False
+        self._auth_methods = {
+            mechanism: smtp._AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            for mechanism, builtin, name in plan.auth
+        }
+        if smtp.log.isEnabledFor(logging.INFO):
+            smtp.log.info(
+                "Available AUTH mechanisms: "
+                + " ".join(
+                    m + "(builtin)" if impl.is_builtin else m
+                    for m, impl in sorted(self._auth_methods.items())
+                )
+            )
+        self._handle_hooks = {hook: getattr(handler, name) for hook, name in plan.hooks}
+        self._ehlo_hook_ver = plan.ehlo_hook_ver
+        self._smtp_methods = {command: getattr(self, name) for command, name in plan.commands}
+        self._enforce_call_limit = False
+        return True
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -513,7 +697,10 @@ class RelaySMTP(_Hooks, SMTP):
         self._data_started = self._last_data = self.loop.time()
         self._arm_data_timer()
         try:
-            await super().smtp_DATA(arg)
+            if REPLACES_AIOSMTPD:
+                await super().smtp_DATA(arg)
+            else:
+                await SMTP.smtp_DATA(self, arg)
         finally:
             self.in_data = False
             self._give_back()
