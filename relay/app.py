@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from relay import heap
 from relay.audit import Emitter, Event
 from relay.clock import SYSTEM, Clock
 from relay.config import Config, StoreConfig, UpstreamConfig
@@ -214,6 +215,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
     await app.start()
+    heap.settle()
     if ready is not None:
         ready(app)
     grace = config.runtime.shutdown_grace

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relay.dataread import Body, DataPhase, Verdict
-from tests.conftest import DEADLINE, Dialog, Relay, Upstream, make_message
+from tests.conftest import DEADLINE, Dialog, Relay, Upstream, eventually, make_message
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 
@@ -275,10 +275,9 @@ async def send_in(relay: Relay, talk: Dialog, pieces: list[bytes]) -> None:
     for piece in pieces[:-1]:
         talk.writer.write(piece)
         expected += len(piece)
-        deadline = time.monotonic() + DEADLINE
-        while budget.used < expected:
-            assert time.monotonic() < deadline, "the relay did not take the piece"
-            await asyncio.sleep(0)
+        await eventually(
+            lambda expected=expected: budget.used >= expected, what="the relay to take the piece"
+        )
     talk.writer.write(pieces[-1])
 
 
@@ -370,8 +369,8 @@ async def test_a_connection_lost_mid_data_leaves_nothing_behind(relay: Relay) ->
     talk = await data_session(relay)
     await send_in(relay, talk, [make_message()[:200], b"x" * 3000])
     talk.writer.transport.abort()
-    deadline = time.monotonic() + DEADLINE
-    while front.sessions or front.budget.used:
-        assert time.monotonic() < deadline, "the session outlived its connection"
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: not front.sessions and not front.budget.used,
+        what="the session to end with its connection",
+    )
     assert await relay.rows("SELECT count(*) FROM messages") == [(0,)]
