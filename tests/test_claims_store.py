@@ -1,22 +1,29 @@
-"""The claims on disk (SQLite): one B-tree clustered on (scope, key, rcpt), reached by that key.
+"""The claims on disk: reached by their key (scope, key, rcpt), never by queue_id.
 
-A store from before (schema version 4, a rowid table with three indexes) is rebuilt in place
-when it is migrated, and its live claims keep catching repeats.
+SQLite keeps them in one B-tree clustered on that key: a store from before (schema version 4,
+a rowid table with three indexes) is rebuilt in place when it is migrated. PostgreSQL keeps its
+table and drops the queue_id index (schema version 4). Either way, live claims keep catching
+repeats across the migration, and every claim statement finds its rows by an index.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 import yaml
 
+from relay.config import StoreConfig, from_mapping
 from relay.decision import Claim
-from relay.store import migrations
+from relay.store import Store, migrate, migrations
+from relay.store import pg_statements as pg_sql
 from relay.store import statements as sql
+from relay.store.postgres import PostgresStore, connect_options
 from relay.store.sqlite import SqliteStore
-from tests.conftest import cli, submission
+from tests.conftest import PG_PASSWORD_ENV, cli, submission
 from tests.test_store_contract import HOUR, T0, outcome
 
 CLAIM_STATEMENTS = {
@@ -55,7 +62,7 @@ def schema_version(path: Path) -> str:
     return str(version)
 
 
-async def deliver(store: SqliteStore, at: float, **states: str) -> None:
+async def deliver(store: Store, at: float, **states: str) -> None:
     """Lease what is due and report each recipient in `states` (default: delivered)."""
     batch = await store.lease("worker", 100, at, 600.0)
     for lease in batch.leases:
@@ -140,3 +147,118 @@ def test_every_claim_statement_finds_its_rows_by_an_index(tmp_path: Path, name: 
     db.close()
     assert "claims USING PRIMARY KEY" in plan or "claims USING INDEX claims_expiry" in plan, plan
     assert "SCAN claims" not in plan, plan
+
+
+# --- PostgreSQL ------------------------------------------------------------------
+
+PG_CLAIM_STATEMENTS = {
+    "claim": pg_sql.CLAIM,
+    "others": pg_sql.CLAIMS_OF_OTHERS,
+    "unclaim": pg_sql.DELETE_CLAIMS_OF_MESSAGE,
+    "settle and free": pg_sql.UPDATE_RECIPIENTS,
+    "purge": pg_sql.DELETE_EXPIRED_CLAIMS,
+}
+PG_PARAMS: dict[str, Any] = {
+    "scope": "global",
+    "key": "k",
+    "queue_id": "Q",
+    "fingerprint": "f",
+    "now": T0,
+    "expires_at": T0 + HOUR,
+    "cutoff": T0,
+    "chunk": 10,
+    "ts": T0,
+    "rcpts": ["a@x.test"],
+    "states": ["delivered"],
+    "codes": [250],
+    "replies": ["ok"],
+    "upstream_ids": [None],
+    "settle": ["a@x.test"],
+    "release": ["b@x.test"],
+}
+
+
+def pg_config(pg_url: str) -> StoreConfig:
+    store = {"url": pg_url, "password_env": PG_PASSWORD_ENV}
+    return from_mapping({"store": store}, check_paths=False).store
+
+
+async def pg_claims(config: StoreConfig) -> tuple[str, list[str], list[tuple[str, str, bool]]]:
+    """The schema version, the claims' indexes, and their rows as (queue_id, rcpt, pending)."""
+    db = await asyncpg.connect(**connect_options(config))
+    try:
+        version = await db.fetchval("SELECT value FROM meta WHERE name = 'schema'")
+        indexes = await db.fetch(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'claims' ORDER BY indexname"
+        )
+        rows = await db.fetch("SELECT queue_id, rcpt, pending FROM claims ORDER BY queue_id, rcpt")
+    finally:
+        await db.close()
+    return version, [r[0] for r in indexes], [tuple(r) for r in rows]
+
+
+async def test_a_version_3_postgres_store_loses_claims_queue_and_its_claims_still_settle(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = pg_config(pg_url)
+    with monkeypatch.context() as old_relay:
+        old_relay.setattr(migrations, "POSTGRES", migrations.POSTGRES[:3])
+        store = PostgresStore(config)
+        await store.open()
+        await store.accept(submission("SENT", "Ann@x.test", "bo@x.test", key=claim("k1")))
+        await store.accept(submission("FAILED", "cy@x.test", key=claim("k2")))
+        await deliver(store, T0 + 1, FAILED="failed")
+        await store.accept(submission("QUEUED", "dee@x.test", at=T0 + 2, key=claim("k3")))
+        await store.close()
+    version, indexes, before = await pg_claims(config)
+    assert (version, indexes) == ("3", ["claims_expiry", "claims_pkey", "claims_queue"])
+    assert before == [
+        ("QUEUED", "dee@x.test", True),
+        ("SENT", "ann@x.test", False),
+        ("SENT", "bo@x.test", False),
+    ]
+
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"store": {"url": pg_url, "password_env": PG_PASSWORD_ENV}}))
+    migrated = await cli(path, "migrate")
+    assert migrated.code == 0, migrated.err
+    assert "schema version 3 -> 4" in migrated.out
+    assert await pg_claims(config) == ("4", ["claims_expiry", "claims_pkey"], before)
+
+    store = PostgresStore(config)
+    await store.open()
+    try:
+        repeat = await store.accept(submission("AGAIN", "ann@X.test", at=T0 + 3, key=claim("k1")))
+        assert (repeat.kind, repeat.forward, repeat.originals) == ("drop", (), ("SENT",))
+        retry = await store.accept(submission("RETRY", "cy@x.test", at=T0 + 3, key=claim("k2")))
+        assert retry.forward == ("cy@x.test",)
+        await deliver(store, T0 + 4, RETRY="failed")
+        assert (await pg_claims(config))[2] == [
+            ("QUEUED", "dee@x.test", False),
+            ("SENT", "ann@x.test", False),
+            ("SENT", "bo@x.test", False),
+        ]
+        purged = await store.purge(T0 + 2 + HOUR, audit_retention=10 * HOUR)
+        assert purged["claims"] == 3 and (await pg_claims(config))[2] == []
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("name", sorted(PG_CLAIM_STATEMENTS))
+async def test_every_postgres_claim_statement_finds_its_rows_by_an_index(
+    pg_url: str, name: str
+) -> None:
+    config = pg_config(pg_url)
+    await migrate(config)
+    query = PG_CLAIM_STATEMENTS[name]
+    db = await asyncpg.connect(**connect_options(config))
+    try:
+        # Only an index can then spare a sequential scan: the plan shows whether one serves.
+        await db.execute("SET enable_seqscan = off")
+        rows = await db.fetch(f"EXPLAIN {query.text}", *query.args(PG_PARAMS))
+    finally:
+        await db.close()
+    plan = "\n".join(row[0] for row in rows)
+    assert "Seq Scan on claims" not in plan, plan
+    assert "claims_queue" not in plan, plan
+    assert "claims_pkey" in plan or "claims_expiry" in plan, plan

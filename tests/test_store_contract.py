@@ -179,6 +179,30 @@ async def test_a_final_failure_frees_the_key_for_a_resend(store: Store) -> None:
     assert resend.forward == ("alice@example.org",)
 
 
+@pytest.mark.parametrize("last", ["delivered", "failed"])
+async def test_an_outcome_after_the_key_was_claimed_again_leaves_the_new_claim_alone(
+    store: Store, last: str
+) -> None:
+    # Two spellings of one mailbox share one claim: the first settles it, its window ends and
+    # Q2 claims the key again, then the second spelling's outcome arrives for Q1. A header
+    # strategy spelled in capitals, as the configuration keeps it, is lowered alike everywhere.
+    key = dataclasses.replace(claim(window=HOUR), strategy="header:Idempotency-Key")
+    await store.accept(submission("Q1", "Ann@x.test", "ann@x.test", key=key))
+    await store.lease("worker", 10, T0, 600.0)
+    first = outcome(
+        "Q1", T0 + 1, ("Ann@x.test", "delivered"), ("ann@x.test", "queued"), again=T0 + 2 * HOUR
+    )
+    assert await store.update(first) == "queued"
+    again = await store.accept(submission("Q2", "ann@x.test", at=T0 + HOUR + 2, key=key))
+    assert again.forward == ("ann@x.test",), "a settled claim ends with its window"
+    batch = await store.lease("worker", 10, T0 + 2 * HOUR, 600.0)
+    assert sorted(lease.queue_id for lease in batch.leases) == ["Q1", "Q2"]
+    assert await store.update(outcome("Q1", T0 + 2 * HOUR, ("ann@x.test", last))) == "done"
+    # Q2 is still undelivered: its claim is live past its window, whatever became of Q1.
+    repeat = await store.accept(submission("Q3", "ann@x.test", at=T0 + 3 * HOUR, key=key))
+    assert (repeat.kind, repeat.duplicates) == ("drop", (("ann@x.test", "Q2"),))
+
+
 async def test_replicas_claiming_one_key_at_once_forward_it_exactly_once(
     make_store: MakeStore,
 ) -> None:

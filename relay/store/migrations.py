@@ -49,6 +49,7 @@ POSTGRES = (
     Migration(1, "queue, claims, audit trail and review indexes", pg_schema.TABLES),
     Migration(2, "shared rate-limit bookings", pg_schema.PACING),
     Migration(3, "instance names held by live processes", pg_schema.INSTANCES),
+    Migration(4, "claims found by their key, without the queue_id index", pg_schema.CLAIMS_BY_KEY),
 )
 
 

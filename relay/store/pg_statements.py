@@ -111,7 +111,10 @@ CLAIMS_OF_OTHERS = _q(
     " WHERE scope = :scope AND key = :key AND queue_id <> :queue_id"
     " AND (expires_at > :now OR pending) ORDER BY claimed_at"
 )
-DELETE_CLAIMS_OF_MESSAGE = _q("DELETE FROM claims WHERE queue_id = :queue_id")
+# Claims are found by their key (the primary key), never by queue_id alone: no index on it.
+DELETE_CLAIMS_OF_MESSAGE = _q(
+    "DELETE FROM claims WHERE scope = :scope AND key = :key AND queue_id = :queue_id"
+)
 SPOOL = _q(
     "WITH message AS (INSERT INTO messages (queue_id, received_at, state, sender, size,"
     ' message_id, scope, key, strategy, fingerprint, rule, client, "user", helo, smtputf8,'
@@ -202,15 +205,23 @@ RELEASE_INSTANCE = _q("DELETE FROM instances WHERE name = :name AND token = :tok
 # need, in one round trip. `others` are the states of the recipients this attempt did not
 # touch (the data-modifying CTEs are not visible to the SELECT; the message is leased, so no one
 # else changes them).
+# A claim is found by its key, read from the message row (`own`: none for a message spooled
+# without a claim), and touched only while this message still holds it. The key is built as
+# relay.decision.namespaced_key builds it; strategy names are ASCII (the configuration checks
+# header names), where lower() under "C" and Python's str.lower() agree.
 UPDATE_RECIPIENTS = _q(
-    "WITH changed AS (UPDATE recipients r SET state = x.state, code = x.code, reply = x.reply,"
+    "WITH own AS (SELECT scope, lower(strategy) || chr(31) || key AS key FROM messages"
+    " WHERE queue_id = :queue_id AND scope IS NOT NULL AND key IS NOT NULL"
+    " AND strategy IS NOT NULL),"
+    " changed AS (UPDATE recipients r SET state = x.state, code = x.code, reply = x.reply,"
     " upstream_id = x.upstream_id, updated_at = :ts FROM unnest(:rcpts::text[],"
     " :states::text[], :codes::int4[], :replies::text[], :upstream_ids::text[])"
     " AS x (rcpt, state, code, reply, upstream_id)"
     " WHERE r.queue_id = :queue_id AND r.rcpt = x.rcpt),"
-    " settled AS (UPDATE claims SET pending = false WHERE queue_id = :queue_id"
-    " AND rcpt = ANY(:settle::text[])),"
-    " freed AS (DELETE FROM claims WHERE queue_id = :queue_id AND rcpt = ANY(:release::text[]))"
+    " settled AS (UPDATE claims c SET pending = false FROM own WHERE c.scope = own.scope"
+    " AND c.key = own.key AND c.rcpt = ANY(:settle::text[]) AND c.queue_id = :queue_id),"
+    " freed AS (DELETE FROM claims c USING own WHERE c.scope = own.scope AND c.key = own.key"
+    " AND c.rcpt = ANY(:release::text[]) AND c.queue_id = :queue_id)"
     ' SELECT m.key, m.strategy, m.message_id, m.sender, m.size, m.client, m."user", m.scope,'
     " ARRAY(SELECT DISTINCT state FROM recipients WHERE queue_id = :queue_id"
     " AND rcpt <> ALL(:rcpts::text[])) AS others FROM messages m WHERE m.queue_id = :queue_id"

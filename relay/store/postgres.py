@@ -442,8 +442,13 @@ class PostgresStore:
     async def _accept(self, tx: PgTx, sub: Submission) -> Verdict:
         result = None if sub.claim is None else await _take_claims(tx, sub, sub.claim)
         verdict = decide(sub.queue_id, sub.recipients, sub.claim, result)
-        if verdict.unclaim:
-            await tx.execute(sql.DELETE_CLAIMS_OF_MESSAGE, queue_id=sub.queue_id)
+        if verdict.unclaim and sub.claim is not None:
+            await tx.execute(
+                sql.DELETE_CLAIMS_OF_MESSAGE,
+                scope=sub.claim.scope,
+                key=sub.claim.namespaced,
+                queue_id=sub.queue_id,
+            )
         if verdict.forward:
             await tx.execute(
                 sql.SPOOL, **changes.message_row(sub, verdict), rcpts=list(verdict.forward)
