@@ -70,6 +70,16 @@ async def deliver(store: Store, at: float, **states: str) -> None:
         await store.update(outcome(lease.queue_id, at, *rcpts))
 
 
+async def seed_earlier_release(store: Any) -> None:
+    """What a store of an earlier release holds: a delivered, a failed and a queued message."""
+    await store.open()
+    await store.accept(submission("SENT", "Ann@x.test", "bo@x.test", key=claim("k1")))
+    await store.accept(submission("FAILED", "cy@x.test", key=claim("k2")))
+    await deliver(store, T0 + 1, FAILED="failed")
+    await store.accept(submission("QUEUED", "dee@x.test", at=T0 + 2, key=claim("k3")))
+    await store.close()
+
+
 async def test_a_version_4_store_is_rebuilt_clustered_and_its_claims_still_catch_repeats(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -77,12 +87,7 @@ async def test_a_version_4_store_is_rebuilt_clustered_and_its_claims_still_catch
     with monkeypatch.context() as old_relay:
         old_relay.setattr(migrations, "SQLITE", migrations.SQLITE[:4])
         store = SqliteStore(str(path))
-        await store.open()
-        await store.accept(submission("SENT", "Ann@x.test", "bo@x.test", key=claim("k1")))
-        await store.accept(submission("FAILED", "cy@x.test", key=claim("k2")))
-        await deliver(store, T0 + 1, FAILED="failed")
-        await store.accept(submission("QUEUED", "dee@x.test", at=T0 + 2, key=claim("k3")))
-        await store.close()
+        await seed_earlier_release(store)
     definition, indexes, before = claims_table(path)
     assert schema_version(path) == "4" and "WITHOUT ROWID" not in definition
     assert indexes == ["claims_expiry", "claims_queue", "sqlite_autoindex_claims_1"]
@@ -204,12 +209,7 @@ async def test_a_version_3_postgres_store_loses_claims_queue_and_its_claims_stil
     with monkeypatch.context() as old_relay:
         old_relay.setattr(migrations, "POSTGRES", migrations.POSTGRES[:3])
         store = PostgresStore(config)
-        await store.open()
-        await store.accept(submission("SENT", "Ann@x.test", "bo@x.test", key=claim("k1")))
-        await store.accept(submission("FAILED", "cy@x.test", key=claim("k2")))
-        await deliver(store, T0 + 1, FAILED="failed")
-        await store.accept(submission("QUEUED", "dee@x.test", at=T0 + 2, key=claim("k3")))
-        await store.close()
+        await seed_earlier_release(store)
     version, indexes, before = await pg_claims(config)
     assert (version, indexes) == ("3", ["claims_expiry", "claims_pkey", "claims_queue"])
     assert before == [
