@@ -103,6 +103,30 @@ async def test_a_failing_job_is_rolled_back_to_its_savepoint_and_the_others_comm
     assert [e.queue_id for e in harness.committed[0]] == ["first", "third"]
 
 
+async def test_a_lone_failing_job_keeps_nothing_and_the_next_batch_commits(
+    harness: Harness,
+) -> None:
+    with pytest.raises(StoreError, match="alone broke after writing"):
+        await harness.writer.run(note("alone", fail=True))
+    assert harness.batch_sizes == [1]
+    assert harness.notes() == []
+    assert harness.committed == []
+    assert await harness.writer.run(note("next")) == "next"
+    assert harness.notes() == ["next"]
+    assert [e.queue_id for e in harness.committed[0]] == ["next"]
+
+
+async def test_a_batch_of_one_job_takes_no_savepoint(harness: Harness, faults: Faults) -> None:
+    faults.fail("SAVEPOINT", "disk I/O error")
+    assert await harness.writer.run(note("alone")) == "alone"
+    assert harness.notes() == ["alone"]
+    # Two jobs still take one each: the planned failure is there to be met.
+    futures = [harness.writer.submit(note("a")), harness.writer.submit(note("b"))]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, StoreError) for r in results)
+    assert harness.notes() == ["alone"]
+
+
 async def test_a_failed_commit_fails_every_job_of_the_batch_and_keeps_nothing(
     harness: Harness, faults: Faults
 ) -> None:
