@@ -24,7 +24,6 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _throughput() -> ModuleType:
@@ -36,17 +35,10 @@ def _throughput() -> ModuleType:
     return module
 
 
-def user_system(pids: list[int]) -> tuple[float, float]:
-    user = system = 0
-    for pid in pids:
-        try:
-            text = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        user += int(fields[11])
-        system += int(fields[12])
-    return user / TICK, system / TICK
+def user_system(bench: ModuleType, pids: list[int]) -> tuple[float, float]:
+    """User and system seconds of `pids`, those still alive."""
+    times = [found[1:] for found in map(bench.stat, pids) if found is not None]
+    return sum(user for user, _ in times), sum(system for _, system in times)
 
 
 def main() -> None:
@@ -73,9 +65,9 @@ def main() -> None:
             with bench.relay(folder, sink, args.workers) as server:
                 pids = list(bench.tree(server.root))
                 bench.closed_loop(server, 500, args.sessions, args.size)
-                user0, system0 = user_system(pids)
+                user0, system0 = user_system(bench, pids)
                 run = bench.closed_loop(server, args.messages, args.sessions, args.size)
-                user1, system1 = user_system(pids)
+                user1, system1 = user_system(bench, pids)
         finally:
             sink.stop()
     per = 1000 / args.messages

@@ -78,14 +78,14 @@ def load_average() -> str:
 # --- /proc: CPU and memory of a process tree --------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user + system seconds) of one live process."""
+def stat(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, user seconds, system seconds) of one live process."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[1]), int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def tree(root: int) -> dict[int, float]:
@@ -94,9 +94,10 @@ def tree(root: int) -> dict[int, float]:
     cpu: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            stat = _stat(int(entry))
-            if stat is not None:
-                parents[int(entry)], cpu[int(entry)] = stat
+            found = stat(int(entry))
+            if found is not None:
+                parent, user, system = found
+                parents[int(entry)], cpu[int(entry)] = parent, user + system
     members = {root}
     grew = True
     while grew:
