@@ -390,7 +390,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 async def primary_and_backup(
-    make_relay: Callable[..., Awaitable[Relay]], primary: int, backup: int, **overrides: Any
+    make_relay: RelayFactory, primary: int, backup: int, **overrides: Any
 ) -> Relay:
     """A relay whose one route fails over from the upstream on port `primary` to `backup`."""
     return await make_relay(
@@ -596,6 +596,10 @@ class Relay:
         await self.app.stop()
 
 
+# What the `make_relay` fixture gives a test.
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
 async def left_mid_attempt(path: Path, owner: str, now: float, lease_for: float = 600.0) -> str:
     """A store as a relay that died during an attempt leaves it: one message, leased by `owner`
     at `now`, no outcome recorded. Returns its queue id."""
@@ -633,7 +637,7 @@ async def left_mid_attempt(path: Path, owner: str, now: float, lease_for: float 
 @pytest.fixture
 async def make_relay(
     tmp_path: Path, upstream: Upstream, store_config: dict[str, Any]
-) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
+) -> AsyncIterator[RelayFactory]:
     running: list[Relay] = []
 
     async def make(

@@ -1059,3 +1059,7 @@ def postfix_factory() -> Iterator[Callable[..., Postfix]]:
             return instance.start()
 
         yield make
+
+
+# What the `postfix_factory` fixture gives a test.
+PostfixFactory = Callable[..., Postfix]

@@ -8,13 +8,18 @@ import asyncio
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Awaitable, Callable
 
 from relay.limits import Budget
 from relay.upstream.smtp import wire_payload
-from tests.conftest import ROOT, Dialog, Relay, Upstream, eventually, make_message, send
-
-RelayFactory = Callable[..., Awaitable[Relay]]
+from tests.conftest import (
+    ROOT,
+    Dialog,
+    RelayFactory,
+    Upstream,
+    eventually,
+    make_message,
+    send,
+)
 
 
 async def open_data(port: int, source: str | None = None) -> Dialog:

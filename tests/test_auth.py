@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import bcrypt
@@ -23,6 +22,7 @@ from tests.conftest import (
     Certificates,
     Dialog,
     Relay,
+    RelayFactory,
     Upstream,
     client_context,
     make_message,
@@ -31,8 +31,6 @@ from tests.conftest import (
     send_authenticated,
     write_users,
 )
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 
 class FakeClock:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relay.dataread import Body, DataPhase, Verdict
-from tests.conftest import DEADLINE, Dialog, Relay, Upstream, eventually, make_message
-
-RelayFactory = Callable[..., Awaitable[Relay]]
-
+from tests.conftest import DEADLINE, Dialog, Relay, RelayFactory, Upstream, eventually, make_message
 
 # --- the same bytes to aiosmtpd's DATA and to relay.dataread's -------------------------------
 

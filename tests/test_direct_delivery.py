@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests import mta
-from tests.conftest import Certificates, Relay, Upstream, make_message, send
+from tests.conftest import Certificates, Relay, RelayFactory, Upstream, make_message, send
 from tests.mta import SmtpSink, free_port
 from tests.nameserver import Dnsmasq, Zone
 
 sink_factory = mta.sink_factory
 
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 ZONE = Zone(
     mx=(

@@ -10,7 +10,7 @@ import io
 import re
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tests import mta
 from tests.conftest import (
     Dialog,
     Relay,
+    RelayFactory,
     RelayProcess,
     Upstream,
     base_config,
@@ -40,7 +41,6 @@ from tests.mta import Postfix
 # Any byte drawn becomes CR, LF, a dot or a letter: where line-end edge cases live.
 LINE_BYTES = bytes(b"\r\n.a"[i % 4] for i in range(256))
 
-RelayFactory = Callable[..., Awaitable[Relay]]
 postfix_factory = mta.postfix_factory
 
 

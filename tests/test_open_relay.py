@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from tests.conftest import (
     ROOT,
     Certificates,
     Dialog,
-    Relay,
+    RelayFactory,
     Upstream,
     base_config,
     deep_merge,
@@ -34,8 +33,6 @@ from tests.conftest import (
     write_users,
 )
 from tests.mta import swaks
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 
 async def test_without_auth_a_stranger_is_refused_at_connect(

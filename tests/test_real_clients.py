@@ -16,7 +16,7 @@ import smtplib
 import sqlite3
 import subprocess
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -30,6 +30,7 @@ import pytest
 from tests import mta
 from tests.conftest import (
     Relay,
+    RelayFactory,
     RelayProcess,
     Upstream,
     base_config,
@@ -37,13 +38,11 @@ from tests.conftest import (
     eventually,
     free_port,
 )
-from tests.mta import Postfix, run_nodemailer, swaks, swaks_replies
+from tests.mta import Postfix, PostfixFactory, run_nodemailer, swaks, swaks_replies
 
 # The harness's factory fixture, made visible to this module.
 postfix_factory = mta.postfix_factory
 
-RelayFactory = Callable[..., Awaitable[Relay]]
-PostfixFactory = Callable[..., Postfix]
 RelayProcessFactory = Callable[[dict[str, Any]], RelayProcess]
 
 SENDER = "app@example.com"

@@ -15,7 +15,7 @@ import asyncio
 import re
 import smtplib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -24,15 +24,13 @@ from typing import Any
 import pytest
 
 from tests import mta
-from tests.conftest import Relay, eventually, make_message, send
-from tests.mta import END_OF_DATA, CertificateAuthority, Postfix, SmtpSink
+from tests.conftest import Relay, RelayFactory, eventually, make_message, send
+from tests.mta import END_OF_DATA, CertificateAuthority, Postfix, PostfixFactory, SmtpSink
 
 # The harness's factory fixtures, made visible to this module.
 sink_factory = mta.sink_factory
 postfix_factory = mta.postfix_factory
 
-RelayFactory = Callable[..., Awaitable[Relay]]
-PostfixFactory = Callable[..., Postfix]
 SinkFactory = Callable[..., SmtpSink]
 
 RECIPIENT = "alice@example.org"

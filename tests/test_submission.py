@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from tests.conftest import (
     PASSWORD,
     Certificates,
     Relay,
+    RelayFactory,
     Upstream,
     client_context,
     secure_config,
@@ -28,7 +29,6 @@ from tests.conftest import (
 )
 from tests.mta import Postfix, run_nodemailer, swaks, swaks_replies
 
-RelayFactory = Callable[..., Awaitable[Relay]]
 postfix_factory = mta.postfix_factory
 
 

@@ -10,7 +10,7 @@ import shutil
 import signal
 import ssl
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tests.conftest import (
     Certificates,
     Dialog,
     Relay,
+    RelayFactory,
     RelayProcess,
     Upstream,
     base_config,
@@ -34,8 +35,6 @@ from tests.conftest import (
     write_users,
 )
 from tests.mta import CertificateAuthority
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 
 async def test_starttls_is_offered_and_auth_only_once_tls_is_up(

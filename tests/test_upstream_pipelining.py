@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from tests import mta
 from tests.conftest import (
     LoopbackServer,
     Relay,
+    RelayFactory,
     Upstream,
     eventually,
     make_message,
@@ -29,12 +29,10 @@ from tests.conftest import (
     running,
     send,
 )
-from tests.mta import Postfix
+from tests.mta import PostfixFactory
 
 postfix_factory = mta.postfix_factory
 
-RelayFactory = Callable[..., Awaitable[Relay]]
-PostfixFactory = Callable[..., Postfix]
 
 OK = b"250 2.1.0 Ok\r\n"
 GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.conftest import LoopbackServer, Relay, eventually, make_message, running, send
-
-RelayFactory = Callable[..., Awaitable[Relay]]
+from tests.conftest import (
+    LoopbackServer,
+    Relay,
+    RelayFactory,
+    eventually,
+    make_message,
+    running,
+    send,
+)
 
 GOOD = {
     "EHLO": b"250-raw.test\r\n250 8BITMIME\r\n",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tests.conftest import (
     DEADLINE,
     Certificates,
     Relay,
+    RelayFactory,
     Upstream,
     eventually,
     make_message,
@@ -38,7 +39,6 @@ from tests.mta import SmtpSink
 sink_factory = mta.sink_factory
 
 RCPT = ("alice@example.org",)
-RelayFactory = Callable[..., Awaitable[Relay]]
 SinkFactory = Callable[..., SmtpSink]
 
 
