@@ -82,6 +82,9 @@ _BOUNDARY_MATCHER = re.compile(
     re.DOTALL,
 )
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+# A field's first line as the feed parser's `headerRE` takes it, less its "From " and
+# empty-name cases (which the parser treats apart).
+_FIELD_LINE = re.compile(r"[\041-\071\073-\176]+:")
 # Parser.parse feeds the parser this much at a time; feeding alike keeps the result alike.
 _CHUNK = 8192
 # Parts within parts, of any kind. Real mail nests a handful; the parser recurses once per
@@ -422,11 +425,61 @@ class _Parser(_FeedParser):
 
 def _parse(data: bytes) -> Message:
     """`email.message_from_bytes`, with boundary lines found in linear time."""
+    return _feed(data.decode("ascii", "surrogateescape"))
+
+
+def _feed(text: str) -> Message:
     parser = _Parser()
-    text = data.decode("ascii", "surrogateescape")
     for start in range(0, len(text), _CHUNK):
         parser.feed(text[start : start + _CHUNK])
     message: Message = parser.close()
+    return message
+
+
+def _read(data: bytes) -> Message:
+    """What `_parse` returns, by the short way when the message is one plain part."""
+    text = data.decode("ascii", "surrogateescape")
+    message = _parse_single_part(text)
+    return _feed(text) if message is None else message
+
+
+def _parse_single_part(text: str) -> Message | None:
+    """The feed parser's message for a plain one-part email, or None when not sure.
+
+    For a type other than multipart/* and message/*, the feed parser takes lines until the
+    first one that is not a header line (a blank one is dropped), gives each field's lines
+    to the policy's `header_source_parse` and the result to `set_raw`, and keeps the rest of
+    the text as the payload. This takes those steps on the whole text, only when every line
+    before the first blank one ends in CRLF (then its line breaks, at CR, LF or CRLF, even
+    across its 8,192-character feeds, are these), is a field or a fold of one, and is not a
+    "From " line: when the parser has nothing else to do and no defect to note.
+    """
+    end = text.find("\r\n\r\n")
+    if end <= 0:
+        return None
+    head = text[:end]
+    lowered = head.lower()
+    if "multipart/" in lowered or "message/" in lowered:  # spares building a multipart's head
+        return None
+    crlf = head.count("\r\n")
+    if head.count("\r") != crlf or head.count("\n") != crlf:
+        return None
+    message = Message(policy=_POLICY)
+    source: list[str] = []
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t"):
+            if not source:
+                return None
+        elif _FIELD_LINE.match(line) is None:
+            return None
+        elif source:
+            message.set_raw(*_POLICY.header_source_parse(source))
+            source = []
+        source.append(line + "\r\n")
+    message.set_raw(*_POLICY.header_source_parse(source))
+    if message.get_content_maintype() in ("multipart", "message"):  # the parser's own test
+        return None
+    message.set_payload(text[end + 4 :])
     return message
 
 
@@ -435,7 +488,14 @@ def _canonical_fields(
 ) -> list[bytes]:
     data = bytes(message)
     out = [_field(b"V", _VERSION), _text_field(b"S", _normalise_sender(sender))]
-    parsed = _parse(data)
+    out.extend(_message_fields(_read(data), headers, volatile))
+    return out
+
+
+def _message_fields(
+    parsed: Message, headers: Sequence[str], volatile: Sequence[str]
+) -> list[bytes]:
+    out: list[bytes] = []
     for name in _selected_headers(headers, volatile):
         out.append(_text_field(b"H", name))
         for value in parsed.get_all(name) or ():
