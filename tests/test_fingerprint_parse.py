@@ -135,14 +135,24 @@ def messages(draw: st.DrawFn) -> bytes:
     return (head + separator + draw(bodies())).encode("latin-1")
 
 
-def hash_by_the_feed_parser(data: bytes, names: list[str]) -> str:
-    """`compute`'s canonical hash as it was before the short way: the feed parser's message."""
-    fields = [
-        fp._field(b"V", fp._VERSION),
-        fp._text_field(b"S", fp._normalise_sender(SENDER)),
-        *fp._message_fields(fp._parse(data), names, ()),
-    ]
-    return hashlib.sha256(b"".join(fields)).hexdigest()
+def fields_or_error(parsed: Message, names: list[str]) -> list[bytes] | str:
+    """Some messages the parser reads cannot be put in canonical form (`compute` hashes them
+    raw); then the error's name."""
+    try:
+        return fp._message_fields(parsed, names, ())
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def compute_by_the_feed_parser(data: bytes, names: list[str]) -> tuple[str, str | None]:
+    """What `compute` gave before the short way: everything through the feed parser."""
+    fields = fields_or_error(fp._parse(data), names)
+    sender = fp._normalise_sender(SENDER)
+    if isinstance(fields, str):
+        raw = [fp._field(b"V", fp._VERSION), fp._text_field(b"X", sender), fp._field(b"Z", data)]
+        return hashlib.sha256(b"".join(raw)).hexdigest(), f"it could not be parsed ({fields})"
+    head = [fp._field(b"V", fp._VERSION), fp._text_field(b"S", sender)]
+    return hashlib.sha256(b"".join(head + fields)).hexdigest(), None
 
 
 PLAIN = (
@@ -160,6 +170,8 @@ PLAIN = (
 @given(data=messages())
 @example(data=PLAIN)
 @example(data=b"Subject: x\r\n\r\n")
+# Hashed raw either way: get_payload() fails on 8-bit bytes under an RFC 2231 charset.
+@example(data=b"Content-Type: text/plain; charset*=utf-8''x\r\n\r\n\x80")
 @example(data=b"Subject: x\r\n \r\n\r\nbody")
 @example(data=b"Subject: \r\n\r\n\r\n")
 @example(data=b"Subject:\r\n\tfolded\r\n \r\n\r\nbody\r")
@@ -172,9 +184,9 @@ def test_a_message_read_the_short_way_is_the_one_the_feed_parser_builds(data: by
         return
     assert vars(short) == vars(full)
     names = sorted({name.lower() for name in full} | {"from", "subject"})
-    assert fp._message_fields(short, names, ()) == fp._message_fields(full, names, ())
+    assert fields_or_error(short, names) == fields_or_error(full, names)
     found = compute(SENDER, data, names)
-    assert (found.value, found.raw) == (hash_by_the_feed_parser(data, names), None)
+    assert (found.value, found.raw) == compute_by_the_feed_parser(data, names)
 
 
 def _library_message(charset: str, cte: str) -> bytes:
