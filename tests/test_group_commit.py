@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -162,6 +164,28 @@ async def test_an_error_in_the_savepoint_machinery_fails_the_whole_batch(
     assert harness.notes() == []
 
 
+async def test_a_batch_whose_turn_is_refused_fails_and_the_writer_goes_on(
+    harness: Harness,
+) -> None:
+    refusals = [OSError("turn refused")]
+
+    async def turn() -> None:
+        if refusals:
+            raise refusals.pop()
+
+    await harness.writer.stop()
+    writer: GroupCommit[Callable[[Tx], Any]] = GroupCommit(harness._run, turn=turn)
+    writer.start()
+    try:
+        with pytest.raises(StoreError, match="turn refused"):
+            await writer.run(note("refused"))
+        assert await writer.run(note("next")) == "next"
+    finally:
+        await writer.stop()
+    assert harness.notes() == ["next"]
+    harness.writer.start()  # for the fixture's stop
+
+
 async def test_stop_runs_what_is_queued_then_refuses_new_jobs(harness: Harness) -> None:
     queued = harness.writer.submit(note("last"))
     await harness.writer.stop()
@@ -175,9 +199,6 @@ async def test_processes_sharing_a_file_take_turns_to_write_through_the_kernel_l
     tmp_path: Path,
 ) -> None:
     """A writer waits on the `-writer` lock (woken when it is free), not in SQLite's sleeps."""
-    import fcntl
-    import os
-
     from relay.store.sqlite import SqliteStore
     from tests.conftest import submission
 
@@ -207,6 +228,42 @@ async def test_processes_sharing_a_file_take_turns_to_write_through_the_kernel_l
     finally:
         await first.close()
         await second.close()
+
+
+def blocked_on(path: Path) -> Callable[[], bool]:
+    """Whether the kernel lists a process blocked on `path`'s lock (`->` in /proc/locks)."""
+    inode = f":{os.stat(path).st_ino} "
+    locks = Path("/proc/locks")
+    return lambda: any("->" in line and inode in line for line in locks.read_text().splitlines())
+
+
+async def test_jobs_queued_while_the_writer_waits_for_its_turn_join_that_batch(
+    tmp_path: Path,
+) -> None:
+    """While another process commits, the jobs that arrive are one batch, not one and the rest."""
+    from relay.store.sqlite import SqliteStore
+    from tests.conftest import eventually, submission
+
+    path = tmp_path / "relay.db"
+    sizes: list[int] = []
+    store = SqliteStore(str(path), on_batch=lambda jobs, _: sizes.append(jobs))
+    await store.open()
+    try:
+        holder = os.open(f"{path}-writer", os.O_RDWR)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        try:
+            first = asyncio.ensure_future(store.accept(submission("WAIT1")))
+            await eventually(blocked_on(Path(f"{path}-writer")), what="the writer's wait")
+            rest = [asyncio.ensure_future(store.accept(submission(f"WAIT{n}"))) for n in (2, 3, 4)]
+            await eventually(lambda: store.writer.queued == 3, what="three jobs queued")
+        finally:
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            os.close(holder)
+        verdicts = await asyncio.gather(first, *rest)
+        assert all(v.forward == ("alice@example.org",) for v in verdicts)
+        assert sizes == [4]
+    finally:
+        await store.close()
 
 
 async def test_the_writer_thread_runs_calls_in_order_on_one_thread_and_answers_each() -> None:

@@ -44,12 +44,14 @@ SQLITE = (
     Migration(
         5, "claims clustered on their key, without the queue_id index", schema.CLUSTERED_CLAIMS
     ),
+    Migration(6, "indexes kept only for the rows they find", schema.PARTIAL_INDEXES),
 )
 POSTGRES = (
     Migration(1, "queue, claims, audit trail and review indexes", pg_schema.TABLES),
     Migration(2, "shared rate-limit bookings", pg_schema.PACING),
     Migration(3, "instance names held by live processes", pg_schema.INSTANCES),
     Migration(4, "claims found by their key, without the queue_id index", pg_schema.CLAIMS_BY_KEY),
+    Migration(5, "indexes kept only for the rows they find", pg_schema.PARTIAL_INDEXES),
 )
 
 

@@ -10,7 +10,7 @@ messages only, however long the audit trail grows.
 
 from __future__ import annotations
 
-__all__ = ["CLAIMS_BY_KEY", "INSTANCES", "PACING", "TABLES"]
+__all__ = ["CLAIMS_BY_KEY", "INSTANCES", "PACING", "PARTIAL_INDEXES", "TABLES"]
 
 _T = 'text COLLATE "C"'
 
@@ -177,4 +177,11 @@ CREATE TABLE IF NOT EXISTS instances (
 # reader left and only cost every claim one more index entry to write. Purge keeps its own.
 CLAIMS_BY_KEY = """
 DROP INDEX IF EXISTS claims_queue;
+"""
+
+# As SQLite's step 6 (`messages_finished` was partial here from the start): only duplicates and
+# conflicts name an `original`, so the other events stay out of its index.
+PARTIAL_INDEXES = """
+DROP INDEX IF EXISTS events_original;
+CREATE INDEX events_original ON events (original) WHERE original IS NOT NULL;
 """

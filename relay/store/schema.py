@@ -7,7 +7,15 @@ same schema by the same steps.
 
 from __future__ import annotations
 
-__all__ = ["CLUSTERED_CLAIMS", "INSTANCES", "PACING", "PRAGMAS", "REVIEW", "TABLES"]
+__all__ = [
+    "CLUSTERED_CLAIMS",
+    "INSTANCES",
+    "PACING",
+    "PARTIAL_INDEXES",
+    "PRAGMAS",
+    "REVIEW",
+    "TABLES",
+]
 
 PRAGMAS = (
     # First, so that processes opening one store at once wait for each other's set-up.
@@ -202,4 +210,14 @@ SELECT {_CLAIM_COLUMNS} FROM claims ORDER BY scope, key, rcpt;
 DROP TABLE claims;
 ALTER TABLE claims_clustered RENAME TO claims;
 CREATE INDEX claims_expiry ON claims (expires_at);
+"""
+
+# Two indexes hold only the rows their searches can find: purge looks for finished messages
+# only once they are done, and only duplicates and conflicts name an `original`. Every row
+# they skip is an index page the accept's or the outcome's commit no longer writes to the WAL.
+PARTIAL_INDEXES = """
+DROP INDEX IF EXISTS messages_finished;
+CREATE INDEX messages_finished ON messages (finished_at) WHERE state = 'done';
+DROP INDEX IF EXISTS events_original;
+CREATE INDEX events_original ON events (original) WHERE original IS NOT NULL;
 """

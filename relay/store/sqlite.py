@@ -210,9 +210,14 @@ class SqliteStore:
         self._identity: tuple[int, int] | None = None
         self._lost: str | None = None
         self._turn: int | None = None
+        self._held = False
         self._thread = WriterThread("store-writer")
         self.writer: GroupCommit[Job] = GroupCommit(
-            self._run_batch, on_commit=on_commit, on_batch=on_batch, outage=is_outage
+            self._run_batch,
+            on_commit=on_commit,
+            on_batch=on_batch,
+            outage=is_outage,
+            turn=self._take_turn,
         )
 
     # --- lifecycle ---------------------------------------------------------
@@ -280,10 +285,14 @@ class SqliteStore:
         return self._reader
 
     async def _run_batch(self, jobs: list[Job]) -> BatchResult:
-        db = self._db
-        if db is None:
-            raise StoreError("store is not open")
-        return await self._thread.call(self._batch, db, jobs)
+        try:
+            db = self._db
+            if db is None:
+                raise StoreError("store is not open")
+            return await self._thread.call(self._batch, db, jobs)
+        finally:
+            if self._held:  # the batch never reached the thread's own release
+                self._give_back()
 
     def _batch(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
         """In the writer thread: the batch, refused once the file is no longer the store."""
@@ -297,23 +306,52 @@ class SqliteStore:
             self._lost = str(exc)  # after the copy, so whoever sees it can find the copy
             raise
 
-    @contextlib.contextmanager
-    def _writers_turn(self) -> Iterator[None]:
+    async def _take_turn(self) -> None:
         """Processes sharing the file take turns through a kernel lock, not SQLite's busy wait.
 
         SQLite's busy handler polls with sleeps of 1, 2, 5 ... 100 ms, so two workers'
         writers that collide wait far longer than the other's commit lasts; `flock`
         wakes the waiter as soon as the holder is done. SQLite's own lock still guards
         the file (against a process that does not take this turn); this only orders.
+        The turn is taken before the batch (`GroupCommit`'s `turn`): a free lock at once
+        on the loop, a busy one on the writer thread, while jobs keep queueing.
         """
+        turn = self._turn
+        if turn is None or self._held:
+            return
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting = asyncio.ensure_future(self._thread.call(fcntl.flock, turn, fcntl.LOCK_EX))
+            try:
+                await asyncio.shield(waiting)
+            except asyncio.CancelledError:
+                # The thread takes the lock all the same: give it back once it has.
+                waiting.add_done_callback(lambda _: self._give_back(turn))
+                raise
+        self._held = True
+
+    def _give_back(self, turn: int | None = None) -> None:
+        self._held = False
+        fd = self._turn if turn is None else turn
+        if fd is not None:
+            with contextlib.suppress(OSError):  # closed with the store: nothing left to hold
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _writers_turn(self) -> Iterator[None]:
+        """The turn `_take_turn` took (or, called without it, this waits for one), given back
+        as soon as the batch has committed."""
         if self._turn is None:
             yield
             return
-        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        if not self._held:
+            fcntl.flock(self._turn, fcntl.LOCK_EX)
+            self._held = True
         try:
             yield
         finally:
-            fcntl.flock(self._turn, fcntl.LOCK_UN)
+            self._give_back()
 
     def _check_file(self) -> None:
         try:

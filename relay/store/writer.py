@@ -10,6 +10,12 @@ and the events the surviving jobs recorded; the writer resolves each caller's
 future and passes the events on only after the commit. A runner that raises
 has committed nothing, and every job of that batch fails with `StoreError`.
 
+A backend whose writers take turns with other processes (SQLite's `-writer` lock) waits for
+its turn after the first job of a batch arrives and before the batch is taken (`turn`), so
+that everything queued while it waited joins that batch; its runner gives the turn back.
+While one worker process commits, the other's jobs gather into one larger batch instead of
+a batch of one that waits and the rest that follow.
+
 A store that stops committing (a full disk, a read-only file) fails every batch
 until it recovers, and callers try again every second or so. The writer logs one
 line when commits start failing, one when the reason changes and one when they
@@ -97,9 +103,12 @@ class GroupCommit(Generic[J]):
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "store-writer",
         outage: Callable[[BaseException], bool] = lambda error: False,
+        turn: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """`outage` says whether a job's error is the store's (a full disk), not the job's."""
+        """`outage` says whether a job's error is the store's (a full disk), not the job's;
+        `turn` is awaited before each batch is taken (see the module's docstring)."""
         self._run_batch = run_batch
+        self._turn = turn
         self._outage = outage
         self.condition = Condition()
         self._limit = limit
@@ -111,6 +120,11 @@ class GroupCommit(Generic[J]):
         self.batches = 0
         self.jobs_run = 0
         self.failed_batches = 0
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a batch."""
+        return self._jobs.qsize()
 
     @property
     def running(self) -> bool:
@@ -154,13 +168,24 @@ class GroupCommit(Generic[J]):
     async def _loop(self) -> None:
         stopping = False
         while not stopping:
-            batch, stopping = self._take(await self._jobs.get())
+            first = await self._jobs.get()
+            refused: Exception | None = None
+            if first is not None and self._turn is not None:
+                try:
+                    await self._turn()
+                except Exception as exc:  # the batch fails as if its commit had
+                    refused = exc
+            batch, stopping = self._take(first)
             if batch:
-                await self._commit(batch)
+                await self._commit(batch, refused)
 
-    async def _commit(self, batch: list[tuple[J, asyncio.Future[Any]]]) -> None:
+    async def _commit(
+        self, batch: list[tuple[J, asyncio.Future[Any]]], refused: Exception | None = None
+    ) -> None:
         started = time.perf_counter()
         try:
+            if refused is not None:
+                raise refused
             outcomes, events, wrote = await self._run_batch([job for job, _ in batch])
         except Exception as exc:
             self.failed_batches += 1
