@@ -266,6 +266,42 @@ async def test_jobs_queued_while_the_writer_waits_for_its_turn_join_that_batch(
         await store.close()
 
 
+async def test_a_writer_that_takes_no_turn_makes_the_batch_wait_off_the_loop(
+    tmp_path: Path,
+) -> None:
+    """The loop runs a batch only when SQLite's lock is free at once; else the thread waits."""
+    from relay.store.sqlite import SqliteStore
+    from tests.conftest import eventually, submission
+
+    path = tmp_path / "relay.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    outsider = sqlite3.connect(path, isolation_level=None)
+    try:
+        outsider.execute("BEGIN IMMEDIATE")
+        outsider.execute("CREATE TABLE outsider (x)")
+        waiting = asyncio.ensure_future(store.accept(submission("OUTSIDE")))
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        # With the loop stuck in SQLite's busy handler (10 s), nothing would tick meanwhile.
+        await eventually(lambda: ticks >= 10, timeout=5.0, what="the loop to keep running")
+        assert not waiting.done()
+        outsider.execute("COMMIT")
+        assert (await waiting).forward == ("alice@example.org",)
+        ticker.cancel()
+        assert (await store.accept(submission("AFTER"))).forward == ("alice@example.org",)
+    finally:
+        outsider.close()
+        await store.close()
+
+
 async def test_the_writer_thread_runs_calls_in_order_on_one_thread_and_answers_each() -> None:
     import threading
 

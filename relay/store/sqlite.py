@@ -121,6 +121,9 @@ def run_batch(
     db: sqlite3.Connection,
     jobs: Sequence[Job],
     before_commit: Callable[[], None] | None = None,
+    *,
+    begun: bool = False,
+    commit: bool = True,
 ) -> BatchResult:
     """Every job in one transaction, a savepoint each, one commit.
 
@@ -129,12 +132,14 @@ def run_batch(
     savepoint: its failure rolls back the transaction, which holds nothing else (two
     statements fewer, each a point where the writer thread waits for the GIL). An error
     outside the jobs (begin, savepoint, `before_commit`, commit) rolls back the whole
-    batch and propagates: then nothing of it is stored.
+    batch and propagates: then nothing of it is stored. `begun`: the caller has run BEGIN;
+    `commit=False`: the caller commits (the transaction is left open unless it was rolled back).
     """
     tx = Tx(db)
     outcomes: list[Outcome] = []
     changes_before = db.total_changes
-    db.execute("BEGIN IMMEDIATE")
+    if not begun:
+        db.execute("BEGIN IMMEDIATE")
     rolled_back = False
     try:
         if len(jobs) == 1:
@@ -161,7 +166,7 @@ def run_batch(
                     outcomes.append((result, None))
         if before_commit is not None:
             before_commit()
-        if not rolled_back:
+        if not rolled_back and commit:
             db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -211,6 +216,7 @@ class SqliteStore:
         self._lost: str | None = None
         self._turn: int | None = None
         self._held = False
+        self._patient = True  # the writer's busy_timeout is the PRAGMAS' (not 0)
         self._thread = WriterThread("store-writer")
         self.writer: GroupCommit[Job] = GroupCommit(
             self._run_batch,
@@ -289,22 +295,74 @@ class SqliteStore:
             db = self._db
             if db is None:
                 raise StoreError("store is not open")
+            if self._held and self._lost is None and self._begin_at_once(db):
+                return await self._run_on_loop(db, jobs)
             return await self._thread.call(self._batch, db, jobs)
         finally:
             if self._held:  # the batch never reached the thread's own release
                 self._give_back()
 
+    def _begin_at_once(self, db: sqlite3.Connection) -> bool:
+        """BEGIN on the loop, only if SQLite's own lock is free as well as the turn.
+
+        Every relay process takes the turn first, so SQLite's lock is free then, unless a
+        program that does not take turns writes the file: waiting for that in SQLite's busy
+        handler would stop the loop, so the batch goes to the writer thread, which may wait.
+        """
+        if self._patient:
+            db.execute("PRAGMA busy_timeout=0")
+            self._patient = False
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False
+        return True
+
+    async def _run_on_loop(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
+        """The jobs' statements on the loop; the COMMIT and its fdatasync on the writer thread.
+
+        On the writer thread every statement gave up the GIL and then waited for the loop to
+        give it back, while the turn that the other workers wait for was held. The loop runs
+        them without waiting; only the COMMIT, which waits for the disk, leaves it.
+        """
+        try:
+            result = run_batch(db, jobs, self._check_file, begun=True, commit=False)
+        except StoreLost as exc:
+            await self._thread.call(self._lose, db, str(exc))
+            raise
+        await self._thread.call(self._commit, db)
+        return result
+
+    def _commit(self, db: sqlite3.Connection) -> None:
+        """In the writer thread: the loop's batch committed (if a failed lone job left one
+        open), and the turn given back."""
+        try:
+            if db.in_transaction:
+                db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            self._give_back()
+
     def _batch(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
         """In the writer thread: the batch, refused once the file is no longer the store."""
         if self._lost is not None:
             raise StoreLost(self._lost)
+        if not self._patient:
+            db.execute("PRAGMA busy_timeout=10000")
+            self._patient = True
         try:
             with self._writers_turn():
                 return run_batch(db, jobs, self._check_file)
         except StoreLost as exc:
-            self._rescue(db, str(exc))
-            self._lost = str(exc)  # after the copy, so whoever sees it can find the copy
+            self._lose(db, str(exc))
             raise
+
+    def _lose(self, db: sqlite3.Connection, reason: str) -> None:
+        self._rescue(db, reason)
+        self._lost = reason  # after the copy, so whoever sees it can find the copy
 
     async def _take_turn(self) -> None:
         """Processes sharing the file take turns through a kernel lock, not SQLite's busy wait.
