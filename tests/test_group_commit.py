@@ -302,6 +302,40 @@ async def test_a_writer_that_takes_no_turn_makes_the_batch_wait_off_the_loop(
         await store.close()
 
 
+@pytest.mark.parametrize("inline_commit", [1.0, 0.0], ids=["loop-commits", "thread-commits"])
+async def test_batches_commit_and_give_the_turn_back_whoever_waits_for_the_disk(
+    tmp_path: Path, inline_commit: float
+) -> None:
+    from relay.store.sqlite import SqliteStore
+    from tests.conftest import submission
+    from tests.test_store_contract import outcome
+
+    path = tmp_path / "relay.db"
+    store = SqliteStore(str(path), inline_commit=inline_commit)
+    await store.open()
+    try:
+        accepted = await asyncio.gather(*(store.accept(submission(f"D{n}")) for n in range(5)))
+        assert all(v.forward for v in accepted)
+        batch = await store.lease("w", 10, 1_800_000_100.0, 600.0)
+        await asyncio.gather(
+            *(
+                store.update(outcome(lease.queue_id, 1_800_000_101.0, (rcpt, "delivered")))
+                for lease in batch.leases
+                for rcpt in lease.recipients
+            )
+        )
+        with sqlite3.connect(path) as other:
+            states = other.execute("SELECT state FROM messages ORDER BY queue_id").fetchall()
+        assert states == [("done",)] * 5
+        turn = os.open(f"{path}-writer", os.O_RDWR)
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nothing kept it
+        finally:
+            os.close(turn)
+    finally:
+        await store.close()
+
+
 async def test_the_writer_thread_runs_calls_in_order_on_one_thread_and_answers_each() -> None:
     import threading
 
