@@ -323,7 +323,9 @@ class SqliteStore:
             self._patient = False
         try:
             db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise  # not a wait: the batch fails as it would on the thread
             return False
         return True
 
