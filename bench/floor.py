@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import sqlite3
 import subprocess
@@ -33,17 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-
-
-def _throughput() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("throughput", HERE / "throughput.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["throughput"] = module
-    spec.loader.exec_module(module)
-    return module
-
+import throughput  # beside this script: python bench/...
 
 # --- aiosmtpd alone ----------------------------------------------------------------
 
@@ -153,8 +142,7 @@ def bare_commit(folder: Path, commits: int) -> tuple[float, float]:
         if n >= 100:
             samples.append(time.perf_counter() - began)
     db.close()
-    bench = sys.modules["throughput"]
-    return bench.percentile(samples, 50) * 1000, bench.percentile(samples, 99) * 1000
+    return throughput.percentile(samples, 50) * 1000, throughput.percentile(samples, 99) * 1000
 
 
 # --- the report --------------------------------------------------------------------------
@@ -173,7 +161,7 @@ def main() -> None:
         return
     if args.messages < 100 or args.processes < 1:
         parser.error("--messages must be at least 100 and --processes at least 1")
-    bench = _throughput()
+    bench = throughput
     bench.require_tools()
     os.environ["PYTHONPATH"] = str(bench.ROOT)
     single = args.messages // 5

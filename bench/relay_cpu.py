@@ -16,23 +16,14 @@ Needs Debian's postfix package (smtp-source, smtp-sink). Everything binds 127.0.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import throughput  # beside this script: python bench/...
+
 HERE = Path(__file__).resolve().parent
-
-
-def _throughput() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("throughput", HERE / "throughput.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["throughput"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def user_system(bench: ModuleType, pids: list[int]) -> tuple[float, float]:
@@ -54,7 +45,7 @@ def main() -> None:
     checkout = args.checkout.resolve()
     if not (checkout / "relay" / "__main__.py").is_file():
         parser.error(f"{checkout} is not a dedup-relay checkout")
-    bench = _throughput()
+    bench = throughput
     bench.require_tools()
     bench.ROOT = checkout
     os.environ["PYTHONPATH"] = str(checkout)
