@@ -277,27 +277,30 @@ async def test_a_writer_that_takes_no_turn_makes_the_batch_wait_off_the_loop(
     store = SqliteStore(str(path))
     await store.open()
     outsider = sqlite3.connect(path, isolation_level=None)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.ensure_future(tick())
     try:
         outsider.execute("BEGIN IMMEDIATE")
         outsider.execute("CREATE TABLE outsider (x)")
         waiting = asyncio.ensure_future(store.accept(submission("OUTSIDE")))
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.ensure_future(tick())
+        counted = ticks
         # With the loop stuck in SQLite's busy handler (10 s), nothing would tick meanwhile.
-        await eventually(lambda: ticks >= 10, timeout=5.0, what="the loop to keep running")
+        await eventually(
+            lambda: ticks >= counted + 10, timeout=5.0, what="the loop to keep running"
+        )
         assert not waiting.done()
         outsider.execute("COMMIT")
         assert (await waiting).forward == ("alice@example.org",)
-        ticker.cancel()
         assert (await store.accept(submission("AFTER"))).forward == ("alice@example.org",)
     finally:
+        ticker.cancel()
         outsider.close()
         await store.close()
 
