@@ -29,10 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import throughput  # beside this script: python bench/...
+import throughput as bench  # beside this script: python bench/...
 
 # --- aiosmtpd alone ----------------------------------------------------------------
 
@@ -61,7 +60,7 @@ def serve_bare(port: int) -> None:
         asyncio.run(main())
 
 
-def bare_front_door(bench: ModuleType, messages: int, processes: int) -> dict[str, float]:
+def bare_front_door(messages: int, processes: int) -> dict[str, float]:
     port = bench.free_port()
     # One parent whose tree holds the processes, so CPU is counted as for the relay's workers.
     script = " & ".join(
@@ -79,27 +78,26 @@ def bare_front_door(bench: ModuleType, messages: int, processes: int) -> dict[st
             began = bench.load(port, count, sessions, 2000)
             found[f"rate{sessions}"] = count / (time.monotonic() - began)
             found[f"cpu{sessions}"] = meter.stop() / count * 1000
-        server = bench.Server("aiosmtpd", port, parent.pid, None)
-        found["p50"] = _accept_p50(bench, server, 500)
+        found["p50"] = _accept_p50(port, 500)
         return found
     finally:
         subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
         parent.wait()
 
 
-def _accept_p50(bench: ModuleType, server: Any, messages: int) -> float:
-    samples = asyncio.run(_one_at_a_time(bench, server.port, messages))
-    return float(bench.percentile(samples, 50) * 1000)
+def _accept_p50(port: int, messages: int) -> float:
+    """Accept latency p50 (ms), one message at a time: `throughput.latency` without a sink."""
 
+    async def one_at_a_time() -> list[float]:
+        return [await bench.one_message(port, n, 2000) for n in range(messages)]
 
-async def _one_at_a_time(bench: ModuleType, port: int, messages: int) -> list[float]:
-    return [await bench.one_message(port, n, 2000) for n in range(messages)]
+    return float(bench.percentile(asyncio.run(one_at_a_time()), 50) * 1000)
 
 
 # --- aiosmtplib alone ----------------------------------------------------------------
 
 
-def bare_client(bench: ModuleType, sink_port: int, messages: int) -> float:
+def bare_client(sink_port: int, messages: int) -> float:
     """CPU ms per message of this process sending `messages` over 10 kept connections."""
     import aiosmtplib
 
@@ -142,7 +140,7 @@ def bare_commit(folder: Path, commits: int) -> tuple[float, float]:
         if n >= 100:
             samples.append(time.perf_counter() - began)
     db.close()
-    return throughput.percentile(samples, 50) * 1000, throughput.percentile(samples, 99) * 1000
+    return bench.percentile(samples, 50) * 1000, bench.percentile(samples, 99) * 1000
 
 
 # --- the report --------------------------------------------------------------------------
@@ -161,7 +159,6 @@ def main() -> None:
         return
     if args.messages < 100 or args.processes < 1:
         parser.error("--messages must be at least 100 and --processes at least 1")
-    bench = throughput
     bench.require_tools()
     os.environ["PYTHONPATH"] = str(bench.ROOT)
     single = args.messages // 5
@@ -190,7 +187,7 @@ def main() -> None:
                 bench.closed_loop(server, 500, 20, 2000)
                 _, *rest = servers(server)
                 rows.append((f"dedup-relay ({server.processes} workers)", *rest))
-            bare = bare_front_door(bench, args.messages, args.processes)
+            bare = bare_front_door(args.messages, args.processes)
             rows.append(
                 (
                     f"aiosmtpd alone: 250 to all, nothing stored or sent ({args.processes} proc.)",
@@ -200,7 +197,7 @@ def main() -> None:
                     f"{bare['p50']:.2f}",
                 )
             )
-            client = bare_client(bench, sink.port, args.messages)
+            client = bare_client(sink.port, args.messages)
             rows.append(("aiosmtplib alone: sending to smtp-sink", "", f"{client:.2f}", "", ""))
         finally:
             sink.stop()

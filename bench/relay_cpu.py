@@ -19,14 +19,13 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
-import throughput  # beside this script: python bench/...
+import throughput as bench  # beside this script: python bench/...
 
 HERE = Path(__file__).resolve().parent
 
 
-def user_system(bench: ModuleType, pids: list[int]) -> tuple[float, float]:
+def user_system(pids: list[int]) -> tuple[float, float]:
     """User and system seconds of `pids`, those still alive (a relay reaps no child in a run)."""
     times = [found[1:3] for found in map(bench.stat, pids) if found is not None]
     return sum(user for user, _ in times), sum(system for _, system in times)
@@ -45,7 +44,6 @@ def main() -> None:
     checkout = args.checkout.resolve()
     if not (checkout / "relay" / "__main__.py").is_file():
         parser.error(f"{checkout} is not a dedup-relay checkout")
-    bench = throughput
     bench.require_tools()
     bench.ROOT = checkout
     os.environ["PYTHONPATH"] = str(checkout)
@@ -56,9 +54,9 @@ def main() -> None:
             with bench.relay(folder, sink, args.workers) as server:
                 pids = list(bench.tree(server.root))
                 bench.closed_loop(server, 500, args.sessions, args.size)
-                user0, system0 = user_system(bench, pids)
+                user0, system0 = user_system(pids)
                 run = bench.closed_loop(server, args.messages, args.sessions, args.size)
-                user1, system1 = user_system(bench, pids)
+                user1, system1 = user_system(pids)
         finally:
             sink.stop()
     per = 1000 / args.messages
