@@ -80,6 +80,20 @@ async def seed_earlier_release(store: Any) -> None:
     await store.close()
 
 
+async def migrate_as_a_user(folder: Path, store: dict[str, Any]) -> str:
+    """`python -m relay migrate` on a config naming `store`, as an upgrade runs it; its output."""
+    config = folder / "relay.yaml"
+    config.write_text(yaml.safe_dump({"store": store}))
+    migrated = await cli(config, "migrate")
+    assert migrated.code == 0, migrated.err
+    return migrated.out
+
+
+def pg_store(pg_url: str) -> dict[str, Any]:
+    """The `store` section for the test cluster."""
+    return {"url": pg_url, "password_env": PG_PASSWORD_ENV}
+
+
 async def test_a_version_4_store_is_rebuilt_clustered_and_its_claims_still_catch_repeats(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -97,10 +111,7 @@ async def test_a_version_4_store_is_rebuilt_clustered_and_its_claims_still_catch
         ("SENT", "bo@x.test", 0),
     ]
 
-    config = tmp_path / "relay.yaml"
-    config.write_text(yaml.safe_dump({"store": {"path": str(path)}}))
-    migrated = await cli(config, "migrate")
-    assert migrated.code == 0, migrated.err
+    await migrate_as_a_user(tmp_path, {"path": str(path)})
     definition, indexes, after = claims_table(path)
     assert schema_version(path) == str(migrations.SQLITE[-1].version)
     assert "WITHOUT ROWID" in definition
@@ -185,8 +196,7 @@ PG_PARAMS: dict[str, Any] = {
 
 
 def pg_config(pg_url: str) -> StoreConfig:
-    store = {"url": pg_url, "password_env": PG_PASSWORD_ENV}
-    return from_mapping({"store": store}, check_paths=False).store
+    return from_mapping({"store": pg_store(pg_url)}, check_paths=False).store
 
 
 async def pg_claims(config: StoreConfig) -> tuple[str, list[str], list[tuple[str, str, bool]]]:
@@ -219,12 +229,9 @@ async def test_a_version_3_postgres_store_loses_claims_queue_and_its_claims_stil
         ("SENT", "bo@x.test", False),
     ]
 
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump({"store": {"url": pg_url, "password_env": PG_PASSWORD_ENV}}))
-    migrated = await cli(path, "migrate")
-    assert migrated.code == 0, migrated.err
+    migrated = await migrate_as_a_user(tmp_path, pg_store(pg_url))
     latest = str(migrations.POSTGRES[-1].version)
-    assert f"schema version 3 -> {latest}" in migrated.out
+    assert f"schema version 3 -> {latest}" in migrated
     assert await pg_claims(config) == (latest, ["claims_expiry", "claims_pkey"], before)
 
     store = PostgresStore(config)

@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,12 @@ import pytest
 
 from relay.audit import Event
 from relay.errors import StoreError
-from relay.store.sqlite import Tx, run_batch
+from relay.store.sqlite import SqliteStore, Tx, run_batch
 from relay.store.writer import BatchResult, GroupCommit
+from relay.store.writer_thread import WriterThread
+from tests.conftest import eventually, submission
 from tests.faults import Faults
+from tests.test_store_contract import outcome
 
 
 class Harness:
@@ -199,9 +203,6 @@ async def test_processes_sharing_a_file_take_turns_to_write_through_the_kernel_l
     tmp_path: Path,
 ) -> None:
     """A writer waits on the `-writer` lock (woken when it is free), not in SQLite's sleeps."""
-    from relay.store.sqlite import SqliteStore
-    from tests.conftest import submission
-
     path = tmp_path / "relay.db"
     first, second = SqliteStore(str(path)), SqliteStore(str(path))
     await first.open()
@@ -241,9 +242,6 @@ async def test_jobs_queued_while_the_writer_waits_for_its_turn_join_that_batch(
     tmp_path: Path,
 ) -> None:
     """While another process commits, the jobs that arrive are one batch, not one and the rest."""
-    from relay.store.sqlite import SqliteStore
-    from tests.conftest import eventually, submission
-
     path = tmp_path / "relay.db"
     sizes: list[int] = []
     store = SqliteStore(str(path), on_batch=lambda jobs, _: sizes.append(jobs))
@@ -270,9 +268,6 @@ async def test_a_writer_that_takes_no_turn_makes_the_batch_wait_off_the_loop(
     tmp_path: Path,
 ) -> None:
     """The loop runs a batch only when SQLite's lock is free at once; else the thread waits."""
-    from relay.store.sqlite import SqliteStore
-    from tests.conftest import eventually, submission
-
     path = tmp_path / "relay.db"
     store = SqliteStore(str(path))
     await store.open()
@@ -309,10 +304,6 @@ async def test_a_writer_that_takes_no_turn_makes_the_batch_wait_off_the_loop(
 async def test_batches_commit_and_give_the_turn_back_whoever_waits_for_the_disk(
     tmp_path: Path, inline_commit: float
 ) -> None:
-    from relay.store.sqlite import SqliteStore
-    from tests.conftest import submission
-    from tests.test_store_contract import outcome
-
     path = tmp_path / "relay.db"
     store = SqliteStore(str(path), inline_commit=inline_commit)
     await store.open()
@@ -340,10 +331,6 @@ async def test_batches_commit_and_give_the_turn_back_whoever_waits_for_the_disk(
 
 
 async def test_the_writer_thread_runs_calls_in_order_on_one_thread_and_answers_each() -> None:
-    import threading
-
-    from relay.store.writer_thread import WriterThread
-
     thread = WriterThread("test-writer")
     ran: list[tuple[int, str]] = []
 
@@ -372,10 +359,6 @@ async def test_the_writer_thread_runs_calls_in_order_on_one_thread_and_answers_e
 
 
 async def test_a_cancelled_caller_leaves_the_writer_thread_serving_the_next() -> None:
-    import threading
-
-    from relay.store.writer_thread import WriterThread
-
     thread = WriterThread("test-writer")
     release = threading.Event()
     started = asyncio.Event()

@@ -12,14 +12,20 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import yaml
 
 from relay.store import migrations
 from relay.store.postgres import PostgresStore, connect_options
 from relay.store.reader import EventFilter, open_reader
 from relay.store.sqlite import SqliteStore
-from tests.conftest import PG_PASSWORD_ENV, cli, submission
-from tests.test_claims_store import claim, deliver, pg_config, seed_earlier_release
+from tests.conftest import submission
+from tests.test_claims_store import (
+    claim,
+    deliver,
+    migrate_as_a_user,
+    pg_config,
+    pg_store,
+    seed_earlier_release,
+)
 from tests.test_store_contract import T0
 
 PARTIAL = ("events_original", "messages_finished")
@@ -70,10 +76,7 @@ async def test_a_version_5_store_drops_rows_no_search_finds_and_its_searches_sti
     }
     assert all(wanted(path)[name] < entries(path)[name] for name in PARTIAL)
 
-    config = tmp_path / "relay.yaml"
-    config.write_text(yaml.safe_dump({"store": {"path": str(path)}}))
-    migrated = await cli(config, "migrate")
-    assert migrated.code == 0, migrated.err
+    await migrate_as_a_user(tmp_path, {"path": str(path)})
     assert entries(path) == wanted(path)
 
     store = SqliteStore(str(path))
@@ -100,11 +103,7 @@ async def test_a_version_4_postgres_store_keeps_events_without_an_original_out_o
         old_relay.setattr(migrations, "POSTGRES", migrations.POSTGRES[:4])
         await seed_earlier_release(PostgresStore(config))
 
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump({"store": {"url": pg_url, "password_env": PG_PASSWORD_ENV}}))
-    migrated = await cli(path, "migrate")
-    assert migrated.code == 0, migrated.err
-    assert "schema version 4 -> 5" in migrated.out
+    assert "schema version 4 -> 5" in await migrate_as_a_user(tmp_path, pg_store(pg_url))
     db = await asyncpg.connect(**connect_options(config))
     try:
         found = dict(
