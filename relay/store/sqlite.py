@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -134,7 +134,7 @@ def run_batch(
     A job that raises is rolled back to its savepoint (its events with it) and the
     others still commit. A batch of one job, the usual case below full load, takes no
     savepoint: its failure rolls back the transaction, which holds nothing else (two
-    statements fewer, each a point where the writer thread waits for the GIL). An error
+    statements fewer, each a call into SQLite). An error
     outside the jobs (begin, savepoint, `before_commit`, commit) rolls back the whole
     batch and propagates: then nothing of it is stored. `begun`: the caller has run BEGIN;
     `commit=False`: the caller commits (the transaction is left open unless it was rolled back).
@@ -330,7 +330,7 @@ class SqliteStore:
         return True
 
     async def _run_on_loop(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
-        """The jobs' statements on the loop; the COMMIT and its fdatasync on the writer thread.
+        """The jobs' statements on the loop, and the COMMIT there too while commits are quick.
 
         On the writer thread every statement gave up the GIL and then waited for the loop to
         give it back, while the turn that the other workers wait for was held. The loop runs
@@ -373,8 +373,10 @@ class SqliteStore:
             db.execute("PRAGMA busy_timeout=10000")
             self._patient = True
         try:
-            with self._writers_turn():
+            try:
                 return run_batch(db, jobs, self._check_file)
+            finally:
+                self._give_back()  # before a rescue copy, as soon as the batch has ended
         except StoreLost as exc:
             self._lose(db, str(exc))
             raise
@@ -394,7 +396,7 @@ class SqliteStore:
         on the loop, a busy one on the writer thread, while jobs keep queueing.
         """
         turn = self._turn
-        if turn is None or self._held:
+        if turn is None:
             return
         try:
             fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -414,21 +416,6 @@ class SqliteStore:
         if fd is not None:
             with contextlib.suppress(OSError):  # closed with the store: nothing left to hold
                 fcntl.flock(fd, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
-    def _writers_turn(self) -> Iterator[None]:
-        """The turn `_take_turn` took (or, called without it, this waits for one), given back
-        as soon as the batch has committed."""
-        if self._turn is None:
-            yield
-            return
-        if not self._held:
-            fcntl.flock(self._turn, fcntl.LOCK_EX)
-            self._held = True
-        try:
-            yield
-        finally:
-            self._give_back()
 
     def _check_file(self) -> None:
         try:
