@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -58,23 +59,37 @@ def dnsmasq() -> Iterator[Dnsmasq]:
 
 @contextlib.asynccontextmanager
 async def receivers(
-    addresses: tuple[str, ...], port: int, **options: Any
-) -> AsyncIterator[dict[str, Upstream]]:
-    servers = {address: Upstream(host=address, **options) for address in addresses}
-    try:
-        for server in servers.values():
-            await server.start(port)
-        yield servers
-    finally:
-        for server in servers.values():
-            await server.stop()
+    addresses: tuple[str, ...], **options: Any
+) -> AsyncIterator[tuple[int, dict[str, Upstream]]]:
+    """A server at each address, all on one port (MX hosts share the SMTP port).
+
+    The port is free on 127.0.0.1; a client of an earlier test may still hold it as its own
+    port at another 127.0.0.x, and then another port is tried.
+    """
+    for attempt in range(1, 6):
+        port = free_port()
+        servers = {address: Upstream(host=address, **options) for address in addresses}
+        try:
+            for server in servers.values():
+                await server.start(port)
+        except OSError as exc:
+            for server in servers.values():
+                await server.stop()
+            if exc.errno != errno.EADDRINUSE or attempt == 5:
+                raise
+            continue
+        try:
+            yield port, servers
+        finally:
+            for server in servers.values():
+                await server.stop()
+        return
 
 
 @pytest.fixture
 async def mail_servers() -> AsyncIterator[tuple[int, dict[str, Upstream]]]:
-    port = free_port()
-    async with receivers(RECEIVERS, port) as servers:
-        yield port, servers
+    async with receivers(RECEIVERS) as found:
+        yield found
 
 
 async def direct_relay(
@@ -186,11 +201,10 @@ async def test_a_dns_failure_defers_and_keeps_the_message(
 async def test_starttls_is_used_when_offered_without_checking_the_certificate(
     make_relay: RelayFactory, dnsmasq: Dnsmasq, certificates: Certificates
 ) -> None:
-    port = free_port()
     # The certificate names 127.0.0.1, not mx.tls.test, and the relay has no CA for it: as
     # with Postfix's "may" level, it encrypts anyway rather than sending in clear.
     tls = certificates.server_context()
-    async with receivers(("127.0.0.8",), port, tls_context=tls) as servers:
+    async with receivers(("127.0.0.8",), tls_context=tls) as (port, servers):
         relay = await direct_relay(make_relay, dnsmasq, port)
         await send(relay.port, make_message(), rcpts=("tia@tls.test",))
         [received] = await servers["127.0.0.8"].wait_for(1)
