@@ -1,4 +1,4 @@
-"""The group-commit writer on its own: batching, a savepoint per job, all or nothing per commit."""
+"""The group-commit writer on its own: batching, a failing job kept out, one commit per batch."""
 
 from __future__ import annotations
 
@@ -122,15 +122,47 @@ async def test_a_lone_failing_job_keeps_nothing_and_the_next_batch_commits(
     assert [e.queue_id for e in harness.committed[0]] == ["next"]
 
 
-async def test_a_batch_of_one_job_takes_no_savepoint(harness: Harness, faults: Faults) -> None:
+async def test_a_batch_takes_savepoints_only_once_a_job_has_failed(
+    harness: Harness, faults: Faults
+) -> None:
     faults.fail("SAVEPOINT", "disk I/O error")
     assert await harness.writer.run(note("alone")) == "alone"
-    assert harness.notes() == ["alone"]
-    # Two jobs still take one each: the planned failure is there to be met.
-    futures = [harness.writer.submit(note("a")), harness.writer.submit(note("b"))]
+    futures = [harness.writer.submit(note(f"n{i}")) for i in range(3)]
+    assert await asyncio.gather(*futures) == ["n0", "n1", "n2"]
+    assert harness.batch_sizes == [1, 3]
+    assert harness.notes() == ["alone", "n0", "n1", "n2"]
+    # A failing job sends the batch to the savepoint pass, where the planned failure waits.
+    futures = [harness.writer.submit(note("a")), harness.writer.submit(note("b", fail=True))]
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, StoreError) for r in results)
-    assert harness.notes() == ["alone"]
+    assert harness.notes() == ["alone", "n0", "n1", "n2"]
+
+
+async def test_jobs_ahead_of_a_failing_one_run_again_and_are_stored_once(
+    harness: Harness,
+) -> None:
+    runs: list[str] = []
+
+    def counted(text: str, *, fail: bool = False) -> Callable[[Tx], str]:
+        inner = note(text, fail=fail)
+
+        def job(tx: Tx) -> str:
+            runs.append(text)
+            return inner(tx)
+
+        return job
+
+    futures = [
+        harness.writer.submit(counted("first")),
+        harness.writer.submit(counted("broken", fail=True)),
+        harness.writer.submit(counted("third")),
+    ]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0] == "first" and results[2] == "third"
+    assert isinstance(results[1], StoreError)
+    assert runs == ["first", "broken", "first", "broken", "third"]
+    assert harness.notes() == ["first", "third"]
+    assert [[e.queue_id for e in batch] for batch in harness.committed] == [["first", "third"]]
 
 
 async def test_a_failed_commit_fails_every_job_of_the_batch_and_keeps_nothing(
@@ -162,7 +194,11 @@ async def test_an_error_in_the_savepoint_machinery_fails_the_whole_batch(
     harness: Harness, faults: Faults
 ) -> None:
     faults.fail("RELEASE", "disk I/O error")
-    futures = [harness.writer.submit(note("a")), harness.writer.submit(note("b"))]
+    futures = [
+        harness.writer.submit(note("a")),
+        harness.writer.submit(note("b", fail=True)),
+        harness.writer.submit(note("c")),
+    ]
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, StoreError) for r in results)
     assert harness.notes() == []

@@ -1,8 +1,8 @@
 """The SQLite store: the spool, the dedupe claims and the audit trail in one file.
 
-One writer thread owns the write connection; `GroupCommit` feeds it batches of
-jobs, and `run_batch` runs each batch in one transaction with a savepoint per
-job and one commit. The SQL is in `statements`; what the SQL decides is in
+`GroupCommit` feeds the write connection batches of jobs, and `run_batch` runs
+each batch in one transaction and one commit (a savepoint per job only once a
+job has failed). The SQL is in `statements`; what the SQL decides is in
 `relay.decision` and `relay.store.changes`.
 """
 
@@ -129,54 +129,74 @@ def run_batch(
     begun: bool = False,
     commit: bool = True,
 ) -> BatchResult:
-    """Every job in one transaction, a savepoint each, one commit.
+    """Every job in one transaction and one commit; a job that raises keeps nothing.
 
-    A job that raises is rolled back to its savepoint (its events with it) and the
-    others still commit. A batch of one job, the usual case below full load, takes no
-    savepoint: its failure rolls back the transaction, which holds nothing else (two
-    statements fewer, each a call into SQLite). An error
-    outside the jobs (begin, savepoint, `before_commit`, commit) rolls back the whole
-    batch and propagates: then nothing of it is stored. `begun`: the caller has run BEGIN;
-    `commit=False`: the caller commits (the transaction is left open unless it was rolled back).
+    The jobs run straight through, without savepoints: a savepoint makes SQLite copy every
+    page a job first changes into a sub-journal, which spills to a temporary file past
+    64 KiB, and under load that was half the writes per message. When a job raises, the
+    transaction is rolled back and the batch runs once more with a savepoint per job
+    (`_one_by_one`): the failing job is rolled back to its savepoint and the others still
+    commit. Jobs may therefore run twice; they only read and write the transaction.
+
+    An error outside the jobs (begin, savepoint, `before_commit`, commit) rolls back the
+    whole batch and propagates: then nothing of it is stored. `begun`: the caller has run
+    BEGIN; `commit=False`: the caller commits (the transaction is left open unless a lone
+    job's failure rolled it back).
     """
-    tx = Tx(db)
-    outcomes: list[Outcome] = []
     changes_before = db.total_changes
     if not begun:
         db.execute("BEGIN IMMEDIATE")
-    rolled_back = False
     try:
-        if len(jobs) == 1:
-            try:
-                outcomes.append((jobs[0](tx), None))
-            except Exception as exc:
-                tx.events.clear()
-                db.execute("ROLLBACK")
-                rolled_back = True
-                outcomes.append((None, exc))
-        else:
-            for job in jobs:
-                mark = len(tx.events)
-                db.execute("SAVEPOINT job")
-                try:
-                    result = job(tx)
-                except Exception as exc:  # one failing job must not spoil the batch
-                    del tx.events[mark:]
-                    db.execute("ROLLBACK TO job")
-                    db.execute("RELEASE job")
-                    outcomes.append((None, exc))
-                else:
-                    db.execute("RELEASE job")
-                    outcomes.append((result, None))
+        tx = Tx(db)
+        outcomes = _straight(tx, jobs)
+        failed = any(error is not None for _, error in outcomes)
+        if failed:
+            db.execute("ROLLBACK")
+            if len(jobs) > 1:
+                db.execute("BEGIN IMMEDIATE")
+                tx = Tx(db)
+                outcomes, failed = _one_by_one(tx, jobs), False
         if before_commit is not None:
             before_commit()
-        if not rolled_back and commit:
+        if not failed and commit:
             db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
     return BatchResult(outcomes, tx.events, db.total_changes != changes_before)
+
+
+def _straight(tx: Tx, jobs: Sequence[Job]) -> list[Outcome]:
+    """The jobs in turn, up to the first that raises; that one's error ends the list."""
+    outcomes: list[Outcome] = []
+    for job in jobs:
+        try:
+            outcomes.append((job(tx), None))
+        except Exception as exc:
+            tx.events.clear()
+            return [(None, exc)]
+    return outcomes
+
+
+def _one_by_one(tx: Tx, jobs: Sequence[Job]) -> list[Outcome]:
+    """Each job inside its own savepoint: one failing job must not spoil the batch."""
+    db = tx.db
+    outcomes: list[Outcome] = []
+    for job in jobs:
+        mark = len(tx.events)
+        db.execute("SAVEPOINT job")
+        try:
+            result = job(tx)
+        except Exception as exc:
+            del tx.events[mark:]
+            db.execute("ROLLBACK TO job")
+            db.execute("RELEASE job")
+            outcomes.append((None, exc))
+        else:
+            db.execute("RELEASE job")
+            outcomes.append((result, None))
+    return outcomes
 
 
 async def connect(path: str, *, readonly: bool = False) -> aiosqlite.Connection:

@@ -2,7 +2,7 @@
 
 Intake and delivery queue jobs; the writer takes everything waiting (up to a
 limit) and hands it to the backend's batch runner, which runs the jobs in one
-transaction, each inside its own savepoint, and commits once. One fsync then
+transaction, keeps out any job that fails, and commits once. One fsync then
 answers many SMTP sessions, which is what lets durability keep up with them.
 
 The writer knows nothing of SQL. The runner reports each job's result or error
@@ -42,7 +42,7 @@ J = TypeVar("J")
 
 BATCH_LIMIT = 512
 
-# One job's result, or the exception that rolled it back to its savepoint.
+# One job's result, or the exception that kept its writes out of the commit.
 Outcome = tuple[Any, BaseException | None]
 
 
