@@ -220,6 +220,9 @@ class SqliteStore:
     would otherwise take commits into an unlinked file, lost at the next start. Once
     that happens the store is `lost` for good, what the open file still holds is
     copied beside it, and every call fails.
+
+    Each commit is made durable by the writer itself, after it has given back the turn
+    (`_sync`): see `_open_writer`. `sync` is the call that does it (tests record it).
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class SqliteStore:
         on_batch: OnBatch | None = None,
         connection_factory: type[sqlite3.Connection] = sqlite3.Connection,
         inline_commit: float = INLINE_COMMIT,
+        sync: Callable[[int], None] = os.fdatasync,
     ) -> None:
         """`inline_commit`: the loop waits for a COMMIT itself while commits have lately taken
         less than this many seconds (0: always on the writer thread)."""
@@ -244,6 +248,8 @@ class SqliteStore:
         self._identity: tuple[int, int] | None = None
         self._lost: str | None = None
         self._turn: int | None = None
+        self._wal: int | None = None
+        self._sync_file = sync
         self._held = False
         self._patient = True  # the writer's busy_timeout is the PRAGMAS' (not 0)
         self._thread = WriterThread("store-writer")
@@ -277,6 +283,7 @@ class SqliteStore:
         found = os.stat(self.path)
         self._identity = (found.st_dev, found.st_ino)
         self._turn = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._wal = _durable_wal(db, self.path)
         self._db = db
 
     async def open(self) -> None:
@@ -298,6 +305,9 @@ class SqliteStore:
         turn, self._turn = self._turn, None
         if turn is not None:
             os.close(turn)
+        wal, self._wal = self._wal, None
+        if wal is not None:
+            os.close(wal)
         self._thread.shutdown()
 
     @property
@@ -365,24 +375,29 @@ class SqliteStore:
             await self._thread.call(self._lose, db, str(exc))
             raise
         if self._commit_time < self._inline_commit:
-            self._commit(db)
+            self._commit(db, result.wrote)
         else:
-            await self._thread.call(self._commit, db)
+            await self._thread.call(self._commit, db, result.wrote)
         return result
 
-    def _commit(self, db: sqlite3.Connection) -> None:
+    def _commit(self, db: sqlite3.Connection, wrote: bool) -> None:
         """The loop's batch committed (if a failed lone job left one open), the turn given
-        back, and how long commits take kept up to date (a moving average of the last few)."""
+        back, the commit made durable, and how long all that takes kept up to date (a moving
+        average of the last few)."""
         started = time.perf_counter()
         try:
-            if db.in_transaction:
-                db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
+            try:
+                if db.in_transaction:
+                    db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                self._give_back()
+            if wrote:
+                self._sync()
         finally:
-            self._give_back()
             self._commit_time += (time.perf_counter() - started - self._commit_time) / 8
 
     def _batch(self, db: sqlite3.Connection, jobs: list[Job]) -> BatchResult:
@@ -394,12 +409,29 @@ class SqliteStore:
             self._patient = True
         try:
             try:
-                return run_batch(db, jobs, self._check_file)
+                result = run_batch(db, jobs, self._check_file)
             finally:
                 self._give_back()  # before a rescue copy, as soon as the batch has ended
+            if result.wrote:
+                self._sync()
+            return result
         except StoreLost as exc:
             self._lose(db, str(exc))
             raise
+
+    def _sync(self) -> None:
+        """The WAL on disk up to the commit just made, before any job of it is answered.
+
+        A failed sync leaves the commit's durability unknown: the batch fails like a
+        failed COMMIT, as a store outage (its callers answer 451 and try again).
+        """
+        assert self._wal is not None
+        try:
+            self._sync_file(self._wal)
+        except OSError as exc:
+            raise sqlite3.OperationalError(
+                f"disk I/O error: syncing the WAL failed: {exc}"
+            ) from exc
 
     def _lose(self, db: sqlite3.Connection, reason: str) -> None:
         self._rescue(db, reason)
@@ -640,6 +672,32 @@ class SqliteStore:
         if kind == "messages":
             return await self._run(lambda tx: _purge_messages(tx, cutoff))
         return await self._run(_deleter(_PURGES[kind], cutoff))
+
+
+def _durable_wal(db: sqlite3.Connection, path: str) -> int:
+    """The writer's commits leave the WAL's sync to the writer, which does it after the turn.
+
+    `synchronous=FULL` syncs the WAL inside COMMIT, while this process holds SQLite's write
+    lock and the `-writer` turn, so every other worker waited for the disk too. With
+    `synchronous=NORMAL` SQLite still syncs the WAL before each checkpoint and its header
+    when the file is reused, and the writer syncs it after each COMMIT (`_sync`) before
+    it answers any job: the same durability as FULL. Another process that reads the
+    commit before that sync only acts on it through a commit and a sync of its own,
+    which cover the earlier frames of the same file. The WAL stays while this connection
+    is open, and its directory entry is made durable once here.
+    """
+    db.execute("PRAGMA synchronous=NORMAL")
+    wal = os.open(path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except BaseException:
+        os.close(wal)
+        raise
+    return wal
 
 
 def migrate(db: sqlite3.Connection, where: str) -> migrations.Migrated:
