@@ -18,6 +18,12 @@ worker processes as CPUs). Prints one table:
 - resident memory of one relay process holding 1,000 idle SMTP sessions.
 
     python bench/throughput.py [--messages 5000] [--size 2000] [--workers N] [--no-postfix]
+                               [--rounds N]
+
+`--rounds N` runs each scenario N times for each server, in turn (relay first, then
+Postfix first, ...), and prints the median of each figure, with the range of the
+per-round ratios: on a host whose speed drifts from one minute to the next, a ratio
+taken within one round is fairer than either rate alone.
 
 Needs Debian's postfix package (smtp-source, smtp-sink, and a private Postfix, which
 runs as root). Everything binds 127.0.0.1. Machine load is printed with every
@@ -36,6 +42,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -435,7 +442,10 @@ def main() -> None:
         "--workers", type=int, default=None, help="relay --workers (default: its own)"
     )
     parser.add_argument("--no-postfix", action="store_true", help="the relay alone")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each scenario per server")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     require_tools()
     folder = Path(tempfile.mkdtemp(prefix="throughput-"))
     sqlite = __import__("sqlite3").sqlite_version
@@ -478,8 +488,8 @@ def main() -> None:
                 ),
             ]
             for label, kind, scenario in scenarios:
-                runs = [scenario(server) for server in servers]
-                rows.extend(_rows(label, kind, runs))
+                rounds = [_round(scenario, servers, n) for n in range(args.rounds)]
+                rows.extend(_rows(label, kind, rounds))
                 _flush(rows)
                 rows.clear()
             forwarded = identical(servers[0], args.messages, folder)
@@ -524,7 +534,38 @@ def _flush(rows: list[tuple[str, str, str, str]]) -> None:
         print("| " + " | ".join(row) + " |", flush=True)
 
 
-def _rows(label: str, kind: str, runs: list[Run]) -> list[tuple[str, str, str, str]]:
+def _round(scenario: Any, servers: list[Server], n: int) -> list[Run]:
+    """One run per server, the relay first in even rounds and last in odd ones."""
+    order = range(len(servers)) if n % 2 == 0 else reversed(range(len(servers)))
+    runs = {i: scenario(servers[i]) for i in order}
+    return [runs[i] for i in range(len(servers))]
+
+
+def _median(runs: list[Run]) -> Run:
+    """Each figure's median over the rounds (the first round's load, every refusal)."""
+    if len(runs) == 1:
+        return runs[0]
+    return Run(
+        delivered_rate=statistics.median(r.delivered_rate for r in runs),
+        accepted_rate=statistics.median(r.accepted_rate for r in runs),
+        cpu_ms=statistics.median(r.cpu_ms for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        refused=sum(r.refused for r in runs),
+        load=runs[0].load,
+    )
+
+
+def _spread(rounds: list[list[Run]], ratio: Any) -> str:
+    """The per-round ratios' range, when there are several rounds against Postfix."""
+    if len(rounds) < 2 or len(rounds[0]) < 2:
+        return ""
+    ratios = sorted(ratio(relay_run, other) for relay_run, other in rounds)
+    return f" (rounds {ratios[0]:.2f} to {ratios[-1]:.2f}x)"
+
+
+def _rows(label: str, kind: str, rounds: list[list[Run]]) -> list[tuple[str, str, str, str]]:
+    runs = [_median([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     relay_run = runs[0]
     other = runs[1] if len(runs) > 1 else None
     load = f"load {relay_run.load}"
@@ -535,6 +576,7 @@ def _rows(label: str, kind: str, runs: list[Run]) -> list[tuple[str, str, str, s
     )
     if kind == "rate":
         ratio = f"{relay_run.delivered_rate / other.delivered_rate:.2f}x" if other else ""
+        ratio += _spread(rounds, lambda a, b: a.delivered_rate / b.delivered_rate)
         return [
             (
                 label,
@@ -551,6 +593,7 @@ def _rows(label: str, kind: str, runs: list[Run]) -> list[tuple[str, str, str, s
         if other
         else ""
     )
+    ratio += _spread(rounds, lambda a, b: a.p99_ms / b.p99_ms).replace("(rounds", "(p99 rounds")
     refused = [
         f"{r.refused} of the sends to {name} got no 250"
         for r, name in zip(runs, ("the relay", "Postfix"), strict=False)

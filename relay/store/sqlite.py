@@ -277,13 +277,13 @@ class SqliteStore:
             for pragma in schema.PRAGMAS:
                 db.execute(pragma)
             migrate(db, self.path)
+            self._wal = _durable_wal(db, self.path)
         except BaseException:
             db.close()
             raise
         found = os.stat(self.path)
         self._identity = (found.st_dev, found.st_ino)
         self._turn = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._wal = _durable_wal(db, self.path)
         self._db = db
 
     async def open(self) -> None:
@@ -425,7 +425,8 @@ class SqliteStore:
         A failed sync leaves the commit's durability unknown: the batch fails like a
         failed COMMIT, as a store outage (its callers answer 451 and try again).
         """
-        assert self._wal is not None
+        if self._wal is None:
+            return  # not in WAL mode: COMMIT synced, as `_durable_wal` left FULL on
         try:
             self._sync_file(self._wal)
         except OSError as exc:
@@ -674,7 +675,7 @@ class SqliteStore:
         return await self._run(_deleter(_PURGES[kind], cutoff))
 
 
-def _durable_wal(db: sqlite3.Connection, path: str) -> int:
+def _durable_wal(db: sqlite3.Connection, path: str) -> int | None:
     """The writer's commits leave the WAL's sync to the writer, which does it after the turn.
 
     `synchronous=FULL` syncs the WAL inside COMMIT, while this process holds SQLite's write
@@ -684,10 +685,13 @@ def _durable_wal(db: sqlite3.Connection, path: str) -> int:
     it answers any job: the same durability as FULL. Another process that reads the
     commit before that sync only acts on it through a commit and a sync of its own,
     which cover the earlier frames of the same file. The WAL stays while this connection
-    is open, and its directory entry is made durable once here.
+    is open, and its directory entry is made durable once here. A file SQLite would not put
+    in WAL mode keeps FULL, and None is returned: then COMMIT syncs, as before.
     """
-    db.execute("PRAGMA synchronous=NORMAL")
+    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        return None
     wal = os.open(path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+    db.execute("PRAGMA synchronous=NORMAL")
     try:
         folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
         try:
