@@ -5,9 +5,10 @@ the unique index arbitrates claims (`INSERT ... ON CONFLICT ... DO UPDATE ...
 WHERE ... RETURNING`, in the transaction that spools the message and records
 its events), leases are taken `FOR UPDATE SKIP LOCKED`, and `NOTIFY` tells
 idle replicas that work is due. `GroupCommit` still batches concurrent jobs
-into one transaction, a savepoint each, so one commit answers many SMTP
-sessions. The verdict comes from `relay.decision`, the events and state rules
-from `relay.store.changes`; this module only speaks SQL (asyncpg).
+into one transaction (a savepoint per job only once a job has failed), so one
+commit answers many SMTP sessions. The verdict comes from `relay.decision`, the
+events and state rules from `relay.store.changes`; this module only speaks SQL
+(asyncpg).
 
 Losing the connection is expected (a restart, a failover): a batch whose
 transaction never reached COMMIT committed nothing, so it is run once more on a
@@ -180,7 +181,7 @@ class PgTx:
     """One job's view of the batch's transaction: the connection and the events to record.
 
     Events are inserted once per batch, just before COMMIT, in one statement; a job that fails
-    takes its events back with it, as a savepoint rollback does on SQLite.
+    takes its events back with it, as the rollback takes back its writes.
     """
 
     def __init__(self, db: Db) -> None:
@@ -205,30 +206,30 @@ Job = Callable[[PgTx], Awaitable[Any]]
 
 
 async def run_jobs(db: Db, jobs: Sequence[Job]) -> BatchResult:
-    """Every job in one transaction, a savepoint each, then the events, then one COMMIT.
+    """Every job in one transaction, then the events, then one COMMIT.
 
-    A job that fails with an SQL error is rolled back to its savepoint and the others still
-    commit. Anything else fails the batch: `NotCommitted` before COMMIT was sent (or when
-    the server answered it with an error), `CommitUnknown` when the link died awaiting it.
+    The jobs run straight through, without savepoints: a savepoint around each job cost one
+    more round trip to the server per job, on every batch, against a failure that is rare.
+    A job that raises has aborted PostgreSQL's transaction (an SQL error) or left its writes
+    in it, so the transaction is rolled back; a lone job then just reports its error, and a
+    batch of several runs once more with a savepoint per job (`_one_by_one`), so the failing
+    job keeps nothing and the others still commit. Jobs may therefore run twice; they only
+    read and write the transaction, and only the second run's results and events count
+    (another replica may have committed in between).
+
+    A lost connection fails the batch: `NotCommitted` before COMMIT was sent (or when the
+    server answered it with an error), `CommitUnknown` when the link died awaiting it.
     """
     tx = PgTx(db)
-    outcomes: list[Outcome] = []
     try:
-        await db.execute("BEGIN; SAVEPOINT job")
-        for n, job in enumerate(jobs):
-            if n:
-                await db.execute("RELEASE SAVEPOINT job; SAVEPOINT job")
-            mark = len(tx.events)
-            try:
-                result = await job(tx)
-            except Exception as exc:
-                if _lost(exc):
-                    raise
-                del tx.events[mark:]
-                await db.execute("ROLLBACK TO SAVEPOINT job")
-                outcomes.append((None, exc))
-            else:
-                outcomes.append((result, None))
+        await db.execute("BEGIN")
+        outcomes = await _straight(tx, jobs)
+        if any(error is not None for _, error in outcomes):
+            await db.execute("ROLLBACK")
+            if len(jobs) == 1:
+                return BatchResult(outcomes, [])
+            tx = PgTx(db)
+            outcomes = await _one_by_one(tx, jobs)
         if tx.events:
             await tx.execute(sql.INSERT_EVENTS, **_event_arrays(tx.events))
     except Exception as exc:
@@ -242,6 +243,46 @@ async def run_jobs(db: Db, jobs: Sequence[Job]) -> BatchResult:
     except asyncpg.PostgresError as exc:
         raise NotCommitted(f"the database refused the commit: {_describe(exc)}") from exc
     return BatchResult(outcomes, tx.events)
+
+
+async def _straight(tx: PgTx, jobs: Sequence[Job]) -> list[Outcome]:
+    """The jobs in turn, up to the first that raises; that one's error ends the list.
+
+    A lost connection is the batch's failure, not the job's: it propagates.
+    """
+    outcomes: list[Outcome] = []
+    for job in jobs:
+        try:
+            outcomes.append((await job(tx), None))
+        except Exception as exc:
+            if _lost(exc):
+                raise
+            tx.events.clear()
+            return [(None, exc)]
+    return outcomes
+
+
+async def _one_by_one(tx: PgTx, jobs: Sequence[Job]) -> list[Outcome]:
+    """A new transaction with each job inside its own savepoint: one failing job must not
+    spoil the batch (PostgreSQL refuses every statement after an error until a rollback)."""
+    db = tx.db
+    outcomes: list[Outcome] = []
+    await db.execute("BEGIN; SAVEPOINT job")
+    for n, job in enumerate(jobs):
+        if n:
+            await db.execute("RELEASE SAVEPOINT job; SAVEPOINT job")
+        mark = len(tx.events)
+        try:
+            result = await job(tx)
+        except Exception as exc:
+            if _lost(exc):
+                raise
+            del tx.events[mark:]
+            await db.execute("ROLLBACK TO SAVEPOINT job")
+            outcomes.append((None, exc))
+        else:
+            outcomes.append((result, None))
+    return outcomes
 
 
 def _describe(exc: BaseException) -> str:
