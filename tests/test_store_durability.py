@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -64,20 +65,30 @@ async def test_a_batch_that_wrote_nothing_is_not_synced(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_a_failed_sync_fails_the_batch_as_an_outage_and_the_writer_goes_on(
-    tmp_path: Path,
-) -> None:
+async def test_a_failed_sync_stops_the_store_until_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
     syncs = Syncs()
-    store = SqliteStore(str(tmp_path / "relay.db"), sync=syncs)
+    store = SqliteStore(str(path), sync=syncs)
     await store.open()
     try:
         syncs.failures.append(OSError(errno.EIO, "Input/output error"))
-        with pytest.raises(StoreError, match="syncing the WAL failed"):
+        with pytest.raises(StoreError, match="syncing the store's WAL to disk failed"):
             await store.accept(submission("UNSURE"))
-        assert store.writer.failed_batches == 1
-        assert (await store.accept(submission("AFTER"))).forward == ("alice@example.org",)
+        assert store.lost is not None and "Input/output error" in store.lost
+        # A later sync that succeeded would prove nothing: nothing more is taken.
+        with pytest.raises(StoreError, match="syncing the store's WAL to disk failed"):
+            await store.accept(submission("LATER"))
     finally:
         await store.close()
+    restarted = SqliteStore(str(path), sync=syncs)
+    await restarted.open()
+    try:
+        assert (await restarted.accept(submission("AFTER"))).forward == ("alice@example.org",)
+        with sqlite3.connect(path) as db:
+            ids = [row[0] for row in db.execute("SELECT queue_id FROM messages ORDER BY 1")]
+        assert ids == ["AFTER", "UNSURE"]  # what SQLite found on disk, and the new one
+    finally:
+        await restarted.close()
 
 
 async def test_another_writer_commits_while_one_waits_for_its_disk(tmp_path: Path) -> None:

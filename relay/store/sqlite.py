@@ -412,27 +412,33 @@ class SqliteStore:
                 result = run_batch(db, jobs, self._check_file)
             finally:
                 self._give_back()  # before a rescue copy, as soon as the batch has ended
-            if result.wrote:
-                self._sync()
-            return result
         except StoreLost as exc:
             self._lose(db, str(exc))
             raise
+        if result.wrote:
+            self._sync()
+        return result
 
     def _sync(self) -> None:
         """The WAL on disk up to the commit just made, before any job of it is answered.
 
-        A failed sync leaves the commit's durability unknown: the batch fails like a
-        failed COMMIT, as a store outage (its callers answer 451 and try again).
+        A failed sync stops the store, as PostgreSQL stops on a failed fsync: the kernel may
+        have dropped the pages it could not write, so a later sync that succeeds would prove
+        nothing. The batch's callers get an outage (451), and so does every later call until
+        a restart, when SQLite recovers what is on disk.
         """
         if self._wal is None:
             return  # not in WAL mode: COMMIT synced, as `_durable_wal` left FULL on
         try:
             self._sync_file(self._wal)
         except OSError as exc:
-            raise sqlite3.OperationalError(
-                f"disk I/O error: syncing the WAL failed: {exc}"
-            ) from exc
+            self._lost = f"syncing the store's WAL to disk failed ({exc})"
+            log.critical(
+                "store: %s while the relay was running: what the last commits hold may not be"
+                " on disk. It now refuses mail (421/451) and delivers nothing until restarted",
+                self._lost,
+            )
+            raise StoreLost(self._lost) from exc
 
     def _lose(self, db: sqlite3.Connection, reason: str) -> None:
         self._rescue(db, reason)
