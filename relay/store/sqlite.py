@@ -364,10 +364,10 @@ class SqliteStore:
 
         On the writer thread every statement gave up the GIL and then waited for the loop to
         give it back, while the turn that the other workers wait for was held. The loop runs
-        them without waiting. The COMMIT waits for the disk: the loop waits for it itself
-        while commits are quick (a hand-over to the thread and back cost about 0.3 ms here,
-        close to the commit's own 0.4), and hands it to the writer thread once they are
-        slow (a busy or networked disk), so that the loop keeps serving meanwhile.
+        them without waiting. The COMMIT and the WAL's sync after it (`_commit`) wait for the
+        disk: the loop waits itself while they are quick (a hand-over to the thread and back
+        cost about 0.3 ms here, close to the commit's own 0.4), and hands them to the writer
+        thread once they are slow (a busy or networked disk), so that the loop keeps serving.
         """
         try:
             result = run_batch(db, jobs, self._check_file, begun=True, commit=False)
@@ -381,9 +381,9 @@ class SqliteStore:
         return result
 
     def _commit(self, db: sqlite3.Connection, wrote: bool) -> None:
-        """The loop's batch committed (if a failed lone job left one open), the turn given
-        back, the commit made durable, and how long all that takes kept up to date (a moving
-        average of the last few)."""
+        """The batch committed (if a failed lone job left one open), the turn given back,
+        the commit made durable, and how long all that takes kept up to date (a moving
+        average of the last few), on the loop or the writer thread alike."""
         started = time.perf_counter()
         try:
             try:
@@ -408,15 +408,13 @@ class SqliteStore:
             db.execute("PRAGMA busy_timeout=10000")
             self._patient = True
         try:
-            try:
-                result = run_batch(db, jobs, self._check_file)
-            finally:
-                self._give_back()  # before a rescue copy, as soon as the batch has ended
-        except StoreLost as exc:
-            self._lose(db, str(exc))
+            result = run_batch(db, jobs, self._check_file, commit=False)
+        except BaseException as exc:
+            self._give_back()  # before a rescue copy, as soon as the batch has ended
+            if isinstance(exc, StoreLost):
+                self._lose(db, str(exc))
             raise
-        if result.wrote:
-            self._sync()
+        self._commit(db, result.wrote)
         return result
 
     def _sync(self) -> None:
