@@ -556,12 +556,12 @@ def _median(runs: list[Run]) -> Run:
     )
 
 
-def _spread(rounds: list[list[Run]], ratio: Any) -> str:
+def _spread(rounds: list[list[Run]], ratio: Any, label: str = "rounds") -> str:
     """The per-round ratios' range, when there are several rounds against Postfix."""
     if len(rounds) < 2 or len(rounds[0]) < 2:
         return ""
     ratios = sorted(ratio(relay_run, other) for relay_run, other in rounds)
-    return f" (rounds {ratios[0]:.2f} to {ratios[-1]:.2f}x)"
+    return f" ({label} {ratios[0]:.2f} to {ratios[-1]:.2f}x)"
 
 
 def _rows(label: str, kind: str, rounds: list[list[Run]]) -> list[tuple[str, str, str, str]]:
@@ -593,7 +593,7 @@ def _rows(label: str, kind: str, rounds: list[list[Run]]) -> list[tuple[str, str
         if other
         else ""
     )
-    ratio += _spread(rounds, lambda a, b: a.p99_ms / b.p99_ms).replace("(rounds", "(p99 rounds")
+    ratio += _spread(rounds, lambda a, b: a.p99_ms / b.p99_ms, "p99 rounds")
     refused = [
         f"{r.refused} of the sends to {name} got no 250"
         for r, name in zip(runs, ("the relay", "Postfix"), strict=False)
