@@ -33,14 +33,18 @@ async def test_stream_has_one_json_line_per_stored_event(
     await relay.idle()
     stored = await relay.events()
     lines = [json.loads(line) for line in stream.read_text().splitlines()]
-    assert [line["event"] for line in lines] == [e["event"] for e in stored]
-    assert [line["event"] for line in lines] == ["received", "duplicate", "deferred", "delivered"]
-    duplicate = lines[1]
+    events = [line["event"] for line in lines]
+    assert events == [e["event"] for e in stored]
+    # The repeat's drop and the first attempt's deferral race; only causal order is fixed.
+    assert sorted(events) == sorted(["received", "duplicate", "deferred", "delivered"])
+    assert events[0] == "received"
+    assert events.index("deferred") < events.index("delivered")
+    duplicate = lines[events.index("duplicate")]
     assert duplicate["original"] == lines[0]["queue_id"]
     assert duplicate["action"] == "drop"
     assert duplicate["key"] == "stream-1"
     assert duplicate["ts"].endswith("Z")
-    assert lines[3]["upstream_id"] == "UP0001"
+    assert lines[events.index("delivered")]["upstream_id"] == "UP0001"
     assert all("Thank you" not in json.dumps(line) for line in lines)
 
 
