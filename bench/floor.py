@@ -8,6 +8,10 @@ Issue 11 asks for the relay to beat Postfix on this machine. This prints, under 
   (no store, no fingerprint, no forwarding), in as many processes as the relay has workers,
   sharing the port as the relay's workers do (`SO_REUSEPORT`, uvloop): the most any front door
   built on aiosmtpd can do here;
+- the relay's own front door (`FrontDoor`: aiosmtpd with the relay's cuts, its checks and
+  limits) with an intake that answers 250 and keeps nothing: what the front door costs;
+- one `asyncio.Protocol` answering the same (no streams, no checks): the least any front door
+  in Python can cost, to tell what aiosmtpd's design adds;
 - aiosmtplib alone: one process sending 2 KB messages to `smtp-sink` over kept connections
   (10 at once): the client side of forwarding;
 - SQLite alone: one 2 KB row per transaction, `COMMIT` in WAL mode with `synchronous=FULL`,
@@ -41,15 +45,99 @@ class _Accept:
         return "250 OK"
 
 
-def serve_bare(port: int) -> None:
+class _Minimal(asyncio.Protocol):
+    """An SMTP responder in one `asyncio.Protocol`: no streams, no task per session, no
+    checks. Not a server anyone should run; the least any front door in Python can cost here,
+    to tell what aiosmtpd's design (a stream reader and a coroutine per session, a `drain`
+    per reply) adds on top of it."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buffer = b""
+        self.in_data = False
+        transport.write(b"220 floor ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        replies = []
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    break
+                self.buffer = self.buffer[end + 5 :]
+                self.in_data = False
+                replies.append(b"250 OK\r\n")
+                continue
+            line, found, rest = self.buffer.partition(b"\r\n")
+            if not found:
+                break
+            self.buffer = rest
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                replies.append(b"250-floor\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                self.buffer = b"\r\n" + self.buffer  # the first line may be "."
+                replies.append(b"354 go on\r\n")
+            elif verb == b"QUIT":
+                replies.append(b"221 bye\r\n")
+                self.transport.write(b"".join(replies))
+                self.transport.close()
+                return
+            else:
+                replies.append(b"250 OK\r\n")
+        if replies:
+            self.transport.write(b"".join(replies))
+
+
+class _Answer:
+    """What the relay's front door asks of its intake, answering 250 without storing."""
+
+    class store:
+        lost = False
+
+    async def submit(self, tx: Any) -> str:
+        return "250 OK"
+
+
+def serve_front_door(port: int) -> None:
+    """One process of the relay's own front door (`relay.server.FrontDoor`, default `listen`
+    settings, aiosmtpd with the relay's cuts: the set-up, the DATA reader, the address cache)
+    whose intake answers 250 and keeps nothing (run with `--front-door PORT`)."""
+    from relay import heap, logs
+    from relay import loop as event_loop
+    from relay.config import from_mapping
+    from relay.server import FrontDoor
+
+    config = from_mapping(
+        {
+            "listen": {"host": "127.0.0.1", "port": port, "reuse_port": True},
+            "upstream": {"url": "smtp://127.0.0.1:25"},
+        },
+        check_paths=False,
+    )
+    logs.setup(config.runtime.log_level, config.runtime.log_format)
+
+    async def main() -> None:
+        front = FrontDoor(config.listen, _Answer())  # type: ignore[arg-type]
+        await front.start()
+        heap.settle()
+        await asyncio.Event().wait()
+
+    event_loop.run(main())
+
+
+def serve_bare(port: int, minimal: bool = False) -> None:
     """One process of the bare front door (run by this script with `--bare PORT`)."""
     from aiosmtpd.smtp import SMTP
 
+    def protocol() -> asyncio.Protocol:
+        return _Minimal() if minimal else SMTP(_Accept())
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: SMTP(_Accept()), "127.0.0.1", port, reuse_port=True
-        )
+        server = await loop.create_server(protocol, "127.0.0.1", port, reuse_port=True)
         await server.serve_forever()
 
     try:
@@ -60,11 +148,11 @@ def serve_bare(port: int) -> None:
         asyncio.run(main())
 
 
-def bare_front_door(messages: int, processes: int) -> dict[str, float]:
+def bare_front_door(messages: int, processes: int, flag: str = "--bare") -> dict[str, float]:
     port = bench.free_port()
     # One parent whose tree holds the processes, so CPU is counted as for the relay's workers.
     script = " & ".join(
-        f"{sys.executable} {Path(__file__).resolve()} --bare {port}" for _ in range(processes)
+        f"{sys.executable} {Path(__file__).resolve()} {flag} {port}" for _ in range(processes)
     )
     parent = subprocess.Popen(["sh", "-c", f"{script} & wait"])
     try:
@@ -153,9 +241,14 @@ def main() -> None:
         "--processes", type=int, default=os.cpu_count() or 1, help="aiosmtpd processes"
     )
     parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--minimal", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--front-door", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bare is not None:
-        serve_bare(args.bare)
+    if args.bare is not None or args.minimal is not None:
+        serve_bare(args.bare or args.minimal, minimal=args.minimal is not None)
+        return
+    if args.front_door is not None:
+        serve_front_door(args.front_door)
         return
     if args.messages < 100 or args.processes < 1:
         parser.error("--messages must be at least 100 and --processes at least 1")
@@ -197,6 +290,20 @@ def main() -> None:
                     f"{bare['p50']:.2f}",
                 )
             )
+            for flag, name in (
+                ("--front-door", "the relay's front door: 250 to all, nothing stored"),
+                ("--minimal", "one asyncio.Protocol: 250 to all, no checks"),
+            ):
+                found = bare_front_door(args.messages, args.processes, flag)
+                rows.append(
+                    (
+                        f"{name} ({args.processes} proc.)",
+                        f"{found['rate20']:,.0f} accepted",
+                        f"{found['cpu20']:.2f}",
+                        f"{found['rate1']:,.0f} accepted",
+                        f"{found['p50']:.2f}",
+                    )
+                )
             client = bare_client(sink.port, args.messages)
             rows.append(("aiosmtplib alone: sending to smtp-sink", "", f"{client:.2f}", "", ""))
         finally:

@@ -16,6 +16,7 @@ and keeps every byte; the payload then goes through aiosmtplib's protocol as bef
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 
@@ -77,9 +78,17 @@ def _command(*args: bytes) -> bytes:
     return b" ".join(args) + b"\r\n"
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(address: str, encoding: str) -> bytes:
+    """aiosmtplib's quoting, kept per text: an app's sender and recipients repeat on every
+    message, and its parser (the stdlib's `parseaddr`, in Python) is the dearest part of a
+    command. A refusal (ValueError) is not kept, so it is raised again each time."""
+    return quote_address(address).encode(encoding)
+
+
 def _address(verb: bytes, prefix: bytes, address: str, encoding: str, *options: str) -> bytes:
     """MAIL or RCPT as `SMTP.mail`/`SMTP.rcpt` would write it, byte for byte."""
-    quoted = quote_address(address).encode(encoding)
+    quoted = _quoted(address, encoding)
     return _command(verb, prefix + quoted, *(option.encode("ascii") for option in options))
 
 
