@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Upstream, eventually, make_message, process_config, relay_cli
+from tests.conftest import DEADLINE, Upstream, eventually, make_message, process_config, relay_cli
 from tests.mta import unavailable
 from tests.powercut import PowerCut, why_unavailable
 from tests.test_restart import message_ids, send_quietly
@@ -112,7 +112,8 @@ async def test_a_power_cut_mid_traffic_loses_no_message_that_got_250(
 
     clients = asyncio.gather(*(client(c) for c in range(CLIENTS)))
     await asyncio.wait_for(enough.wait(), timeout=60)
-    await upstream.script.stalled.wait()  # and at least one delivery is in flight
+    # and at least one delivery is in flight
+    await asyncio.wait_for(upstream.script.stalled.wait(), timeout=DEADLINE)
     # The power fails: every relay process dies, then the disk loses what was not synced.
     pids = workers()
     relay.kill()
