@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -1022,6 +1023,80 @@ async def send_authenticated(
     finally:
         with contextlib.suppress(Exception):
             await client.quit()
+
+
+# --- the log as the review commands and pages search it -------------------------
+
+# (event, queue id) of each event a search should find; a multiset, since the order of events
+# from concurrent deliveries is not what these searches promise.
+Found = Counter[tuple[str, str]]
+
+
+def found_in(records: list[dict[str, Any]]) -> Found:
+    return Counter((r["event"], r["queue_id"]) for r in records)
+
+
+@pytest.fixture
+def review_config(tmp_path: Path, store_config: dict[str, Any]) -> Path:
+    """The operator's config for `relay log` and `show`: the store the relay under test writes,
+    on whichever backend it runs (a PostgreSQL password stays in the environment)."""
+    path = tmp_path / "review.yaml"
+    path.write_text(yaml.safe_dump({"store": store_config}))
+    return path
+
+
+async def mail_from_two_users_and_a_trusted_client(
+    relay: Relay, certificates: Certificates
+) -> dict[str | None, Found]:
+    """On a `secure` relay: alice sends two messages, bob one plus a repeat of alice's first,
+    and a client on listen.networks one without AUTH plus a repeat of alice's first too.
+
+    Returns, per user (None: no AUTH), the events that user's mail left once delivered, so a
+    search by user has the others' mail, repeats of the same message included, to leave out.
+    """
+    first = make_message("Order 1", message_id="<order-1@shop.example>")
+
+    async def by(user: str, data: bytes) -> Reply:
+        return await send_authenticated(relay.port, data, certificates, user=user)
+
+    a1 = queued_id(await by("alice", first))
+    a2 = queued_id(await by("alice", make_message("Order 2")))
+    b1 = queued_id(await by("bob", make_message("Order 3")))
+    b_repeat = repeat_id(await by("bob", first))
+    u1 = queued_id(await send(relay.port, make_message("Order 4")))
+    u_repeat = repeat_id(await send(relay.port, first))
+    await relay.idle()
+    return {
+        "alice": Counter(
+            [("received", a1), ("delivered", a1), ("received", a2), ("delivered", a2)]
+        ),
+        "bob": Counter([("received", b1), ("delivered", b1), ("duplicate", b_repeat)]),
+        None: Counter([("received", u1), ("delivered", u1), ("duplicate", u_repeat)]),
+    }
+
+
+@dataclass(frozen=True)
+class OneTimeline:
+    """Queue ids of `one_message_and_its_neighbours`."""
+
+    message: str  # received, deferred once, then delivered
+    repeat: str  # a repeat of it from another client, suppressed
+    other: str  # an unrelated message, delivered
+
+
+async def one_message_and_its_neighbours(relay: Relay, upstream: Upstream) -> OneTimeline:
+    """A message whose timeline has more than one outcome, with events of other queue ids
+    that name it (a repeat) or sit next to it in time (another message) around it."""
+    upstream.script.data = ["451 4.3.0 try later"]
+    data = make_message(message_id="<timeline-1@shop.example>")
+    message = queued_id(
+        await send(relay.port, data, rcpts=("alice@example.org", "bob@example.org"))
+    )
+    await upstream.wait_for(1)
+    repeat = repeat_id(await send(relay.port, data, source="127.0.0.2"))
+    other = queued_id(await send(relay.port, make_message("Another order")))
+    await relay.idle()
+    return OneTimeline(message, repeat, other)
 
 
 # --- the web pages -----------------------------------------------------------

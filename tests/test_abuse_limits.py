@@ -5,9 +5,12 @@ huge headers, and the memory all sessions share (issue 14 items 12-14, issue 15)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import tracemalloc
+
+import pytest
 
 from relay.limits import Budget
 from relay.upstream.smtp import wire_payload
@@ -78,6 +81,65 @@ async def test_a_client_trickling_data_is_cut_off_at_the_minimum_rate(
         await dialog.close()
     assert await relay.rows("SELECT count(*) FROM messages") == [(0,)]
     assert (await send(relay.port, make_message())).code == 250
+
+
+# A body of 500-byte lines (with their CRLF); each client shape below cuts the same stream into
+# packets of its own size, so bytes, packets and lines per second differ by shape.
+PACED_BODY = b"Subject: paced\r\n\r\n" + (b"x" * 498 + b"\r\n") * 400
+# (bytes a packet, seconds between packets): their quotient is the most bytes per second the
+# client sends (a late wake only lowers it), far more than its packets or lines per second.
+TINY_PACKETS = (50, 0.01)  # 5,000 bytes/s in 100 packets/s, 10 lines/s
+LARGE_PACKETS = (4000, 0.25)  # 16,000 bytes/s in 4 packets/s, 32 lines/s
+
+
+async def send_paced(dialog: Dialog, packet: int, every: float, seconds: float) -> None:
+    """Packets of PACED_BODY, `every` seconds apart for `seconds`; then the rest of the line
+    under way and the end of DATA."""
+    loop = asyncio.get_running_loop()
+    sent, stop = 0, loop.time() + seconds
+    while loop.time() < stop:
+        assert sent + packet < len(PACED_BODY), "PACED_BODY is too short for this pace"
+        dialog.writer.write(PACED_BODY[sent : sent + packet])
+        sent += packet
+        await dialog.writer.drain()
+        await asyncio.sleep(every)
+    line_end = PACED_BODY.index(b"\r\n", max(sent - 1, 0)) + 2
+    dialog.writer.write(PACED_BODY[sent:line_end] + b".\r\n")
+    await dialog.writer.drain()
+
+
+@pytest.mark.parametrize(("packet", "every"), [TINY_PACKETS, LARGE_PACKETS], ids=["tiny", "large"])
+@pytest.mark.parametrize(
+    ("share", "seconds", "verdict"),
+    [
+        # A tenth of its byte rate: far over its packets or lines per second, so a door that
+        # counted those would cut the client off about a second in; bytes let it finish.
+        (0.1, 2.0, "250"),
+        # Three times its byte rate: cut off well before it would end DATA.
+        (3.0, 10.0, "421 4.4.2"),
+    ],
+    ids=["above-rate", "below-rate"],
+)
+async def test_the_minimum_data_rate_is_bytes_per_second_whatever_the_packets_or_lines(
+    make_relay: RelayFactory,
+    packet: int,
+    every: float,
+    share: float,
+    seconds: float,
+    verdict: str,
+) -> None:
+    min_rate = int(packet / every * share)
+    relay = await make_relay(listen={"data_timeout": "1s", "min_data_rate": min_rate})
+    dialog = await open_data(relay.port)
+    sending = asyncio.create_task(send_paced(dialog, packet, every, seconds))
+    try:
+        reply = await dialog.reply()  # whichever comes first: the cut-off or the end of DATA
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sending
+        await dialog.close()
+    assert reply.startswith(verdict), (min_rate, reply)
 
 
 async def test_a_whole_data_phase_has_a_deadline_even_at_a_good_rate(

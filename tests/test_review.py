@@ -20,7 +20,9 @@ import yaml
 
 from relay.audit import FIELDS
 from tests.conftest import (
+    BACKENDS,
     DEADLINE,
+    Certificates,
     Relay,
     RelayProcess,
     Reply,
@@ -28,7 +30,10 @@ from tests.conftest import (
     base_config,
     cli,
     eventually,
+    found_in,
+    mail_from_two_users_and_a_trusted_client,
     make_message,
+    one_message_and_its_neighbours,
     queued_id,
     repeat_id,
     send,
@@ -190,6 +195,30 @@ async def test_log_filters_narrow_to_the_matching_events(
     assert which("old") == which("future") == []
 
 
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
+async def test_log_by_user_lists_that_users_mail_and_neither_the_other_users_nor_unauthenticated(
+    secure: Relay, certificates: Certificates, review_config: Path
+) -> None:
+    mail = await mail_from_two_users_and_a_trusted_client(secure, certificates)
+
+    alice, bob, everyone, text = await asyncio.gather(
+        cli(review_config, "log", "--json", "--user", "alice"),
+        cli(review_config, "log", "--json", "--user", "bob"),
+        cli(review_config, "log", "--json"),
+        cli(review_config, "log", "--user", "alice"),
+    )
+
+    for user, run in (("alice", alice), ("bob", bob)):
+        assert (run.code, run.err) == (0, ""), user
+        assert found_in(run.records()) == mail[user], user
+        assert {r["user"] for r in run.records()} == {user}
+    # What the searches left out is in the log: every event of everyone's mail, no other.
+    assert found_in(everyone.records()) == mail["alice"] + mail["bob"] + mail[None]
+    header, *rows = text.out.splitlines()
+    assert "QUEUE ID" in header and len(rows) == sum(mail["alice"].values())
+    assert all(any(qid in row for _, qid in mail["alice"]) for row in rows)
+
+
 async def test_log_limit_keeps_the_newest_and_says_older_ones_were_left_out(
     relay: Relay, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -335,6 +364,39 @@ async def test_show_finds_one_timeline_by_queue_id_message_id_or_key_with_its_re
     assert dup["rcpts"] == ["alice@example.org"]
 
     assert of_repeat.code == 0 and f"Queue id:   {repeat}" in of_repeat.out
+
+
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
+async def test_show_by_queue_id_as_printed_or_lower_cased_is_that_timeline_and_nothing_else(
+    make_relay: Callable[..., Awaitable[Relay]], upstream: Upstream, review_config: Path
+) -> None:
+    relay = await make_relay()
+    ids = await one_message_and_its_neighbours(relay, upstream)
+
+    printed, lower, upper_repeat, lower_repeat = await asyncio.gather(
+        cli(review_config, "show", ids.message, "--json"),
+        cli(review_config, "show", ids.message.lower(), "--json"),
+        cli(review_config, "show", ids.repeat, "--json"),
+        cli(review_config, "show", ids.repeat.lower(), "--json"),
+    )
+
+    assert printed.code == 0, printed.err
+    [doc] = printed.records()
+    # Its received and every outcome, in order, and the repeat suppressed against it.
+    assert [(e["event"], e["queue_id"]) for e in doc["events"]] == [
+        ("received", ids.message),
+        ("deferred", ids.message),
+        ("delivered", ids.message),
+        ("duplicate", ids.repeat),
+    ]
+    assert (doc["queue_id"], doc["repeats"]) == (ids.message, [ids.repeat])
+    assert lower.records() == [doc]
+    # A repeat's own queue id is its own timeline: the one event that suppressed it.
+    [repeat] = upper_repeat.records()
+    assert [(e["event"], e["queue_id"], e["original"]) for e in repeat["events"]] == [
+        ("duplicate", ids.repeat, ids.message)
+    ]
+    assert lower_repeat.records() == [repeat]
 
 
 async def test_show_prints_every_message_a_shared_message_id_names(

@@ -14,6 +14,7 @@ import json
 import re
 import sqlite3
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -24,13 +25,19 @@ from relay.cli import main
 from relay.store.reader import Cursor, EventFilter, open_reader
 from relay.store.sqlite import SqliteStore
 from tests.conftest import (
+    BACKENDS,
+    Certificates,
+    Found,
     MakeRelay,
     MakeWeb,
     Relay,
     Upstream,
     WebServer,
     cli,
+    found_in,
+    mail_from_two_users_and_a_trusted_client,
     make_message,
+    one_message_and_its_neighbours,
     queued_id,
     send,
 )
@@ -124,6 +131,68 @@ async def test_exports_are_what_relay_log_prints_for_the_same_filters(
     header, *rows = csv_page.splitlines()
     assert header.startswith("ts,event,queue_id,key,strategy,message_id,sender,rcpts")
     assert len(rows) == 2 and all("Bob@Example.org carol@example.org" in r for r in rows)
+
+
+# One row of the page's events table: its event and queue id.
+EVENT_ROW = re.compile(
+    r'<tr class="event-(\w+)">\s*<td>.*?</td>\s*<td>.*?</td>\s*<td>\s*'
+    r'(?:<a class="qid" href="[^"]*">|<span class="qid">)(\w+)<',
+    re.S,
+)
+
+
+async def search(
+    server: WebServer, query: str
+) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """The (event, queue id) rows of the page, newest first, and the JSON export, oldest first."""
+    status, _, page = await fetch(server, f"/log?{query}")
+    assert status == 200, query
+    status, _, export = await fetch(server, f"/log.json?{query}")
+    assert status == 200, query
+    return EVENT_ROW.findall(page), json.loads(export)
+
+
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
+async def test_a_search_by_user_finds_that_users_mail_and_neither_the_others_nor_unauthenticated(
+    secure: Relay, certificates: Certificates, make_web: MakeWeb
+) -> None:
+    mail = await mail_from_two_users_and_a_trusted_client(secure, certificates)
+    server = await make_web(secure)
+
+    for user in ("alice", "bob"):
+        rows, export = await search(server, urlencode({"user": user}))
+        assert found_in(export) == mail[user], user
+        assert {e["user"] for e in export} == {user}
+        assert rows == [(e["event"], e["queue_id"]) for e in reversed(export)], user
+    # What the searches left out is on the page unfiltered: everyone's mail, nothing more.
+    rows, export = await search(server, "")
+    everyone: Found = mail["alice"] + mail["bob"] + mail[None]
+    assert found_in(export) == everyone and len(rows) == len(export)
+
+
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
+async def test_a_search_by_queue_id_as_printed_or_lower_cased_is_that_timeline_and_nothing_else(
+    make_relay: MakeRelay, upstream: Upstream, make_web: MakeWeb
+) -> None:
+    relay = await make_relay()
+    ids = await one_message_and_its_neighbours(relay, upstream)
+    server = await make_web(relay)
+    timeline = [("received", ids.message), ("deferred", ids.message), ("delivered", ids.message)]
+
+    for typed in (ids.message, ids.message.lower(), f" {ids.message.lower()} "):
+        rows, export = await search(server, urlencode({"queue-id": typed}))
+        # Received and every outcome of that message, oldest first in the export; not the
+        # repeat that names it as its original, nor the message sent after it.
+        assert [(e["event"], e["queue_id"]) for e in export] == timeline, typed
+        assert rows == timeline[::-1], typed
+    for typed in (ids.repeat, ids.repeat.lower()):
+        rows, export = await search(server, urlencode({"queue-id": typed}))
+        assert [(e["event"], e["queue_id"], e["original"]) for e in export] == [
+            ("duplicate", ids.repeat, ids.message)
+        ], typed
+        assert rows == [("duplicate", ids.repeat)]
+    _, everything = await search(server, "")
+    assert {e["queue_id"] for e in everything} == {ids.message, ids.repeat, ids.other}
 
 
 async def test_the_page_lists_what_the_export_holds_newest_first(
