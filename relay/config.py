@@ -1149,7 +1149,7 @@ def _check_front_door(config: Config) -> None:
 
         server_context(config.listen.tls)
     if config.auth.enabled:
-        from relay.auth import Users
+        from relay.users import Users
 
         Users.load(config.auth)
 

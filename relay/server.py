@@ -905,7 +905,7 @@ class FrontDoor:
                 continue
             try:
                 part.reload()
-            except (ConfigError, OSError, UnicodeDecodeError) as exc:
+            except ConfigError as exc:
                 log.error("reload: kept the old %s: %s", what, exc)
             else:
                 log.info("reload: %s reloaded", what)

@@ -954,6 +954,16 @@ def write_users(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
+def break_users_file(path: Path, how: str) -> None:
+    """What a reload may meet: a path it cannot read, or a file that is not UTF-8."""
+    if how == "unreadable":  # a directory: root reads any file, whatever its mode
+        path.unlink()
+        path.mkdir()
+    else:  # an editor saved it in Latin-1
+        write_users(path, {"alice": "changed", "carol": PASSWORD})
+        path.write_bytes(path.read_bytes() + b"# caf\xe9\n")
+
+
 def client_context(certificates: Certificates) -> ssl.SSLContext:
     """What a careful client does: trust the test CA only and check the name."""
     return ssl.create_default_context(cafile=str(certificates.ca_file))
@@ -993,6 +1003,32 @@ async def secure(
     return await make_relay(**secure_config(tmp_path, certificates))
 
 
+@contextlib.asynccontextmanager
+async def _logged_in(
+    port: int, certificates: Certificates, user: str, password: str, source: str
+) -> AsyncIterator[tuple[aiosmtplib.SMTP, Reply]]:
+    """An aiosmtplib client after STARTTLS and AUTH, with the reply to AUTH; QUIT at the end."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=port,
+        start_tls=True,
+        tls_context=client_context(certificates),
+        timeout=DEADLINE,
+        source_address=(source, 0),
+    )
+    await client.connect()
+    try:
+        try:
+            answer = await client.login(user, password)
+            reply = Reply(answer.code, answer.message)
+        except aiosmtplib.SMTPResponseException as exc:
+            reply = Reply(exc.code, exc.message)
+        yield client, reply
+    finally:
+        with contextlib.suppress(Exception):
+            await client.quit()
+
+
 async def send_authenticated(
     port: int,
     data: bytes,
@@ -1005,24 +1041,16 @@ async def send_authenticated(
     source: str = "127.0.0.2",
 ) -> Reply:
     """STARTTLS, AUTH, one transaction, as an app outside listen.networks would send."""
-    client = aiosmtplib.SMTP(
-        hostname="127.0.0.1",
-        port=port,
-        start_tls=True,
-        tls_context=client_context(certificates),
-        timeout=DEADLINE,
-        source_address=(source, 0),
-    )
-    await client.connect()
-    try:
-        try:
-            await client.login(user, password)
-        except aiosmtplib.SMTPResponseException as exc:
-            return Reply(exc.code, exc.message)
+    async with _logged_in(port, certificates, user, password, source) as (client, reply):
+        if reply.code != 235:
+            return reply
         return await transact(client, data, sender, rcpts)
-    finally:
-        with contextlib.suppress(Exception):
-            await client.quit()
+
+
+async def smtp_login(port: int, certificates: Certificates, user: str, password: str) -> int:
+    """The reply code to AUTH from an app outside listen.networks, over STARTTLS (aiosmtplib)."""
+    async with _logged_in(port, certificates, user, password, OUTSIDER) as (_, reply):
+        return reply.code
 
 
 # --- the log as the review commands and pages search it -------------------------

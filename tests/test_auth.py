@@ -12,9 +12,10 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from relay.auth import Guard, Users, parse_users
+from relay.auth import Guard
 from relay.config import AuthConfig, ConfigError
 from relay.limits import Events
+from relay.users import Users, parse_users
 from tests.conftest import (
     OUTSIDER,
     PASSWORD,
@@ -24,11 +25,13 @@ from tests.conftest import (
     Relay,
     RelayFactory,
     Upstream,
+    break_users_file,
     client_context,
     make_message,
     plain,
     secure_config,
     send_authenticated,
+    smtp_login,
     write_users,
 )
 
@@ -136,6 +139,69 @@ def test_passwd_never_takes_the_password_from_argv(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "not a user name" in bad.stderr
     created = run_relay("passwd", "alice", "--users-file", str(users), stdin="pw\n")
     assert created.returncode == 0 and oct(users.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("section", ["auth", "http"])
+def test_a_bad_users_file_stops_serve_and_check_config_with_exit_2_naming_file_and_line(
+    tmp_path: Path, section: str
+) -> None:
+    # SMTP AUTH and the web login read their file with one reader: the same refusal at start.
+    users = write_users(tmp_path / "users", {"alice": PASSWORD})
+    users.write_text(users.read_text() + "bob:hunter2\n")
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        f"store: {{path: {tmp_path / 'relay.db'}}}\n{section}: {{users_file: {users}}}\n"
+    )
+    for command in ("check-config", "serve"):
+        result = run_relay(command, "--config", str(config))
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"dedup-relay: error: {section}.users_file: {users} line 2: ")
+        assert "hunter2" not in line and "$argon2id$" not in line
+
+
+def test_passwd_refuses_a_users_file_it_cannot_read_and_leaves_it_alone(tmp_path: Path) -> None:
+    # The same reader as at start: the same message, naming the file and never its content.
+    users = tmp_path / "users"
+    users.write_bytes(b"alice:caf\xe9-secret\n")
+    result = run_relay("passwd", "bob", "--users-file", str(users), stdin="bob secret\n")
+    assert result.returncode == 2
+    assert f"--users-file: {users} is not UTF-8 text" in result.stderr
+    assert "secret" not in result.stderr and "xe9" not in result.stderr
+    assert users.read_bytes() == b"alice:caf\xe9-secret\n"
+
+
+# --- reloading the users file (SIGHUP) -------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["unreadable", "not UTF-8"])
+async def test_a_reload_that_cannot_read_the_users_file_keeps_the_old_users_and_logs_once(
+    make_relay: RelayFactory,
+    tmp_path: Path,
+    certificates: Certificates,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    relay = await make_relay(**secure_config(tmp_path, certificates))
+    users = tmp_path / "users"
+    break_users_file(users, how)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        relay.app.reload()  # what SIGHUP runs
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    message = warning.getMessage()
+    assert "kept the old users file: auth.users_file:" in message and str(users) in message
+    assert "codec" not in message and "caf" not in message
+    port = relay.port
+    assert await smtp_login(port, certificates, "alice", PASSWORD) == 235
+    assert await smtp_login(port, certificates, "carol", PASSWORD) == 535
+
+    # Mended, the next reload takes it.
+    if how == "unreadable":
+        users.rmdir()
+    write_users(users, {"alice": PASSWORD, "carol": PASSWORD})
+    relay.app.reload()
+    assert await smtp_login(port, certificates, "carol", PASSWORD) == 235
 
 
 # --- who is offered AUTH, and who must use it ----------------------------------------

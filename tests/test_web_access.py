@@ -8,6 +8,7 @@ reaches a page or its HTML source; headers appear only when the operator keeps b
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -19,16 +20,22 @@ import pytest
 from relay.config import ConfigError
 from relay.web import create_app, load_users, users_file_option
 from tests.conftest import (
+    PASSWORD,
     WEB_USERS,
+    Certificates,
     MakeRelay,
     MakeWeb,
     Relay,
     Upstream,
     WebServer,
+    break_users_file,
     make_message,
     queued_id,
     running,
+    secure_config,
     send,
+    smtp_login,
+    write_users,
 )
 
 BODY = "BODY-CANARY-7731: the order total is 99 EUR\n"
@@ -194,6 +201,57 @@ async def test_a_broken_edit_of_the_users_file_keeps_the_users_it_had(
     assert (await get(server, "/", basic("ops")))[0] == 200
     assert "keeping the users it had" in caplog.text and "line 1" in caplog.text
     assert "plain-text-password" not in caplog.text
+
+
+@pytest.mark.parametrize("how", ["unreadable", "not UTF-8"])
+async def test_a_users_file_that_cannot_be_read_keeps_the_web_users_and_warns_once(
+    relay: Relay,
+    make_web: MakeWeb,
+    users_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    server = await make_web(relay, users_file=str(users_file), login_failure_delay=0.0)
+    assert (await get(server, "/", basic("ops")))[0] == 200
+    break_users_file(users_file, how)
+    caplog.clear()
+    for _ in range(3):  # each request looks at the file; the warning comes once per change
+        assert (await get(server, "/", basic("ops")))[0] == 200
+        assert (await get(server, "/", basic("support")))[0] == 200
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    message = warning.getMessage()
+    assert "keeping the users it had: http.users_file:" in message and str(users_file) in message
+    assert "codec" not in message and "caf" not in message
+
+
+async def test_one_users_file_serves_smtp_auth_and_the_web_login_and_a_new_password_reaches_both(
+    make_relay: MakeRelay, tmp_path: Path, certificates: Certificates
+) -> None:
+    overrides = secure_config(tmp_path, certificates)
+    users = Path(overrides["auth"]["users_file"])
+    overrides["http"] = {"listen": "127.0.0.1:0", "users_file": str(users)}
+    relay = await make_relay(**overrides)
+    server = WebServer(None, relay.app.http_port)
+    form = {"user": "alice", "password": PASSWORD, "next": "/"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.url + "/login", data=form, allow_redirects=False) as response,
+    ):
+        assert response.status == 303
+        cookie = response.cookies["relay_session"].value
+    assert (await get(server, "/", relay_session=cookie))[0] == 200
+    assert await smtp_login(relay.port, certificates, "alice", PASSWORD) == 235
+
+    replacement = users.with_suffix(".new")
+    write_users(replacement, {"alice": "a new password", "bob": PASSWORD})
+    os.replace(replacement, users)
+    relay.app.reload()  # what SIGHUP runs; the web login reads the file when it changes
+
+    assert (await get(server, "/", relay_session=cookie))[0] == 303
+    new = {"Authorization": "Basic " + base64.b64encode(b"alice:a new password").decode()}
+    assert (await get(server, "/", new))[0] == 200
+    assert await smtp_login(relay.port, certificates, "alice", "a new password") == 235
+    assert await smtp_login(relay.port, certificates, "alice", PASSWORD) == 535
 
 
 async def test_the_side_port_keeps_health_and_metrics_open_when_pages_are_behind_login(

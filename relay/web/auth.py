@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from relay.web.users import UsersFile
+from relay.web.users import open_users_file
 
 __all__ = ["COOKIE", "Gate", "Handler", "Render", "safe_next"]
 
@@ -55,7 +55,7 @@ class Gate:
         failure_delay: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._file = UsersFile(users_file) if users_file else None
+        self._file = open_users_file(users_file) if users_file else None
         self._key = secrets.token_bytes(32)
         self._lifetime = lifetime
         self._delay = failure_delay
@@ -110,7 +110,7 @@ class Gate:
         """argon2 and bcrypt take tens of milliseconds: never on the loop that relays mail."""
         assert self._file is not None
         users = self._file.current()
-        if await asyncio.to_thread(users.check, user, password):
+        if await asyncio.to_thread(users.verify, user, password.encode("utf-8")):
             return True
         await asyncio.sleep(self._delay)
         return False
