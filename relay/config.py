@@ -777,6 +777,8 @@ def _read_secret(path: str, key: str) -> str:
         value = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # its message quotes no byte, but it would end in a traceback
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{key}: {path} is empty")
     return value
@@ -1120,8 +1122,9 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     top.seen.update(f.name for f in fields(Config))
     top.finish()
     config = _with_derived(config)
-    if check_paths and config.store.url is None:
-        _check_writable_dir(Path(config.store.path).parent, "store.path")
+    if check_paths:
+        if config.store.url is None:
+            _check_writable_dir(Path(config.store.path).parent, "store.path")
         for i, up in enumerate(config.delivery_upstreams):
             if up.scheme == "maildir":
                 _check_writable_dir(
