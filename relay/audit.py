@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from relay.errors import OpenError
+
 __all__ = ["EVENTS", "FIELDS", "Emitter", "Event", "iso_time", "to_json"]
 
 EVENTS = (
@@ -96,7 +98,10 @@ class Emitter:
         elif output == "stdout":
             self._out = sys.stdout
         else:
-            self._own = Path(output).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            try:
+                self._own = Path(output).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            except OSError as exc:
+                raise OpenError.failed("the audit log", output, "audit.output", exc) from None
             self._out = self._own
 
     def emit(self, events: list[Event]) -> None:

@@ -26,9 +26,11 @@ from relay.errors import (
     EXIT_USAGE,
     RelayError,
     UsageError,
+    os_reason,
 )
 from relay.workers import (
     WORKER_OPTION,
+    ReadyPipe,
     WorkerSlot,
     default_workers,
     die_with_parent,
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="relay processes sharing the port (SO_REUSEPORT) and the store, under one"
         " supervising parent (default: the number of CPUs; 1 runs the relay in this process)",
     )
-    serve.add_argument(WORKER_OPTION, help=argparse.SUPPRESS)
+    serve.add_argument(WORKER_OPTION, type=parse_worker_option, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check-config",
@@ -150,15 +152,20 @@ def _positive(text: str) -> int:
     return value
 
 
-def _serve(config: Config, args: argparse.Namespace) -> int:
+def _serve(config: Config, args: argparse.Namespace, parent: ReadyPipe | None) -> int:
+    """Run the relay: here, as a worker reporting to `parent`, or as the parent of N workers.
+
+    What fails at start says what and which key (a busy port: ListenError; the store:
+    StoreError; the audit log: OpenError). An OSError that gets here is none of those.
+    """
     from relay import logs
     from relay import loop as event_loop
 
     logs.setup(config.runtime.log_level, config.runtime.log_format)
     workers = args.workers or default_workers()
     try:
-        if args.worker_slot is not None:
-            return _worker(config, parse_worker_option(args.worker_slot))
+        if parent is not None:
+            return _worker(config, args.worker_slot, parent)
         if workers > 1:
             from relay.workers import supervise
 
@@ -170,12 +177,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
         event_loop.run(serve(config))
     except OSError as exc:
-        print(
-            f"dedup-relay: error: cannot listen on {config.listen.host}:"
-            f"{config.listen.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise RelayError(f"serve failed: {os_reason(exc)}{where}") from None
     return EXIT_OK
 
 
@@ -183,7 +186,7 @@ def _instance_arg(instance: str | None) -> str | None:
     return instance.strip() if instance is not None else None
 
 
-def _worker(config: Config, slot: WorkerSlot) -> int:
+def _worker(config: Config, slot: WorkerSlot, parent: ReadyPipe) -> int:
     """One of `serve --workers N`'s processes: tells the parent once it serves."""
     from relay import loop as event_loop
     from relay.app import App, serve
@@ -192,9 +195,7 @@ def _worker(config: Config, slot: WorkerSlot) -> int:
         return EXIT_FAILURE
 
     def ready(app: App) -> None:
-        http = app.http_port if app.side is not None else 0
-        os.write(slot.ready_fd, f"{app.port} {http}\n".encode())
-        os.close(slot.ready_fd)
+        parent.ready(app.port, app.http_port if app.side is not None else 0)
 
     event_loop.run(serve(config, ready, worker=slot.slot))
     return EXIT_OK
@@ -299,6 +300,9 @@ def _requeue(config: Config, queue_id: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A worker of `serve --workers N` tells its parent why it could not start, not stderr.
+    slot: WorkerSlot | None = getattr(args, "worker_slot", None)
+    parent = ReadyPipe(slot.ready_fd) if slot is not None else None
     try:
         if args.command == "passwd":
             from relay.auth import passwd
@@ -307,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layers = read_layers(config_path(args.config), os.environ)
         config = layers.config(check_paths=args.command in ("serve", "check-config"))
         handlers: dict[str, Callable[[], int]] = {
-            "serve": lambda: _serve(_with_instance(config, args.instance), args),
+            "serve": lambda: _serve(_with_instance(config, args.instance), args, parent),
             "check-config": lambda: _check_config(config, layers),
             "health": lambda: _health(config),
             "backup": lambda: _backup(config, args.to),
@@ -319,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handlers[args.command]()
         return review.run(args, config)
     except RelayError as exc:
-        print(f"dedup-relay: error: {exc}", file=sys.stderr)
+        if parent is None or not parent.failed(exc.exit_code, str(exc)):
+            print(f"dedup-relay: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

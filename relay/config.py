@@ -637,13 +637,26 @@ def _dns_servers(value: object, key: str) -> tuple[str, ...]:
     return items
 
 
+# HOST:PORT, with an IPv6 host in brackets; a host without them has no colon, so a bare IPv6
+# address never matches (it is a host without a port).
+_HOST_PORT = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})")
+
+
+def split_host_port(text: str) -> tuple[str, int] | None:
+    """`HOST:PORT` or `[IPv6]:PORT` as (host, port), None when `text` is neither.
+
+    The callers check what they need of the host (an IP address for a resolver) and of the
+    port (0 means "any free one" for a listener, and no resolver listens there).
+    """
+    match = _HOST_PORT.fullmatch(text)
+    if match is None:
+        return None
+    return match.group(1) or match.group(3), int(match.group(2) or match.group(4))
+
+
 def nameserver(text: str) -> tuple[str, int]:
     """`IP`, `IP:PORT` or `[IPv6]:PORT` as (address, port); ValueError when it is none."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", text)
-    address, port = text, 53
-    if match is not None:
-        address = match.group(1) or match.group(3)
-        port = int(match.group(2) or match.group(4))
+    address, port = split_host_port(text) or (text, 53)
     ipaddress.ip_address(address)
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
@@ -777,6 +790,8 @@ def _read_secret(path: str, key: str) -> str:
         value = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # its message quotes no byte, but it would end in a traceback
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
     if not value:
         raise ConfigError(f"{key}: {path} is empty")
     return value
@@ -1078,11 +1093,10 @@ def _opt_listen(value: object, key: str) -> tuple[str, int] | None:
     hint = "use HOST:PORT, e.g. 127.0.0.1:9025"
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected HOST:PORT, got {value!r} ({hint})")
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", value.strip())
-    if match is None:
+    split = split_host_port(value.strip())
+    if split is None:
         raise ConfigError(f"{key}: {value!r} is not HOST:PORT ({hint})")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
+    host, port = split
     if port > 65535:
         raise ConfigError(f"{key}: port {port} is out of range (must be between 0 and 65535)")
     return host, port
@@ -1120,8 +1134,9 @@ def from_mapping(raw: object, *, check_paths: bool = True) -> Config:
     top.seen.update(f.name for f in fields(Config))
     top.finish()
     config = _with_derived(config)
-    if check_paths and config.store.url is None:
-        _check_writable_dir(Path(config.store.path).parent, "store.path")
+    if check_paths:
+        if config.store.url is None:
+            _check_writable_dir(Path(config.store.path).parent, "store.path")
         for i, up in enumerate(config.delivery_upstreams):
             if up.scheme == "maildir":
                 _check_writable_dir(

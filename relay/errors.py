@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "InstanceBusy",
     "ListenError",
+    "OpenError",
     "ReadError",
     "RelayError",
     "StoreError",
@@ -27,15 +28,22 @@ __all__ = [
     "StoreUnavailable",
     "UnitError",
     "UsageError",
+    "os_reason",
 ]
 
 EXIT_OK = 0
 # The command ran but could not do what was asked: nothing held to requeue, no such message,
-# the listening port is taken, the store would not commit.
+# the listening port is taken, the store or the audit log would not open, the store would not
+# commit.
 EXIT_FAILURE = 1
 # The operator's input is wrong (flags, config, a store that is not one); fix it and run again.
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+def os_reason(exc: OSError) -> str:
+    """The system's words for what went wrong, without Python's `[Errno N]` and repr'd path."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class RelayError(Exception):
@@ -90,10 +98,22 @@ class ListenError(RelayError):
     @classmethod
     def bind_failed(cls, host: str, port: int, key: str, exc: OSError) -> ListenError:
         """The one wording for a bind that failed, whichever process tried it."""
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = os_reason(exc)
         if exc.errno == errno.EADDRINUSE:
             reason += " (another process has it: a relay already running on this config?)"
         return cls(f"cannot listen on {host}:{port} ({key}): {reason}")
+
+
+class OpenError(RelayError):
+    """A file the relay opens at start could not be opened; the message names it and its key.
+
+    Not a ConfigError: the setting is well formed, and check-config, which opens nothing,
+    cannot tell. Like a busy port or a store that will not open, it fails the start (status 1).
+    """
+
+    @classmethod
+    def failed(cls, what: str, path: str, key: str, exc: OSError) -> OpenError:
+        return cls(f"cannot open {what} {path} ({key}): {os_reason(exc)}")
 
 
 class InstanceBusy(RelayError):

@@ -31,6 +31,12 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     for key, path in (("cert_file", config.cert_file), ("key_file", config.key_file)):
         if not Path(path).is_file():
             raise ConfigError(f"listen.tls.{key}: {path} is not a readable file")
+        # OpenSSL's own errors do not say which of the two files it could not read.
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise ConfigError(f"listen.tls.{key}: cannot read {path}: {exc.strerror}") from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)

@@ -35,10 +35,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relay.config import Config
-from relay.errors import ListenError
+from relay.errors import EXIT_FAILURE, ListenError, RelayError
 
 __all__ = [
     "WORKER_OPTION",
+    "ReadyPipe",
+    "StartError",
     "Supervisor",
     "WorkerSlot",
     "default_workers",
@@ -90,6 +92,40 @@ def die_with_parent(parent: int) -> bool:
     return os.getppid() == parent
 
 
+class ReadyPipe:
+    """A worker's end of the pipe its parent reads at start: one line, then it is closed.
+
+    `PORT HTTP_PORT` once the worker serves, or `error STATUS MESSAGE` when it cannot start,
+    so the parent ends with the worker's own one line and status, said once, whatever the
+    number of workers, as `--workers 1` would say it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def ready(self, port: int, http_port: int) -> None:
+        self._send(f"{port} {http_port}")
+
+    def failed(self, status: int, message: str) -> bool:
+        """Hand a start failure to the parent; False when it is no longer listening (print it)."""
+        if self._fd is None:
+            return False
+        try:
+            self._send(f"error {status} {' '.join(message.split())}")
+        except OSError:
+            return False
+        return True
+
+    def _send(self, line: str) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise RuntimeError("a worker answers its parent once")
+        try:
+            os.write(fd, f"{line}\n".encode())
+        finally:
+            os.close(fd)
+
+
 @dataclass
 class Worker:
     slot: int
@@ -99,12 +135,18 @@ class Worker:
     ready: bool = False
 
 
-class StartError(Exception):
-    """A worker exited before it was serving: the relay cannot start (bad port, bad store)."""
+class StartError(RelayError):
+    """A worker exited before it was serving: the relay cannot start.
 
-    def __init__(self, code: int) -> None:
-        super().__init__(f"a worker exited with status {code} during start")
+    `said` when the worker told why (its own error line, such as an audit log it could not
+    open); the relay then ends with that line and the worker's status, as one process would.
+    """
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message or f"a worker exited with {_status(code)} during start")
         self.code = code
+        self.said = message is not None
+        self.exit_code = code if code > 0 else EXIT_FAILURE
 
 
 def reserve(host: str, port: int, *, shared: bool = False) -> socket.socket:
@@ -213,9 +255,12 @@ class Supervisor:
             line = await asyncio.get_running_loop().run_in_executor(None, _read_line, read_end)
         finally:
             os.close(read_end)
-        if not line:
+        if not line or line.startswith("error "):
             code = await process.wait()
-            raise StartError(code)
+            if not line:
+                raise StartError(code)
+            _, status, message = line.rstrip("\n").split(" ", 2)
+            raise StartError(int(status), message)
         _, http_port = (int(part) for part in line.split())
         worker.http_port = http_port or None
         worker.ready = True
@@ -284,7 +329,8 @@ class Supervisor:
             self.stopping = True
             self._forward(signal.SIGTERM)
             await self._reap(self._deadline())
-            error = failed[0]
+            said = [f for f in failed if isinstance(f, StartError) and f.said]
+            error = (said or failed)[0]
             raise error if isinstance(error, StartError) else StartError(1) from error
         self._watchers = [
             asyncio.create_task(self._watch(worker), name=f"watch-{worker.slot}")
@@ -384,11 +430,7 @@ async def supervise(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, supervisor.signal, signum)
         loop.add_signal_handler(signal.SIGHUP, supervisor._forward, signal.SIGHUP)
-        try:
-            await supervisor.start()
-        except StartError as exc:
-            log.error("dedup-relay did not start: %s", exc)
-            return exc.code if exc.code > 0 else 1
+        await supervisor.start()
         where = listening_line(
             config,
             supervisor.port,

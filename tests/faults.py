@@ -108,15 +108,20 @@ class Faults:
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` at `folder` (needs root), unmounted however the test ends."""
+def small_disk(folder: Path, size: str, *, files: int | None = None) -> Iterator[Path]:
+    """A tmpfs of `size` at `folder` (needs root), unmounted however the test ends.
+
+    `files` caps its inodes (the root directory takes one): `files=1` is a disk on which no
+    file can be created, however much space is left.
+    """
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root")
     if shutil.which("mount") is None:
         pytest.skip("mount(8) is missing: apt-get install -y mount")
     folder.mkdir()
+    inodes = "" if files is None else f",nr_inodes={files}"
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700{inodes}", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
     )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import ConfigError, from_mapping, load, to_mapping
+from relay.config import ConfigError, from_mapping, load, nameserver, to_mapping
 from tests.conftest import ROOT
 
 
@@ -271,3 +271,55 @@ def test_empty_instance_name_exits_2(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(path), "--instance", " ", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "dedup-relay: error: --instance: needs a non-empty name"
+
+
+# Each input as http.listen and as a resolver in upstream.dns_servers take it: (host, port), or
+# None when refused. Both split HOST:PORT and [IPv6]:PORT alike; then a listener takes any host
+# and port 0 (any free port), a resolver only an IP address, port 53 when none is given.
+HOST_PORTS = [
+    ("127.0.0.1:9025", ("127.0.0.1", 9025), ("127.0.0.1", 9025)),
+    ("[::1]:9025", ("::1", 9025), ("::1", 9025)),
+    ("[127.0.0.1]:53", ("127.0.0.1", 53), ("127.0.0.1", 53)),
+    ("localhost:9025", ("localhost", 9025), None),
+    ("127.0.0.1:0", ("127.0.0.1", 0), None),
+    ("127.0.0.1:65535", ("127.0.0.1", 65535), ("127.0.0.1", 65535)),
+    ("127.0.0.1:65536", None, None),
+    ("127.0.0.1:123456", None, None),
+    ("127.0.0.1", None, ("127.0.0.1", 53)),
+    ("::1", None, ("::1", 53)),
+    ("fd00::53:53", None, ("fd00::53:53", 53)),
+    ("[::1]", None, None),
+    ("::1:53", None, ("::1:53", 53)),
+    ("[::zz]:53", None, None),
+    (" 127.0.0.1:53", ("127.0.0.1", 53), ("127.0.0.1", 53)),
+    ("127.0.0.1 :53", None, None),
+    ("127.0.0.1:", None, None),
+    (":53", None, None),
+    ("host:port", None, None),
+]
+
+
+@pytest.mark.parametrize(("text", "listener", "resolver"), HOST_PORTS)
+def test_http_listen_and_dns_servers_split_host_and_port_alike(
+    text: str,
+    listener: tuple[str, int] | None,
+    resolver: tuple[str, int] | None,
+) -> None:
+    def http(value: str) -> tuple[str, int] | None:
+        try:
+            config = from_mapping({"http": {"listen": value}}, check_paths=False)
+        except ConfigError as exc:
+            assert str(exc).startswith("http.listen: ")
+            return None
+        return config.http.host, config.http.port
+
+    def dns(value: str) -> tuple[str, int] | None:
+        upstream = {"url": "mx:", "dns_servers": [value]}
+        try:
+            config = from_mapping({"upstream": upstream}, check_paths=False)
+        except ConfigError as exc:
+            assert str(exc).startswith("upstream.dns_servers[0]: ")
+            return None
+        return nameserver(config.upstream.dns_servers[0])  # as the resolver is given it
+
+    assert (http(text), dns(text)) == (listener, resolver)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
 from relay.config import Config, HttpConfig
-from relay.errors import ListenError
+from relay.errors import ListenError, os_reason
 from relay.health import Health
 from relay.http import metrics as metrics_routes
 from relay.http import probes
@@ -65,9 +64,8 @@ class SidePort:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(
-                f"cannot listen on {self.config.listen} (http.listen): {reason}"
+                f"cannot listen on {self.config.listen} (http.listen): {os_reason(exc)}"
             ) from None
 
     async def stop(self) -> None:
