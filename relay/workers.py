@@ -255,10 +255,10 @@ class Supervisor:
             line = await asyncio.get_running_loop().run_in_executor(None, _read_line, read_end)
         finally:
             os.close(read_end)
-        if not line or line.startswith("error "):
-            code = await process.wait()
-            if not line:
-                raise StartError(code)
+        if not line:
+            raise StartError(await process.wait())
+        if line.startswith("error "):
+            await process.wait()
             _, status, message = line.rstrip("\n").split(" ", 2)
             raise StartError(int(status), message)
         _, http_port = (int(part) for part in line.split())
