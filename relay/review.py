@@ -87,6 +87,17 @@ def add_commands(commands: Any, config_arg: Callable[[argparse.ArgumentParser], 
     log.add_argument("--client", metavar="IP", help="SMTP client address")
     log.add_argument("--user", metavar="NAME", help="authenticated (AUTH) user")
     log.add_argument(
+        "--queue-id", metavar="ID", help="one message's events, as printed or in lower case"
+    )
+    log.add_argument(
+        "--rule", metavar="NAME", help="what this dedupe rule decided (received, duplicate)"
+    )
+    log.add_argument(
+        "--strategy",
+        metavar="NAME",
+        help="what a key of this kind decided: message-id, fingerprint or header:NAME",
+    )
+    log.add_argument(
         "--limit",
         default=str(DEFAULT_LIMIT),
         metavar="N",
@@ -201,6 +212,9 @@ def event_filter(args: argparse.Namespace, now: float) -> EventFilter:
         client=args.client,
         user=args.user,
         limit=parse_limit(args.limit),
+        queue_id=args.queue_id,
+        strategy=args.strategy,
+        rule=args.rule,
     )
 
 

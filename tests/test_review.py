@@ -219,6 +219,66 @@ async def test_log_by_user_lists_that_users_mail_and_neither_the_other_users_nor
     assert all(any(qid in row for _, qid in mail["alice"]) for row in rows)
 
 
+@pytest.mark.parametrize("store_backend", BACKENDS, indirect=True)
+async def test_log_by_queue_id_as_printed_or_lower_cased_is_that_messages_events_only(
+    make_relay: Callable[..., Awaitable[Relay]], upstream: Upstream, review_config: Path
+) -> None:
+    relay = await make_relay()
+    ids = await one_message_and_its_neighbours(relay, upstream)
+
+    printed, lower, repeat = await asyncio.gather(
+        cli(review_config, "log", "--json", "--queue-id", ids.message),
+        cli(review_config, "log", "--json", "--queue-id", f" {ids.message.lower()} "),
+        cli(review_config, "log", "--json", "--queue-id", ids.repeat.lower()),
+    )
+
+    assert (printed.code, printed.err) == (0, "")
+    # Not the repeat that names it as its original, nor the message sent after it.
+    assert [(r["event"], r["queue_id"]) for r in printed.records()] == [
+        ("received", ids.message),
+        ("deferred", ids.message),
+        ("delivered", ids.message),
+    ]
+    assert lower.records() == printed.records()
+    assert [(r["event"], r["queue_id"], r["original"]) for r in repeat.records()] == [
+        ("duplicate", ids.repeat, ids.message)
+    ]
+
+
+async def test_log_by_rule_and_by_strategy_lists_only_the_mail_they_decided(
+    make_relay: Callable[..., Awaitable[Relay]], upstream: Upstream, tmp_path: Path
+) -> None:
+    relay = await make_relay(
+        rules=[{"name": "receipts", "match": {"header": {"Subject": "*receipt*"}}}],
+        dedupe={"keys": ["header:Idempotency-Key", "message-id", "fingerprint"]},
+    )
+    receipt = make_message("Your receipt", message_id="<r-1@shop.example>")
+    keyed = make_message("Order", extra={"Idempotency-Key": "order-7"})
+    plain = make_message("Hello", message_id="<h-1@shop.example>")
+    receipt_ids = [queued_id(await send(relay.port, receipt))]
+    receipt_ids.append(repeat_id(await send(relay.port, receipt)))
+    keyed_id = queued_id(await send(relay.port, keyed))
+    plain_id = queued_id(await send(relay.port, plain))
+    await relay.idle()
+    config = cli_config(tmp_path, upstream)
+
+    rule, header, message_id, unknown = await asyncio.gather(
+        cli(config, "log", "--json", "--rule", "receipts"),
+        cli(config, "log", "--json", "--strategy", "header:Idempotency-Key"),
+        cli(config, "log", "--json", "--strategy", "message-id", "--event", "received"),
+        cli(config, "log", "--json", "--rule", "no-such-rule"),
+    )
+
+    assert (rule.code, rule.err) == (0, "")
+    assert {r["queue_id"] for r in rule.records()} == set(receipt_ids)
+    # The events the rule decided: the accept and the repeat, not the upstream's outcome.
+    assert [r["event"] for r in rule.records()] == ["received", "duplicate"]
+    assert {r["queue_id"] for r in header.records()} == {keyed_id}
+    assert {r["key"] for r in header.records()} == {"order-7"}
+    assert [r["queue_id"] for r in message_id.records()] == [receipt_ids[0], plain_id]
+    assert (unknown.code, unknown.records()) == (0, [])
+
+
 async def test_log_limit_keeps_the_newest_and_says_older_ones_were_left_out(
     relay: Relay, upstream: Upstream, tmp_path: Path
 ) -> None:
