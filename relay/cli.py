@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from relay import __version__, review
 from relay.config import Config, Layers, read_layers, to_yaml_with_sources
@@ -67,15 +67,32 @@ def config_path(given: str | None) -> str | None:
     return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
 
 
+class _Parser(argparse.ArgumentParser):
+    """A flag mistake ends as a config mistake does: one line, exit status 2.
+
+    argparse's own error prints the usage block above a line prefixed with the subcommand's
+    name; the pointer to --help keeps what the usage block offered. Subparsers inherit it.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"dedup-relay: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dedup-relay",
         description="An SMTP relay that forwards every unique message once.",
     )
     parser.add_argument("--version", action="version", version=f"dedup-relay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = commands.add_parser("serve", help="run the relay in the foreground")
+    serve = commands.add_parser(
+        "serve",
+        help="run the relay in the foreground",
+        description="Runs the relay in the foreground until SIGTERM or SIGINT, which stop it"
+        " gracefully; SIGHUP reloads the TLS certificate and the users file. Logs go to stderr,"
+        " audit events to audit.output (stdout by default).",
+    )
     _config_arg(serve)
     serve.add_argument(
         "--instance",
@@ -95,16 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate and print the effective config, and where each value came from",
+        description="Prints the effective config, secrets masked, each value marked default,"
+        " file or env RELAY_...; a mistake ends with one line naming the key and exit status 2.",
     )
     _config_arg(check)
 
     health = commands.add_parser(
-        "health", help="ask the running relay if it is ready (exit 0) or not (exit 1)"
+        "health",
+        help="ask the running relay if it is ready (exit 0) or not (exit 1)",
+        description="Asks http.listen's /readyz, or without it whether the SMTP port greets"
+        " with 220, and prints one line. For Docker's HEALTHCHECK.",
     )
     _config_arg(health)
 
     backup = commands.add_parser(
-        "backup", help="copy the store consistently while the relay runs (SQLite online backup)"
+        "backup",
+        help="copy the store consistently while the relay runs (SQLite online backup)",
+        description="Writes one consistent snapshot of the SQLite store, checked and renamed"
+        " over FILE only when complete. For PostgreSQL use pg_dump or pg_basebackup.",
     )
     backup.add_argument("--to", metavar="FILE", required=True, help="where to write the copy")
     _config_arg(backup)
@@ -117,8 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arg(migrate)
 
-    requeue = commands.add_parser("requeue", help="send held (ambiguous) recipients again")
-    requeue.add_argument("queue_id", metavar="QUEUE_ID")
+    requeue = commands.add_parser(
+        "requeue",
+        help="send held (ambiguous) recipients again",
+        description="Queues a message's held recipients (delivery.on_ambiguous: hold) for"
+        " delivery again; exits 1 when it holds none.",
+    )
+    requeue.add_argument("queue_id", metavar="QUEUE_ID", help="the message's queue id")
     _config_arg(requeue)
 
     purge = commands.add_parser(
@@ -135,8 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reads the password from a prompt, or from the first line of stdin when it is"
         " not a terminal; never from the command line.",
     )
-    passwd.add_argument("user", metavar="USER")
-    passwd.add_argument("--users-file", required=True, metavar="FILE", help="the auth.users_file")
+    passwd.add_argument("user", metavar="USER", help="the user name (no ':', spaces or controls)")
+    passwd.add_argument(
+        "--users-file",
+        required=True,
+        metavar="FILE",
+        help="auth.users_file or http.users_file (one format); created 0600 if missing",
+    )
 
     review.add_commands(commands, _config_arg)
     return parser

@@ -133,6 +133,26 @@ def test_shipped_config_is_valid_and_matches_the_defaults(
     assert load(ROOT / "config" / "relay.yaml") == from_mapping({})
 
 
+def test_shipped_config_names_every_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README sends readers to config/relay.yaml for every key; a key missing there is one
+    a new user cannot find (the PostgreSQL store's keys were)."""
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load((ROOT / "config" / "relay.yaml").read_text())
+
+    def missing(defaults: dict[str, Any], written: dict[str, Any], where: str) -> list[str]:
+        gaps = []
+        for key, value in defaults.items():
+            if key == "password":  # the resolved secret, never a key of the file
+                continue
+            if key not in written:
+                gaps.append(where + key)
+            elif isinstance(value, dict) and value and isinstance(written[key], dict):
+                gaps += missing(value, written[key], f"{where}{key}.")
+        return gaps
+
+    assert missing(to_mapping(from_mapping({})), shipped, "") == []
+
+
 def test_upstreams_and_routes_as_the_issue_writes_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -227,10 +247,24 @@ def test_unreadable_or_invalid_yaml_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_flag_exits_2() -> None:
-    result = run_cli("serve", "--bogus")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("serve", "--bogus"), "unrecognized arguments: --bogus"),
+        (("serve", "--workers", "0"), "argument --workers: must be at least 1"),
+        (("backup",), "the following arguments are required: --to"),
+        (("nosuch",), "argument COMMAND: invalid choice: 'nosuch'"),
+        ((), "the following arguments are required: COMMAND"),
+    ],
+)
+def test_a_flag_mistake_is_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
+    """As a config mistake is: the README promises one line for either, not argparse's usage
+    block above a differently prefixed line."""
+    result = run_cli(*args)
     assert result.returncode == 2
-    assert "unrecognized arguments: --bogus" in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"dedup-relay: error: {message}")
+    assert "--help" in line
 
 
 def test_check_config_masks_secrets_from_env_and_files(tmp_path: Path) -> None:
