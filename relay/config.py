@@ -1286,7 +1286,29 @@ def read_layers(path: str | Path | None, environ: Mapping[str, str]) -> Layers:
         for key in [k for k in sources if k.startswith(inside)]:
             del sources[key]
         sources[setting.dotted] = f"env {setting.var}"
+    for setting in settings:
+        _drop_file_alternative(raw, sources, setting)
     return Layers(None if path is None else str(path), raw, settings, sources)
+
+
+# Keys that exclude each other: setting one from the environment replaces the other's value
+# from the file, as the environment beats the file for any one key.
+_ALTERNATIVES = {"store.url": "store.path", "store.path": "store.url"}
+
+
+def _drop_file_alternative(raw: dict[str, Any], sources: dict[str, str], setting: _Setting) -> None:
+    """RELAY_STORE__URL over a file that names store.path (the shipped config/relay.yaml does)
+    would otherwise be refused as "not both"; two that the environment sets still are."""
+    other = _ALTERNATIVES.get(setting.dotted)
+    if other is None or setting.value is None or sources.get(other) != "file":
+        return
+    *parents, leaf = other.split(".")
+    node: object = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+        del sources[other]
 
 
 def _read_yaml(path: str | Path) -> object:

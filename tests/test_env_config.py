@@ -175,3 +175,26 @@ async def test_serve_runs_on_defaults_and_environment_without_any_config_file(
     await upstream.wait_for(1)
     assert (tmp_path / "data" / "relay.db").is_file()  # the default store, under the cwd
     assert await asyncio.to_thread(relay.terminate) == 0
+
+
+def test_a_store_url_from_the_environment_replaces_the_files_store_path(tmp_path: Path) -> None:
+    """The shipped config/relay.yaml names store.path, so RELAY_STORE__URL on top of it was
+    refused as "not both" although the environment beats the file for every key."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"store": {"path": "data/relay.db", "keep_bodies": "1h"}}))
+    url = "postgresql://relay@127.0.0.1:5432/relay"
+    layers = read_layers(path, {"RELAY_STORE__URL": url})
+    config = layers.config(check_paths=False)
+    assert config.store.url is not None and config.store.url.startswith("postgresql://")
+    assert config.store.keep_bodies == 3600  # the rest of the file's section still counts
+    assert (layers.source("store.url"), layers.source("store.path")) == (
+        "env RELAY_STORE__URL",
+        "default",
+    )
+    # And the other way round; both from one layer are still a mistake.
+    path.write_text(yaml.safe_dump({"store": {"url": url}}))
+    config = load(path, check_paths=False, environ={"RELAY_STORE__PATH": "other.db"})
+    assert (config.store.url, config.store.path) == (None, "other.db")
+    both = {"RELAY_STORE__URL": url, "RELAY_STORE__PATH": "other.db"}
+    with pytest.raises(ConfigError, match="not both"):
+        load(None, check_paths=False, environ=both)
