@@ -363,3 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if args.command == "serve":
+            raise
+        # The reader left (`check-config | head -1`): nothing to report but the status.
+        # Python flushes stdout again at exit, so point it somewhere that takes the bytes.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE

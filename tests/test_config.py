@@ -267,6 +267,26 @@ def test_a_flag_mistake_is_one_line_and_exit_2(args: tuple[str, ...], message: s
     assert "--help" in line
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`check-config | head -1` or `log | head`: the reader leaving is no reason for a
+    traceback. The pipe's read end is closed before the command runs, so every write fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "check-config"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
 def test_check_config_masks_secrets_from_env_and_files(tmp_path: Path) -> None:
     secret_file = tmp_path / "password"
     secret_file.write_text("file-secret-123\n")
