@@ -271,7 +271,7 @@ def _backup(config: Config, target: str) -> int:
         )
     store = Path(config.store.path)
     if not store.is_file():
-        raise UsageError(f"no store at {store} (is store.path right, and has the relay run yet?)")
+        raise UsageError(_no_store(store))
     destination = Path(target)
     if not destination.parent.is_dir():
         raise UsageError(f"--to: directory {destination.parent} does not exist")
@@ -290,8 +290,17 @@ def _backup(config: Config, target: str) -> int:
     return EXIT_OK
 
 
+def _no_store(store: Path) -> str:
+    return f"no store at {store} (is store.path right, and has the relay run yet?)"
+
+
 def _with_store(config: Config, job: Callable[[Store], Awaitable[T]]) -> T:
     from relay.store import open_store
+
+    # Opening a SQLite store creates it: at a mistyped path, requeue would say "nothing held"
+    # and purge "0 purged" about an empty store they had just made.
+    if config.store.url is None and not Path(config.store.path).exists():
+        raise UsageError(_no_store(Path(config.store.path)))
 
     async def run() -> T:
         store = open_store(config.store)

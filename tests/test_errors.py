@@ -68,3 +68,25 @@ def test_a_store_that_cannot_be_opened_ends_a_command_with_one_line_and_status_1
     assert result.stderr.startswith(f"dedup-relay: error: cannot open the store {not_a_file}")
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("requeue", "ABC123"), ("purge",)])
+def test_requeue_and_purge_do_not_create_a_store_at_a_wrong_path(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """They answered "nothing held" and "0 purged" about the empty store they had just made;
+    like backup and the reviews, they now say there is none and leave no file."""
+    store = tmp_path / "data" / "relay.db"
+    config_path = tmp_path / "relay.yaml"
+    config_path.write_text(yaml.safe_dump({"store": {"path": str(store)}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", *command, "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    hint = "(is store.path right, and has the relay run yet?)"
+    assert result.stderr.strip().splitlines() == [f"dedup-relay: error: no store at {store} {hint}"]
+    assert not (tmp_path / "data").exists()
