@@ -1287,7 +1287,7 @@ def read_layers(path: str | Path | None, environ: Mapping[str, str]) -> Layers:
             del sources[key]
         sources[setting.dotted] = f"env {setting.var}"
     for setting in settings:
-        _drop_file_alternative(raw, sources, setting)
+        _resolve_alternative(raw, sources, setting)
     return Layers(None if path is None else str(path), raw, settings, sources)
 
 
@@ -1296,19 +1296,28 @@ def read_layers(path: str | Path | None, environ: Mapping[str, str]) -> Layers:
 _ALTERNATIVES = {"store.url": "store.path", "store.path": "store.url"}
 
 
-def _drop_file_alternative(raw: dict[str, Any], sources: dict[str, str], setting: _Setting) -> None:
+def _resolve_alternative(raw: dict[str, Any], sources: dict[str, str], setting: _Setting) -> None:
     """RELAY_STORE__URL over a file that names store.path (the shipped config/relay.yaml does)
-    would otherwise be refused as "not both"; two that the environment sets still are."""
+    would otherwise be refused as "not both"; two that the environment sets still are. An empty
+    one unsets its key: the container image sets RELAY_STORE__PATH, which an orchestrator can
+    override but not remove, so `RELAY_STORE__PATH=` is how the image takes a PostgreSQL URL."""
     other = _ALTERNATIVES.get(setting.dotted)
-    if other is None or setting.value is None or sources.get(other) != "file":
+    if other is None:
         return
-    *parents, leaf = other.split(".")
+    if setting.value is None:
+        _unset(raw, sources, setting.dotted)
+    elif sources.get(other) == "file":
+        _unset(raw, sources, other)
+
+
+def _unset(raw: dict[str, Any], sources: dict[str, str], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
     node: object = raw
     for part in parents:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, dict):
         node.pop(leaf, None)
-        del sources[other]
+    sources.pop(dotted, None)
 
 
 def _read_yaml(path: str | Path) -> object:

@@ -198,3 +198,6 @@ def test_a_store_url_from_the_environment_replaces_the_files_store_path(tmp_path
     both = {"RELAY_STORE__URL": url, "RELAY_STORE__PATH": "other.db"}
     with pytest.raises(ConfigError, match="not both"):
         load(None, check_paths=False, environ=both)
+    # The image sets RELAY_STORE__PATH; an empty one makes way for the URL.
+    image = {"RELAY_STORE__URL": url, "RELAY_STORE__PATH": ""}
+    assert load(None, check_paths=False, environ=image).store.url is not None
