@@ -1478,13 +1478,14 @@ def to_yaml_with_sources(config: Config, layers: Layers) -> str:
     """The effective config as YAML, each key followed by where its value came from.
 
     A key that is not set but read through `KEY_env` or `KEY_file` (a username, a password)
-    is credited to that key.
+    is credited to that key, when it yielded a value: the shipped file's `password_env: null`
+    read no password.
     """
     lines: list[tuple[str, str]] = []
 
-    def source(dotted: str) -> str:
+    def source(dotted: str, *, credit: bool = True) -> str:
         found = layers.source(dotted)
-        if found != "default":
+        if found != "default" or not credit:
             return found
         for suffix in ("_env", "_file"):
             via = layers.source(dotted + suffix)
@@ -1504,7 +1505,8 @@ def to_yaml_with_sources(config: Config, layers: Layers) -> str:
                 lines.append((head, source(dotted)))
                 lines.extend((line, "") for line in rest.rstrip("\n").split("\n"))
             else:
-                lines.append((f"{indent}{key}: {_flow(value)}", source(dotted)))
+                note = source(dotted, credit=value is not None)
+                lines.append((f"{indent}{key}: {_flow(value)}", note))
 
     walk(to_mapping(config), "", "")
     width = max(len(text) for text, note in lines if note)

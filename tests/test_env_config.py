@@ -201,3 +201,26 @@ def test_a_store_url_from_the_environment_replaces_the_files_store_path(tmp_path
     # The image sets RELAY_STORE__PATH; an empty one makes way for the URL.
     image = {"RELAY_STORE__URL": url, "RELAY_STORE__PATH": ""}
     assert load(None, check_paths=False, environ=image).store.url is not None
+
+
+def test_a_secret_read_through_nothing_is_not_credited_to_the_file(tmp_path: Path) -> None:
+    """The shipped file writes `password_env: null`; check-config said the empty password came
+    from the file "via password_env", although no password is read at all."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"upstream": {"password_env": None, "password_file": None}}))
+    result = relay_cli("check-config", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    upstream = result.stdout.split("\nupstream:\n", 1)[1].split("\nstore:\n")[0]
+    [password] = [line for line in upstream.splitlines() if line.strip().startswith("password:")]
+    assert password.split("  # ")[1] == "default"
+    result = relay_cli(
+        "check-config",
+        "--config",
+        str(path),
+        env={"RELAY_UPSTREAM__PASSWORD_ENV": "PW", "PW": "x", "RELAY_UPSTREAM__USERNAME": "u"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    upstream = result.stdout.split("\nupstream:\n", 1)[1].split("\nstore:\n")[0]
+    [password] = [line for line in upstream.splitlines() if line.strip().startswith("password:")]
+    assert password.split("  # ")[1] == "env RELAY_UPSTREAM__PASSWORD_ENV (via password_env)"
