@@ -89,8 +89,12 @@ class Guard:
 def _read_password(user: str, stdin: TextIO) -> str:
     """From a prompt (asked twice) at a terminal, else the first line of stdin; never argv."""
     if stdin.isatty():
-        first = getpass.getpass(f"Password for {user}: ")
-        if getpass.getpass("Again: ") != first:
+        try:
+            first = getpass.getpass(f"Password for {user}: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise ConfigError("passwd: no password given (end of input at the prompt)") from None
+        if again != first:
             raise ConfigError("passwd: the two passwords differ")
         return first
     return stdin.readline().removesuffix("\n").removesuffix("\r")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import bcrypt
@@ -127,6 +130,52 @@ def test_passwd_adds_and_changes_users_from_stdin_keeping_other_lines(tmp_path: 
     assert loaded.verify("alice", b"second secret") and not loaded.verify("alice", b"first secret")
     assert loaded.verify("bob", b"bob secret")
     assert users.stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode
+
+
+def test_passwd_at_a_terminal_that_ends_input_says_so_in_one_line(tmp_path: Path) -> None:
+    """Ctrl-D at the prompt was an EOFError traceback. The terminal is a real pseudo-terminal
+    (the process's stdin, in a new session so that it has no other /dev/tty); each answer is
+    typed once its prompt is shown, as getpass discards what was typed ahead."""
+    users = tmp_path / "users"
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "passwd", "alice", "--users-file", str(users)],
+        stdin=terminal,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    assert process.stderr is not None
+    shown = b""
+
+    def type_after(prompt: bytes, keys: bytes) -> None:
+        nonlocal shown
+        deadline = time.monotonic() + 30
+        while prompt not in shown:
+            ready, _, _ = select.select([process.stderr], [], [], deadline - time.monotonic())
+            assert ready, f"no {prompt!r} prompt, only {shown!r}"
+            shown += os.read(process.stderr.fileno(), 4096)
+        shown = shown.split(prompt, 1)[1]
+        os.write(controller, keys)
+
+    try:
+        type_after(b"Password for alice: ", b"first\n")
+        type_after(b"Again: ", b"\x04")  # end of input
+        rest = process.stderr.read()
+        assert process.wait(timeout=30) == 2
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+        os.close(terminal)
+        os.close(controller)
+    stderr = (shown + rest).decode()
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "dedup-relay: error: passwd: no password given (end of input at the prompt)"
+    )
+    assert not users.exists()
 
 
 def test_passwd_never_takes_the_password_from_argv(tmp_path: Path) -> None:
