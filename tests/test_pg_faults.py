@@ -1,0 +1,169 @@
+"""The PostgreSQL store when the database misbehaves at a chosen moment.
+
+A private cluster (tests/pg.py) sits behind a TCP proxy (tests/pgproxy.py) that can cut a
+connection right after the client sent COMMIT, once the server has answered it (the commit
+landed, the client cannot know), or just before COMMIT leaves (nothing landed). Locks held
+from a second connection make a statement wait past `store.statement_timeout`. The relay
+speaks SMTP to a recording upstream; the store-level tests drive `PostgresStore` directly,
+with times passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from relay.config import from_mapping
+from relay.decision import Claim
+from relay.store.postgres import PostgresStore, connect_options
+from tests.conftest import (
+    PG_PASSWORD_ENV,
+    Relay,
+    Upstream,
+    eventually,
+    make_message,
+    send,
+)
+from tests.pg import Cluster
+from tests.pgproxy import PgProxy
+
+T0 = 1_800_000_000.0
+LEASE_FOR = 300.0
+
+
+def through(url: str, port: int) -> str:
+    """The same database, reached through the proxy."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit(":", 1)[0] + f":{port}"
+    return urlunsplit(parts._replace(netloc=netloc, query="sslmode=disable"))
+
+
+@pytest.fixture
+async def proxy(pg_cluster: Cluster) -> AsyncIterator[PgProxy]:
+    p = PgProxy(pg_cluster.port)
+    await p.start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def direct(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own, straight to the server (no proxy, no timeouts)."""
+    config = from_mapping(
+        {"store": {"url": pg_url, "password_env": PG_PASSWORD_ENV}}, check_paths=False
+    ).store
+    options = connect_options(config)
+    options.pop("command_timeout")
+    options["server_settings"] = {"application_name": "test"}
+    db = await asyncpg.connect(**options)
+    yield db
+    await db.close()
+
+
+MakeStore = Callable[..., Awaitable[PostgresStore]]
+
+
+@pytest.fixture
+async def make_store(pg_url: str, proxy: PgProxy) -> AsyncIterator[MakeStore]:
+    opened: list[PostgresStore] = []
+
+    async def make(**store: Any) -> PostgresStore:
+        raw = {"url": through(pg_url, proxy.port), "password_env": PG_PASSWORD_ENV, **store}
+        made = PostgresStore(from_mapping({"store": raw}, check_paths=False).store)
+        await made.open()
+        opened.append(made)
+        return made
+
+    yield make
+    for made in opened:
+        await made.close()
+
+
+def keyed(queue_id: str) -> Claim:
+    return Claim("global", f"{queue_id}-key", "message-id", "f" * 64, 86400.0, "drop", "reject")
+
+
+async def state(db: asyncpg.Connection, queue_id: str) -> asyncpg.Record:
+    row = await db.fetchrow(
+        "SELECT state, lease_owner, attempts FROM messages WHERE queue_id = $1", queue_id
+    )
+    assert row is not None
+    return row
+
+
+# --- through the relay, over SMTP -------------------------------------------------
+
+
+@pytest.fixture
+def store_config(pg_url: str, proxy: PgProxy) -> dict[str, Any]:
+    """`make_relay`'s store: this test's database, through the proxy."""
+    return {"url": through(pg_url, proxy.port), "password_env": PG_PASSWORD_ENV}
+
+
+async def test_an_accept_whose_commit_answer_was_lost_gets_4xx_and_its_retry_is_a_repeat(
+    make_relay: Callable[..., Awaitable[Relay]],
+    proxy: PgProxy,
+    upstream: Upstream,
+    direct: asyncpg.Connection,
+) -> None:
+    relay = await make_relay()
+    data = make_message(message_id="<lost-answer@example.com>")
+    fired = proxy.arm("after", within=b"lost-answer@example.com")
+    reply = await send(relay.port, data)
+    assert fired.is_set()
+    assert 400 <= reply.code < 500, reply  # never 250 without knowing it committed
+    # It did commit: the client's retry meets the claim and is a repeat.
+    assert (await send(relay.port, data)).code == 250
+    await upstream.wait_for(1)
+    await relay.idle()
+    names = [r["event"] for r in await direct.fetch("SELECT event FROM events ORDER BY id")]
+    assert names.count("received") == 1
+    assert names.count("duplicate") == 1
+    assert names.count("delivered") == 1
+    assert len(upstream.messages) == 1
+
+
+async def test_an_accept_cut_before_its_commit_gets_4xx_and_its_retry_is_delivered_once(
+    make_relay: Callable[..., Awaitable[Relay]],
+    proxy: PgProxy,
+    upstream: Upstream,
+    direct: asyncpg.Connection,
+) -> None:
+    relay = await make_relay()
+    data = make_message(message_id="<cut-early@example.com>")
+    fired = proxy.arm("before", within=b"cut-early@example.com")
+    reply = await send(relay.port, data)
+    assert fired.is_set()
+    assert 400 <= reply.code < 500, reply
+    assert await direct.fetchval("SELECT count(*) FROM messages") == 0
+    assert (await send(relay.port, data)).code == 250
+    await upstream.wait_for(1)
+    await relay.idle()
+    names = [r["event"] for r in await direct.fetch("SELECT event FROM events ORDER BY id")]
+    assert (names.count("received"), names.count("duplicate")) == (1, 0)
+    assert len(upstream.messages) == 1
+
+
+async def test_an_outcome_whose_commit_answer_was_lost_is_recorded_once_and_not_resent(
+    make_relay: Callable[..., Awaitable[Relay]],
+    proxy: PgProxy,
+    upstream: Upstream,
+    direct: asyncpg.Connection,
+) -> None:
+    relay = await make_relay()
+    # The outcome's batch is the one that carries the upstream's reply.
+    fired = proxy.arm("after", within=b"queued as UP0001")
+    assert (await send(relay.port, make_message(message_id="<outcome@example.com>"))).code == 250
+    await upstream.wait_for(1)
+    await eventually(fired.is_set, what="the outcome's commit to be cut")
+    await relay.idle()
+    # Stopping waits for the workers, so for the outcome to be written again (or found).
+    await relay.stop()
+    names = [r["event"] for r in await direct.fetch("SELECT event FROM events ORDER BY id")]
+    assert names.count("delivered") == 1
+    assert "ambiguous" not in names
+    assert len(upstream.messages) == 1
