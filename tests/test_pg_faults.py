@@ -10,6 +10,7 @@ with times passed in.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +20,7 @@ import pytest
 
 from relay.config import from_mapping
 from relay.decision import Claim
+from relay.store import RecipientUpdate, Update
 from relay.store.postgres import PostgresStore, connect_options
 from tests.conftest import (
     PG_PASSWORD_ENV,
@@ -27,6 +29,7 @@ from tests.conftest import (
     eventually,
     make_message,
     send,
+    submission,
 )
 from tests.pg import Cluster
 from tests.pgproxy import PgProxy
@@ -93,6 +96,48 @@ async def state(db: asyncpg.Connection, queue_id: str) -> asyncpg.Record:
     )
     assert row is not None
     return row
+
+
+# --- the database gives up on one statement ----------------------------------
+
+
+async def test_an_outcome_that_waits_past_the_statement_timeout_is_written_once_the_lock_goes(
+    make_store: MakeStore, direct: asyncpg.Connection
+) -> None:
+    """statement_timeout cancels the outcome's statement (another session held the message's
+    row). The upstream said 250: the outcome must be written when the database can, not
+    dropped as if the job itself were wrong, which left the message `sending` and sent it
+    again, as ambiguous, once the lease ran out."""
+    store = await make_store(statement_timeout="1s")
+    await store.accept(submission("Q1", key=keyed("Q1")))
+    assert len((await store.lease("relay-a", 10, T0, LEASE_FOR)).leases) == 1
+
+    locker = direct.transaction()
+    await locker.start()
+    await direct.execute("SELECT 1 FROM messages WHERE queue_id = 'Q1' FOR UPDATE")
+    outcome = Update(
+        queue_id="Q1",
+        recipients=(RecipientUpdate("alice@example.org", "delivered", "delivered", 250, "ok"),),
+        next_attempt=None,
+        upstream="smtp",
+        duration=0.1,
+        ts=T0 + 1,
+    )
+    written = asyncio.create_task(store.update(outcome))
+    # Wait for the statement to be cancelled at least once (or for the call to give up).
+    await eventually(
+        lambda: written.done() or store.writer.condition.problem is not None,
+        what="the outcome's statement to time out",
+    )
+    await locker.rollback()
+
+    assert await written == "done"
+    row = await state(direct, "Q1")
+    assert (row["state"], row["lease_owner"]) == ("done", None)
+    names = [r["event"] for r in await direct.fetch("SELECT event FROM events ORDER BY id")]
+    assert names.count("delivered") == 1
+    pending = await direct.fetchval("SELECT pending FROM claims WHERE queue_id = 'Q1'")
+    assert pending is False
 
 
 # --- through the relay, over SMTP -------------------------------------------------

@@ -67,6 +67,7 @@ from relay.store.writer import BatchResult, GroupCommit, Outcome
 __all__ = [
     "FAILURES",
     "OUTCOME_RETRY",
+    "TRANSIENT",
     "UNAVAILABLE",
     "CommitUnknown",
     "NotCommitted",
@@ -110,6 +111,17 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 
+
+# Errors where the server gave up on a statement that was right and may pass when run again:
+# statement_timeout (or a cancel), a deadlock or serialization failure between replicas, a lock
+# not granted. The job's writes are rolled back, so it is `NotCommitted`, not wrong: an outcome
+# is written again, as after a lost connection, instead of being dropped.
+TRANSIENT: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
 
 # Every error a statement or a connection can end in.
 FAILURES: tuple[type[Exception], ...] = (asyncpg.PostgresError, *UNAVAILABLE)
@@ -169,6 +181,13 @@ def connect_options(config: StoreConfig, *, readonly: bool = False) -> dict[str,
 
 def _lost(exc: BaseException) -> bool:
     return isinstance(exc, UNAVAILABLE)
+
+
+def _job_error(exc: Exception) -> Exception:
+    """A job's error as its caller should see it: a transient one stored nothing."""
+    if isinstance(exc, TRANSIENT):
+        return NotCommitted(f"the database gave up on the job: {_describe(exc)}")
+    return exc
 
 
 def _count(status: str) -> int:
@@ -258,7 +277,7 @@ async def _straight(tx: PgTx, jobs: Sequence[Job]) -> list[Outcome]:
             if _lost(exc):
                 raise
             tx.events.clear()
-            return [(None, exc)]
+            return [(None, _job_error(exc))]
     return outcomes
 
 
@@ -279,7 +298,7 @@ async def _one_by_one(tx: PgTx, jobs: Sequence[Job]) -> list[Outcome]:
                 raise
             del tx.events[mark:]
             await db.execute("ROLLBACK TO SAVEPOINT job")
-            outcomes.append((None, exc))
+            outcomes.append((None, _job_error(exc)))
         else:
             outcomes.append((result, None))
     return outcomes
