@@ -21,7 +21,7 @@ import pytest
 from relay.config import from_mapping
 from relay.decision import Claim
 from relay.store import RecipientUpdate, Update
-from relay.store.postgres import PostgresStore, connect_options
+from relay.store.postgres import CommitUnknown, PostgresStore, connect_options
 from tests.conftest import (
     PG_PASSWORD_ENV,
     Relay,
@@ -96,6 +96,57 @@ async def state(db: asyncpg.Connection, queue_id: str) -> asyncpg.Record:
     )
     assert row is not None
     return row
+
+
+# --- a lease whose COMMIT's answer was lost ------------------------------------
+
+
+async def test_a_lease_whose_commit_answer_was_lost_is_given_back_not_left_sending(
+    make_store: MakeStore, proxy: PgProxy, direct: asyncpg.Connection
+) -> None:
+    """The lost commit leased the message under this process's name, but no caller knows it
+    has it: nobody sends it, renews it, or (being this owner's) takes it back while the
+    process runs. The next lease must hand it out, counted once."""
+    store = await make_store()
+    assert (await store.accept(submission("Q1", key=keyed("Q1")))).forward
+    fired = proxy.arm("after")
+    with pytest.raises(CommitUnknown):
+        await store.lease("relay-a", 10, T0, LEASE_FOR)
+    assert fired.is_set()
+    assert (await state(direct, "Q1"))["state"] == "sending"  # the commit did land
+
+    # The same moment again (a manual clock, or a fast one): it must not matter.
+    batch = await store.lease("relay-a", 10, T0, LEASE_FOR)
+    assert [lease.queue_id for lease in batch.leases] == ["Q1"]
+    assert batch.leases[0].attempts == 1
+    row = await state(direct, "Q1")
+    assert (row["state"], row["lease_owner"], row["attempts"]) == ("sending", "relay-a", 1)
+
+
+@pytest.mark.parametrize("held_by", ["lease", "renewal"])
+async def test_giving_back_a_lost_lease_leaves_the_leases_this_process_holds_alone(
+    make_store: MakeStore, proxy: PgProxy, direct: asyncpg.Connection, held_by: str
+) -> None:
+    """A message this process holds (being sent) is not given back with a lost lease, though
+    its expiry was written at the same moment: by a lease just before the lost one, or by the
+    renewal task just after it. Giving it back would send it twice at once."""
+    store = await make_store()
+    took_at = T0 if held_by == "lease" else T0 - 10
+    await store.accept(submission("Q1", key=keyed("Q1"), at=took_at))
+    held = await store.lease("relay-a", 10, took_at, LEASE_FOR)
+    assert [lease.queue_id for lease in held.leases] == ["Q1"]
+    await store.accept(submission("Q2", key=keyed("Q2")))
+    proxy.arm("after")
+    with pytest.raises(CommitUnknown):
+        await store.lease("relay-a", 10, T0, LEASE_FOR)
+    if held_by == "renewal":
+        assert await store.renew("relay-a", ["Q1"], T0 + LEASE_FOR) == 1
+
+    again = await store.lease("relay-a", 10, T0, LEASE_FOR)
+    assert [lease.queue_id for lease in again.leases] == ["Q2"]
+    row = await state(direct, "Q1")
+    assert (row["state"], row["lease_owner"], row["attempts"]) == ("sending", "relay-a", 1)
+    assert (await store.lease("relay-a", 10, T0, LEASE_FOR)).leases == ()
 
 
 # --- the database gives up on one statement ----------------------------------

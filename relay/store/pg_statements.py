@@ -47,6 +47,7 @@ __all__ = [
     "STUCK_LEASES",
     "TAKE_INSTANCE",
     "UNLEASE",
+    "UNLEASE_LOST",
     "UPDATE_RECIPIENTS",
     "Query",
     "event_columns",
@@ -164,6 +165,13 @@ UNLEASE = _q(
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = greatest(attempts - 1, 0)"
     " WHERE queue_id = :queue_id AND state = 'sending'"
+)
+# The messages a lease whose COMMIT's answer was lost took, found by that lease's expiry (no
+# other lease or renewal of the process wrote it), back to queued as if never leased.
+UNLEASE_LOST = _q(
+    "UPDATE messages SET state = 'queued', lease_owner = NULL, lease_until = NULL,"
+    " attempts = greatest(attempts - 1, 0)"
+    " WHERE state = 'sending' AND lease_owner = :owner AND lease_until = :until::float8"
 )
 # SKIP LOCKED: two replicas rescuing a dead one's leases at once rescue each message once.
 STUCK_LEASES = _q(

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -341,6 +342,10 @@ class PostgresStore:
         self._reads: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._wakers: list[Callable[[], None]] = []
+        # The last lease expiry this process wrote; each lease and renewal writes a later one.
+        self._last_until = -math.inf
+        # (owner, until) of leases whose COMMIT's answer was lost: given back by the next lease.
+        self._lost_leases: set[tuple[str, float]] = set()
         self.writer: GroupCommit[Job] = GroupCommit(
             self._run_batch, on_commit=on_commit, on_batch=on_batch, name="pg-store-writer"
         )
@@ -525,14 +530,33 @@ class PostgresStore:
 
     # --- the back half -----------------------------------------------------
 
+    def _until(self, until: float) -> float:
+        """`until`, or just after the last expiry this process wrote: every lease's expiry is
+        its own, so a lease whose commit was lost can be told from every other by it."""
+        self._last_until = max(until, math.nextafter(self._last_until, math.inf))
+        return self._last_until
+
     async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> LeaseBatch:
+        """Due messages, leased to `owner`.
+
+        A lease whose COMMIT's answer was lost may have leased messages that no caller knows
+        of: nothing would send or renew them, and `reclaim` skips the caller's own. They are
+        found by that lease's expiry, which no other lease or renewal of this process wrote,
+        and given back (uncounted) by the next lease, in its transaction, so they are leased
+        again at once if due.
+        """
+        until = self._until(now + lease_for)
+        lost = sorted(self._lost_leases)
+
         async def job(tx: PgTx) -> LeaseBatch:
+            for lost_owner, lost_until in lost:
+                await tx.execute(sql.UNLEASE_LOST, owner=lost_owner, until=lost_until)
             rows = await tx.fetch(
                 sql.LEASE,
                 owner=owner,
                 limit=limit,
                 now=now,
-                until=now + lease_for,
+                until=until,
                 inline=INLINE_BODY_LIMIT,
             )
             next_due = rows[0]["next_due"] if rows else None
@@ -543,7 +567,13 @@ class PostgresStore:
             )
             return LeaseBatch(leases, next_due)
 
-        return await self._run(job)
+        try:
+            batch = await self._run(job)
+        except CommitUnknown:
+            self._lost_leases.add((owner, until))
+            raise
+        self._lost_leases.difference_update(lost)
+        return batch
 
     async def body(self, queue_id: str) -> bytes | None:
         async with self.connection() as db:
@@ -597,6 +627,8 @@ class PostgresStore:
 
     async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
         ids = list(queue_ids)
+        if ids:
+            until = self._until(until)
 
         async def job(tx: PgTx) -> int:
             return await tx.execute(sql.RENEW_LEASES, owner=owner, until=until, ids=ids)
