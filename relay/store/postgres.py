@@ -342,8 +342,9 @@ class PostgresStore:
         self._reads: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._wakers: list[Callable[[], None]] = []
-        # The last lease expiry this process wrote; each lease and renewal writes a later one.
-        self._last_until = -math.inf
+        # Per owner, the lease expiries this process wrote that may still be in force: each
+        # lease and renewal writes one of its own (see `_until`).
+        self._untils: dict[str, set[float]] = {}
         # (owner, until) of leases whose COMMIT's answer was lost: given back by the next lease.
         self._lost_leases: set[tuple[str, float]] = set()
         self.writer: GroupCommit[Job] = GroupCommit(
@@ -530,11 +531,18 @@ class PostgresStore:
 
     # --- the back half -----------------------------------------------------
 
-    def _until(self, until: float) -> float:
-        """`until`, or just after the last expiry this process wrote: every lease's expiry is
-        its own, so a lease whose commit was lost can be told from every other by it."""
-        self._last_until = max(until, math.nextafter(self._last_until, math.inf))
-        return self._last_until
+    def _until(self, owner: str, until: float, now: float | None = None) -> float:
+        """`until`, or the next float above it that this process has not written for `owner`:
+        every lease and renewal writes an expiry of its own, so the messages of a lease whose
+        commit was lost are told from every other by theirs. Expiries before `now` are
+        forgotten: every expiry written from now on is later."""
+        issued = self._untils.setdefault(owner, set())
+        if now is not None:
+            issued.difference_update([u for u in issued if u < now])
+        while until in issued:
+            until = math.nextafter(until, math.inf)
+        issued.add(until)
+        return until
 
     async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> LeaseBatch:
         """Due messages, leased to `owner`.
@@ -545,7 +553,7 @@ class PostgresStore:
         and given back (uncounted) by the next lease, in its transaction, so they are leased
         again at once if due.
         """
-        until = self._until(now + lease_for)
+        until = self._until(owner, now + lease_for, now)
         lost = sorted(self._lost_leases)
 
         async def job(tx: PgTx) -> LeaseBatch:
@@ -628,7 +636,7 @@ class PostgresStore:
     async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
         ids = list(queue_ids)
         if ids:
-            until = self._until(until)
+            until = self._until(owner, until)
 
         async def job(tx: PgTx) -> int:
             return await tx.execute(sql.RENEW_LEASES, owner=owner, until=until, ids=ids)
