@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relay.errors import StoreError, StoreUnavailable
 from relay.store import Store, Update
@@ -92,9 +92,13 @@ class Leases:
     async def _write(self, settlement: Settlement) -> None:
         try:
             if isinstance(settlement, GiveBack):
-                await self.store.unlease(settlement.queue_id, settlement.next_attempt)
+                await self.store.unlease(
+                    settlement.queue_id, settlement.next_attempt, owner=self.owner
+                )
             else:
-                await self.store.update(settlement)
+                # Written only while this process still holds the lease: once another replica
+                # has taken it over, this outcome must not end that replica's lease.
+                await self.store.update(replace(settlement, owner=self.owner))
         except StoreUnavailable:
             raise
         except StoreError as exc:

@@ -16,6 +16,7 @@ import pytest
 
 from relay.clock import ManualClock
 from relay.config import ConfigError, from_mapping
+from relay.store.sqlite import SqliteStore
 from tests.conftest import DEADLINE, Relay, Upstream, make_message, send, settled
 from tests.faults import DISK_FULL, Faults
 
@@ -73,6 +74,35 @@ async def test_a_lease_it_could_not_renew_is_never_taken_back_by_its_own_process
     assert state == "sending" and left < 0  # expired, and still this process's
     faults.clear()
     await finish(relay, upstream)
+
+
+async def test_an_outcome_after_another_replica_took_the_lease_over_leaves_that_replica_alone(
+    make_relay, upstream: Upstream
+) -> None:
+    """This process could not renew (its store refused writes) and another replica took the
+    message over, as it should once the lease ran out. This process's late outcome (a deferral
+    at RCPT) is recorded as an event but must not end the other replica's lease: the message
+    would be queued again and sent by a third attempt while the other one is sending it."""
+    clock = ManualClock()
+    faults = Faults()
+    relay = await stalled_attempt(make_relay, upstream, clock, store_factory=faults.store_factory())
+    faults.fail(RENEWAL, DISK_FULL, times=10**6)
+    await pass_time(clock, 60.0)  # twice the lease timeout, unrenewed
+    other = SqliteStore(str(relay.app.config.store.path))
+    await other.open()
+    try:
+        [queue_id] = await other.reclaim("other", clock.time(), hold=False)
+        taken = await other.lease("other", 1, clock.time(), 30.0)
+        assert [lease.queue_id for lease in taken.leases] == [queue_id]
+        faults.clear()
+        upstream.script.rcpt["alice@example.org"] = "451 4.3.0 try again later"
+        upstream.script.go_on()
+        [deferred] = await relay.wait_for_events("deferred")
+        assert "not applied" in deferred["detail"]
+        assert await relay.rows("SELECT state, lease_owner FROM messages") == [("sending", "other")]
+    finally:
+        await other.close()
+    assert upstream.messages == []
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("90s", 90.0), ("10m", 600.0), (None, 300.0)])

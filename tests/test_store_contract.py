@@ -532,3 +532,29 @@ async def test_the_reader_answers_log_show_stats_and_searches_alike(
             ("127.0.0.1", "message-id", "drop", 1)
         ]
         assert await reader.message_head("Q1") is None, "delivered bodies are not kept"
+
+
+async def test_an_outcome_or_give_back_from_a_lease_taken_over_leaves_the_new_holder_alone(
+    make_store: MakeStore,
+) -> None:
+    """Replica A's lease ran out unrenewed (it could not reach the store) and B took the
+    message over and is sending it. A's late give-back or deferral must not end B's lease: the
+    message would be queued and leased a third time while B still sends it. A's outcome is
+    still recorded as an event, so the audit says what A's attempt did."""
+    committed = Committed()
+    a, b = await make_store(committed), await make_store(committed)
+    await a.accept(submission("Q1"))
+    await a.lease("a", 1, T0, 60.0)
+    assert await b.reclaim("b", T0 + 61, hold=False) == ["Q1"]
+    assert [lease.queue_id for lease in (await b.lease("b", 1, T0 + 61, 60.0)).leases] == ["Q1"]
+
+    await a.unlease("Q1", T0 + 62, owner="a")
+    late = outcome("Q1", T0 + 63, ("alice@example.org", "queued"), again=T0 + 64)
+    assert await a.update(dataclasses.replace(late, owner="a")) == "sending"
+    assert (await a.lease("c", 1, T0 + 100, 60.0)).leases == ()
+    assert await b.renew("b", ["Q1"], T0 + 200) == 1
+    assert committed.names.count("deferred") == 1
+
+    mine = outcome("Q1", T0 + 101, ("alice@example.org", "delivered"))
+    assert await b.update(dataclasses.replace(mine, owner="b")) == "done"
+    assert committed.names.count("delivered") == 1

@@ -10,7 +10,7 @@ apart in what they store or what the audit log says.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relay.audit import FIELDS, Event
@@ -33,6 +33,7 @@ __all__ = [
     "recovery_update",
     "requeue_update",
     "settlement",
+    "stale_events",
     "update_events",
 ]
 
@@ -277,6 +278,15 @@ def settlement(u: Update) -> tuple[tuple[str, ...], tuple[str, ...]]:
     is freed (a final failure under release_on_failure)."""
     final = [r for r in u.recipients if r.state in FINAL_STATES]
     return tuple(r.rcpt for r in final if not r.release), tuple(r.rcpt for r in final if r.release)
+
+
+def stale_events(u: Update, message: MessageFields, state: str, holder: str | None) -> list[Event]:
+    """An outcome whose lease another replica had taken over: its events, saying that it
+    changed nothing, so the audit still tells what this attempt did (a copy it delivered)."""
+    note = f"not applied: the lease of {u.owner} had passed to {holder or 'no one'} ({state})"
+    return update_events(
+        replace(u, detail=f"{u.detail}; {note}" if u.detail else note), message, ()
+    )
 
 
 def lease_end(u: Update, state: MessageState) -> dict[str, Any]:

@@ -30,8 +30,8 @@ __all__ = [
     "HEARTBEAT_INSTANCE",
     "INSERT_EVENTS",
     "LEASE",
+    "LEASE_HOLDER",
     "LOCK_INSTANCE",
-    "MESSAGE_STATE",
     "MIGRATION_LOCK",
     "PURGE_MESSAGES",
     "READY_PROBE",
@@ -165,6 +165,7 @@ UNLEASE = _q(
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = greatest(attempts - 1, 0)"
     " WHERE queue_id = :queue_id AND state = 'sending'"
+    " AND (:owner::text IS NULL OR lease_owner = :owner)"
 )
 # The messages a lease whose COMMIT's answer was lost took, found by that lease's expiry (no
 # other lease or renewal of the process wrote it), back to queued as if never leased.
@@ -240,7 +241,12 @@ END_LEASE = _q(
     " WHERE queue_id = :queue_id)"
     " DELETE FROM bodies WHERE queue_id = :queue_id AND :drop_body::boolean"
 )
-MESSAGE_STATE = _q("SELECT state FROM messages WHERE queue_id = :queue_id")
+# Who holds the message now, locked for the outcome's transaction (before its recipients, in
+# the order a reclaim takes them): an outcome from a lease taken over must not change it.
+LEASE_HOLDER = _q(
+    'SELECT state, lease_owner, key, strategy, message_id, sender, size, client, "user", scope'
+    " FROM messages WHERE queue_id = :queue_id FOR UPDATE"
+)
 RECIPIENTS_IN_STATE = _q(
     "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state ORDER BY rcpt"
 )

@@ -556,6 +556,11 @@ class SqliteStore:
         if row is None:
             raise StoreError(f"no message {u.queue_id}")
         message = changes.MessageFields(**dict(zip(row.keys(), row, strict=True)))
+        if u.owner is not None:
+            held = tx.execute(sql.LEASE_HOLDER, {"queue_id": u.queue_id}).fetchone()
+            if (held["state"], held["lease_owner"]) != ("sending", u.owner):
+                tx.record(changes.stale_events(u, message, held["state"], held["lease_owner"]))
+                return cast(MessageState, held["state"])
         tx.executemany(
             sql.UPDATE_RECIPIENT,
             [
@@ -586,14 +591,9 @@ class SqliteStore:
             tx.execute(sql.DELETE_BODY, {"queue_id": u.queue_id})
         return state
 
-    async def unlease(self, queue_id: str, next_attempt: float) -> None:
-        await self._run(
-            lambda tx: (
-                tx.execute(
-                    sql.UNLEASE, {"queue_id": queue_id, "next_attempt": next_attempt}
-                ).rowcount
-            )
-        )
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str | None = None) -> None:
+        params = {"queue_id": queue_id, "next_attempt": next_attempt, "owner": owner}
+        await self._run(lambda tx: tx.execute(sql.UNLEASE, params).rowcount)
 
     async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
         ids = list(queue_ids)
