@@ -12,6 +12,7 @@ leaves them to be recovered, as ambiguous, at the next start.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from relay.errors import StoreError, StoreUnavailable
 from relay.store import Store, Update
 
-__all__ = ["GiveBack", "Leases", "Settlement"]
+__all__ = ["GiveBack", "LeaseLost", "Leases", "Settlement"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ class GiveBack:
 Settlement = Update | GiveBack
 
 
+class LeaseLost(StoreError):
+    """The lease may have passed to another replica: the payload must not go."""
+
+
 def _describe(settlement: Settlement) -> str:
     if isinstance(settlement, GiveBack):
         return "given back unsent"
@@ -48,11 +53,29 @@ class Leases:
         self.owner = owner
         self.lease_timeout = lease_timeout
         self._held: set[str] = set()
+        # Until when each held lease is known to be this process's: its lease or last renewal.
+        self._until: dict[str, float] = {}
         self._waiting: dict[str, Settlement] = {}
         self._waiting_since = 0.0
 
-    def took(self, queue_ids: Iterable[str]) -> None:
-        self._held.update(queue_ids)
+    def took(self, queue_ids: Iterable[str], until: float = math.inf) -> None:
+        for queue_id in queue_ids:
+            self._held.add(queue_id)
+            self._until[queue_id] = until
+
+    def check(self, queue_id: str, now: float) -> None:
+        """Raise `LeaseLost` once the lease has gone two renewal rounds unconfirmed.
+
+        Another replica takes a lease back only after it has run out unrenewed
+        (`lease_timeout`); stopping a third of that earlier leaves room for clocks a little
+        out of step. Called before the payload goes, so an attempt whose renewals failed
+        never sends while the replica that took the message over sends it too."""
+        until = self._until.get(queue_id, math.inf)
+        if now >= until - self.lease_timeout / 3:
+            raise LeaseLost(
+                f"{queue_id}: the lease was last confirmed until {until:.0f}, and another"
+                " replica may take it over: not sent"
+            )
 
     async def settle(self, settlement: Settlement) -> None:
         """Record an outcome or give a lease back; if the store cannot take it now, keep it."""
@@ -111,6 +134,7 @@ class Leases:
                 exc,
             )
         self._held.discard(settlement.queue_id)
+        self._until.pop(settlement.queue_id, None)
 
     def abandon(self) -> None:
         """At shutdown: what could not be written is said once more, for the operator."""
@@ -133,7 +157,12 @@ class Leases:
             renewed = await self.store.renew(self.owner, held, now + self.lease_timeout)
         except StoreError:
             return  # the store logs its own state; the next round tries again
-        if renewed < len(held):
+        if renewed == len(held):
+            # Every one is still this process's (a shortfall does not say which are not).
+            for queue_id in held:
+                if queue_id in self._held:  # not settled while the renewal ran
+                    self._until[queue_id] = now + self.lease_timeout
+        else:
             log.warning(
                 "%d of %d lease(s) held by %s were no longer its own when renewed",
                 len(held) - renewed,

@@ -17,7 +17,7 @@ import pytest
 from relay.clock import ManualClock
 from relay.config import ConfigError, from_mapping
 from relay.store.sqlite import SqliteStore
-from tests.conftest import DEADLINE, Relay, Upstream, make_message, send, settled
+from tests.conftest import DEADLINE, Relay, Upstream, eventually, make_message, send, settled
 from tests.faults import DISK_FULL, Faults
 
 RENEWAL = "UPDATE messages SET lease_until"
@@ -73,6 +73,8 @@ async def test_a_lease_it_could_not_renew_is_never_taken_back_by_its_own_process
     [(state, left)] = await relay.rows("SELECT state, lease_until - ? FROM messages", clock.time())
     assert state == "sending" and left < 0  # expired, and still this process's
     faults.clear()
+    # Renewed again before the payload goes: until then it might be another replica's.
+    await pass_time(clock, 10.0)
     await finish(relay, upstream)
 
 
@@ -103,6 +105,35 @@ async def test_an_outcome_after_another_replica_took_the_lease_over_leaves_that_
     finally:
         await other.close()
     assert upstream.messages == []
+
+
+async def test_an_attempt_whose_lease_ran_out_unrenewed_never_sends_its_payload(
+    make_relay, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Renewals failed for longer than the lease, and another replica took the message over
+    and will send it. This process's attempt, held up before its payload, must not send it
+    too: it stops before the payload and gives back nothing (the lease is no longer its own)."""
+    clock = ManualClock()
+    faults = Faults()
+    relay = await stalled_attempt(make_relay, upstream, clock, store_factory=faults.store_factory())
+    faults.fail(RENEWAL, DISK_FULL, times=10**6)
+    await pass_time(clock, 60.0)
+    other = SqliteStore(str(relay.app.config.store.path))
+    await other.open()
+    try:
+        [queue_id] = await other.reclaim("other", clock.time(), hold=False)
+        assert len((await other.lease("other", 1, clock.time(), 30.0)).leases) == 1
+        faults.clear()
+        upstream.script.go_on()
+        await eventually(
+            lambda: "not sent" in caplog.text or upstream.messages,
+            what="the attempt to stop or send",
+        )
+        assert await relay.rows("SELECT state, lease_owner FROM messages") == [("sending", "other")]
+    finally:
+        await other.close()
+    assert upstream.messages == []
+    assert queue_id in caplog.text
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("90s", 90.0), ("10m", 600.0), (None, 300.0)])

@@ -506,6 +506,8 @@ class SmtpTransport:
         protocol = client.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the payload")
+        if message.fence is not None:
+            message.fence()
         payload = wire_payload(message.data)
         self.payload_sent = True
         self._stage = "end-of-data"
