@@ -370,6 +370,7 @@ class Delivery:
                 duration=attempt.duration,
                 ts=now,
                 detail=detail,
+                owner=self.instance,
             )
         )
         if again:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from relay.errors import StoreError, StoreUnavailable
+from relay.errors import LeaseLost, StoreError, StoreUnavailable
 from relay.store import Store, Update
 
 __all__ = ["GiveBack", "Leases", "Settlement"]
@@ -92,11 +92,19 @@ class Leases:
     async def _write(self, settlement: Settlement) -> None:
         try:
             if isinstance(settlement, GiveBack):
-                await self.store.unlease(settlement.queue_id, settlement.next_attempt)
+                await self.store.unlease(settlement.queue_id, settlement.next_attempt, self.owner)
             else:
                 await self.store.update(settlement)
         except StoreUnavailable:
             raise
+        except LeaseLost as exc:
+            # The process that took it back logged it ambiguous and now decides its fate.
+            log.error(
+                "%s: outcome not recorded (%s): %s; that process recorded it ambiguous",
+                settlement.queue_id,
+                _describe(settlement),
+                exc,
+            )
         except StoreError as exc:
             # This write itself is wrong (the message is gone): trying again cannot help.
             log.error(

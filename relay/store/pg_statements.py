@@ -30,6 +30,7 @@ __all__ = [
     "HEARTBEAT_INSTANCE",
     "INSERT_EVENTS",
     "LEASE",
+    "LEASE_OF",
     "LOCK_INSTANCE",
     "MESSAGE_STATE",
     "MIGRATION_LOCK",
@@ -163,7 +164,7 @@ SELECT_BODY = _q("SELECT data FROM bodies WHERE queue_id = :queue_id")
 UNLEASE = _q(
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = greatest(attempts - 1, 0)"
-    " WHERE queue_id = :queue_id AND state = 'sending'"
+    " WHERE queue_id = :queue_id AND state = 'sending' AND lease_owner = :owner"
 )
 # SKIP LOCKED: two replicas rescuing a dead one's leases at once rescue each message once.
 STUCK_LEASES = _q(
@@ -233,6 +234,8 @@ END_LEASE = _q(
     " DELETE FROM bodies WHERE queue_id = :queue_id AND :drop_body::boolean"
 )
 MESSAGE_STATE = _q("SELECT state FROM messages WHERE queue_id = :queue_id")
+# Locked, so no replica takes the lease back between this look and the outcome it guards.
+LEASE_OF = _q("SELECT state, lease_owner FROM messages WHERE queue_id = :queue_id FOR UPDATE")
 RECIPIENTS_IN_STATE = _q(
     "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state ORDER BY rcpt"
 )

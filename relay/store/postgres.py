@@ -542,6 +542,10 @@ class PostgresStore:
         return await self._run_until_stored(lambda tx: self._update(tx, update), stored)
 
     async def _update(self, tx: PgTx, u: Update) -> MessageState:
+        if u.owner is not None:
+            lease = await tx.fetchrow(sql.LEASE_OF, queue_id=u.queue_id)
+            if lease is not None:  # no message: UPDATE_RECIPIENTS says so below
+                changes.check_lease(u, lease["state"], lease["lease_owner"])
         settle, released = changes.settlement(u)
         row = await tx.fetchrow(
             sql.UPDATE_RECIPIENTS,
@@ -569,9 +573,12 @@ class PostgresStore:
         tx.record(changes.update_events(u, message, released))
         return state
 
-    async def unlease(self, queue_id: str, next_attempt: float) -> None:
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
         async def job(tx: PgTx) -> None:
-            if await tx.execute(sql.UNLEASE, queue_id=queue_id, next_attempt=next_attempt):
+            unleased = await tx.execute(
+                sql.UNLEASE, queue_id=queue_id, next_attempt=next_attempt, owner=owner
+            )
+            if unleased:
                 tx.notify = True
 
         await self._run_until_stored(job)

@@ -555,6 +555,9 @@ class SqliteStore:
         row = tx.execute(sql.MESSAGE_FOR_EVENTS, {"queue_id": u.queue_id}).fetchone()
         if row is None:
             raise StoreError(f"no message {u.queue_id}")
+        if u.owner is not None:
+            lease = tx.execute(sql.LEASE_OF, {"queue_id": u.queue_id}).fetchone()
+            changes.check_lease(u, lease["state"], lease["lease_owner"])
         message = changes.MessageFields(**dict(zip(row.keys(), row, strict=True)))
         tx.executemany(
             sql.UPDATE_RECIPIENT,
@@ -586,14 +589,9 @@ class SqliteStore:
             tx.execute(sql.DELETE_BODY, {"queue_id": u.queue_id})
         return state
 
-    async def unlease(self, queue_id: str, next_attempt: float) -> None:
-        await self._run(
-            lambda tx: (
-                tx.execute(
-                    sql.UNLEASE, {"queue_id": queue_id, "next_attempt": next_attempt}
-                ).rowcount
-            )
-        )
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
+        params = {"queue_id": queue_id, "next_attempt": next_attempt, "owner": owner}
+        await self._run(lambda tx: tx.execute(sql.UNLEASE, params).rowcount)
 
     async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
         ids = list(queue_ids)

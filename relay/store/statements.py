@@ -34,6 +34,7 @@ __all__ = [
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
     "LEASE_DUE",
+    "LEASE_OF",
     "MESSAGE_FOR_EVENTS",
     "NEXT_DUE",
     "READY_PROBE",
@@ -145,7 +146,7 @@ def bodies_of(count: int) -> str:
 UNLEASE = (
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = max(attempts - 1, 0)"
-    " WHERE queue_id = :queue_id AND state = 'sending'"
+    " WHERE queue_id = :queue_id AND state = 'sending' AND lease_owner = :owner"
 )
 STUCK_LEASES = (
     "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
@@ -182,6 +183,7 @@ RELEASE_INSTANCE = "DELETE FROM instances WHERE name = :name AND token = :token"
 
 # --- update ------------------------------------------------------------------
 
+LEASE_OF = "SELECT state, lease_owner FROM messages WHERE queue_id = :queue_id"
 MESSAGE_FOR_EVENTS = (
     "SELECT key, strategy, message_id, sender, size, client, user, scope"
     " FROM messages WHERE queue_id = :queue_id"
