@@ -129,3 +129,19 @@ def test_a_postgresql_store_does_not_skip_the_other_start_checks(
     done = relay_cli("check-config", "--config", str(path), cwd=tmp_path)
     assert done.returncode == 2, done.stdout
     assert done.stderr.startswith(f"dedup-relay: error: {key}: ")
+
+
+@WORKERS
+def test_a_store_path_that_is_a_directory_is_named_as_store_path(
+    tmp_path: Path, workers: str
+) -> None:
+    folder = tmp_path / "relay.db"
+    folder.mkdir()
+    status, said = serve(tmp_path, workers, store={"path": str(folder)})
+    assert (status, said) == (
+        1,
+        [
+            f"dedup-relay: error: cannot open the store {folder} (store.path):"
+            " unable to open database file"
+        ],
+    )

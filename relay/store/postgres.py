@@ -340,7 +340,9 @@ class PostgresStore:
             raise
         except FAILURES as exc:
             await self._close_pools()
-            raise StoreError(f"cannot open the store {self.url}: {_describe(exc)}") from None
+            raise StoreError(
+                f"cannot open the store {self.url} (store.url): {_describe(exc)}"
+            ) from None
         self._listener = asyncio.create_task(self._listen(), name="pg-store-listen")
         self.writer.start()
 
@@ -746,7 +748,9 @@ async def migrate_database(config: StoreConfig) -> migrations.Migrated:
     try:
         db = await asyncpg.connect(**connect_options(config))
     except FAILURES as exc:
-        raise StoreError(f"cannot open the store {config.url}: {_describe(exc)}") from None
+        raise StoreError(
+            f"cannot open the store {config.url} (store.url): {_describe(exc)}"
+        ) from None
     try:
         async with db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock($1)", sql.MIGRATION_LOCK)
@@ -759,7 +763,9 @@ async def migrate_database(config: StoreConfig) -> migrations.Migrated:
                 await db.execute(sql.SET_SCHEMA_VERSION.text, str(done.after))
         return done
     except asyncpg.PostgresError as exc:
-        raise StoreError(f"cannot migrate the store {config.url}: {_describe(exc)}") from None
+        raise StoreError(
+            f"cannot migrate the store {config.url} (store.url): {_describe(exc)}"
+        ) from None
     finally:
         await db.close()
 
@@ -773,7 +779,9 @@ async def open_source(config: StoreConfig) -> AsyncIterator[Any]:
     try:
         db = await asyncpg.connect(**connect_options(config, readonly=True))
     except FAILURES as exc:
-        raise ReadError(f"cannot open the store {config.url}: {_describe(exc)}") from None
+        raise ReadError(
+            f"cannot open the store {config.url} (store.url): {_describe(exc)}"
+        ) from None
     try:
         yield PostgresSource(db)
     finally:

@@ -607,7 +607,7 @@ async def open_reader(store: StoreConfig | str) -> AsyncIterator[Reader]:
     try:
         db = await connect(path, readonly=True)
     except sqlite3.Error as exc:
-        raise ReadError(f"cannot open the store {path}: {exc}") from None
+        raise ReadError(f"cannot open the store {path} (store.path): {exc}") from None
     try:
         yield await _checked(Reader(SqliteSource(db)), path, _SQLITE_TABLES)
     finally:

@@ -290,7 +290,7 @@ class SqliteStore:
         try:
             await self._thread.call(self._open_writer)
         except (sqlite3.Error, OSError, ValueError) as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
+            raise StoreError(f"cannot open the store {self.path} (store.path): {exc}") from None
         self._reader = await connect(self.path)
         self.writer.start()
 
@@ -764,7 +764,7 @@ async def migrate_file(path: str) -> migrations.Migrated:
     try:
         return await asyncio.to_thread(run)
     except (sqlite3.Error, OSError, ValueError) as exc:
-        raise StoreError(f"cannot migrate the store {path}: {exc}") from None
+        raise StoreError(f"cannot migrate the store {path} (store.path): {exc}") from None
 
 
 def _take_claims(tx: Tx, sub: Submission, claim: Claim) -> ClaimResult:
