@@ -555,10 +555,9 @@ class SqliteStore:
         row = tx.execute(sql.MESSAGE_FOR_EVENTS, {"queue_id": u.queue_id}).fetchone()
         if row is None:
             raise StoreError(f"no message {u.queue_id}")
-        if u.owner is not None:
-            lease = tx.execute(sql.LEASE_OF, {"queue_id": u.queue_id}).fetchone()
-            changes.check_lease(u, lease["state"], lease["lease_owner"])
-        message = changes.MessageFields(**dict(zip(row.keys(), row, strict=True)))
+        fields = dict(zip(row.keys(), row, strict=True))
+        changes.check_lease(u, fields.pop("state"), fields.pop("lease_owner"))
+        message = changes.MessageFields(**fields)
         tx.executemany(
             sql.UPDATE_RECIPIENT,
             [

@@ -34,7 +34,6 @@ __all__ = [
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
     "LEASE_DUE",
-    "LEASE_OF",
     "MESSAGE_FOR_EVENTS",
     "NEXT_DUE",
     "READY_PROBE",
@@ -183,9 +182,8 @@ RELEASE_INSTANCE = "DELETE FROM instances WHERE name = :name AND token = :token"
 
 # --- update ------------------------------------------------------------------
 
-LEASE_OF = "SELECT state, lease_owner FROM messages WHERE queue_id = :queue_id"
 MESSAGE_FOR_EVENTS = (
-    "SELECT key, strategy, message_id, sender, size, client, user, scope"
+    "SELECT key, strategy, message_id, sender, size, client, user, scope, state, lease_owner"
     " FROM messages WHERE queue_id = :queue_id"
 )
 UPDATE_RECIPIENT = (
