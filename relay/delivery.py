@@ -374,6 +374,7 @@ class Delivery:
                 duration=attempt.duration,
                 ts=now,
                 detail=detail,
+                owner=self.instance,
             )
         )
         if again:

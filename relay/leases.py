@@ -15,12 +15,12 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from relay.errors import StoreError, StoreUnavailable
+from relay.errors import LeaseLost, StoreError, StoreUnavailable
 from relay.store import Store, Update
 
-__all__ = ["GiveBack", "LeaseLost", "Leases", "Settlement"]
+__all__ = ["GiveBack", "LeaseUnconfirmed", "Leases", "Settlement"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ class GiveBack:
 Settlement = Update | GiveBack
 
 
-class LeaseLost(StoreError):
-    """The lease may have passed to another replica: the payload must not go."""
+class LeaseUnconfirmed(StoreError):
+    """The lease went unrenewed so long that another replica may take it over: the payload
+    must not go (nothing was sent, so the lease is given back if it is still this one's)."""
 
 
 def _describe(settlement: Settlement) -> str:
@@ -64,15 +65,15 @@ class Leases:
             self._until[queue_id] = until
 
     def check(self, queue_id: str, now: float) -> None:
-        """Raise `LeaseLost` once the lease has gone two renewal rounds unconfirmed.
+        """Raise `LeaseUnconfirmed` once the lease has gone two renewal rounds unconfirmed.
 
         Another replica takes a lease back only after it has run out unrenewed
         (`lease_timeout`); stopping a third of that earlier leaves room for clocks a little
-        out of step. Called before the payload goes, so an attempt whose renewals failed
+        out of step. Called just before the payload goes, so an attempt whose renewals failed
         never sends while the replica that took the message over sends it too."""
         until = self._until.get(queue_id, math.inf)
         if now >= until - self.lease_timeout / 3:
-            raise LeaseLost(
+            raise LeaseUnconfirmed(
                 f"{queue_id}: the lease was last confirmed until {until:.0f}, and another"
                 " replica may take it over: not sent"
             )
@@ -115,15 +116,19 @@ class Leases:
     async def _write(self, settlement: Settlement) -> None:
         try:
             if isinstance(settlement, GiveBack):
-                await self.store.unlease(
-                    settlement.queue_id, settlement.next_attempt, owner=self.owner
-                )
+                await self.store.unlease(settlement.queue_id, settlement.next_attempt, self.owner)
             else:
-                # Written only while this process still holds the lease: once another replica
-                # has taken it over, this outcome must not end that replica's lease.
-                await self.store.update(replace(settlement, owner=self.owner))
+                await self.store.update(settlement)
         except StoreUnavailable:
             raise
+        except LeaseLost as exc:
+            # The process that took it back logged it ambiguous and now decides its fate.
+            log.error(
+                "%s: outcome not recorded (%s): %s; that process recorded it ambiguous",
+                settlement.queue_id,
+                _describe(settlement),
+                exc,
+            )
         except StoreError as exc:
             # This write itself is wrong (the message is gone): trying again cannot help.
             log.error(

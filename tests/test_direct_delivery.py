@@ -232,3 +232,25 @@ async def test_a_domain_no_server_of_which_answers_fails_over_to_the_next_upstre
     assert "no mail server for gone.test could be reached" in failover["reply"]
     [delivered] = await relay.events("delivered")
     assert delivered["upstream"] == "smarthost"
+
+
+async def test_stopped_awaiting_an_mx_servers_final_reply_is_ambiguous_never_given_back(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    # The worker is cancelled while the MX server holds the payload: the server may deliver
+    # it, so the next start must say `ambiguous` before it sends the message again. The
+    # direct transport used to learn that its server had the payload only once that server's
+    # transaction returned, so this attempt was given back as never sent, and the second
+    # copy had no event to explain it.
+    port, servers = mail_servers
+    server = servers["127.0.0.5"]
+    server.script.stall = "data"
+    relay = await direct_relay(make_relay, dnsmasq, port, runtime={"shutdown_grace": "0s"})
+    assert (await send(relay.port, make_message(), rcpts=("cy@amx.test",))).code == 250
+    await asyncio.wait_for(server.script.stalled.wait(), 20)
+    await relay.stop()
+    server.script.go_on()
+    after = await direct_relay(make_relay, dnsmasq, port)
+    await server.wait_for(1)
+    await after.idle()
+    assert [e["event"] for e in await after.events()] == ["received", "ambiguous", "delivered"]

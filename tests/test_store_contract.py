@@ -17,7 +17,7 @@ import pytest
 from relay.audit import Event
 from relay.config import from_mapping
 from relay.decision import Claim
-from relay.errors import StoreError
+from relay.errors import LeaseLost, StoreError
 from relay.store import (
     Instance,
     RecipientUpdate,
@@ -312,7 +312,7 @@ async def test_bodies_are_kept_for_keep_bodies_then_purged(make_store: MakeStore
 async def test_an_attempt_given_back_does_not_count(store: Store) -> None:
     await store.accept(submission("Q1"))
     await store.lease("worker", 10, T0, 600.0)
-    await store.unlease("Q1", T0 + 5)
+    await store.unlease("Q1", T0 + 5, "worker")
     again = await store.lease("worker", 10, T0 + 5, 600.0)
     assert [lease.attempts for lease in again.leases] == [1]
 
@@ -371,6 +371,27 @@ async def test_renewal_keeps_own_leases_and_reclaim_takes_only_others_run_out(
     assert await theirs.reclaim("them", T0 + 300, hold=False) == ["MINE"]
     assert committed.names.count("ambiguous") == 2
     assert await mine.reclaim("me", T0 + 400, hold=False) == []
+
+
+async def test_an_outcome_or_give_back_after_the_lease_was_taken_over_changes_nothing(
+    make_store: MakeStore,
+) -> None:
+    # "a" leased Q1 and went quiet; "b" took the lease back (ambiguous), leased and delivered.
+    store = await make_store()
+    await store.accept(submission("Q1", key=claim()))
+    await store.lease("a", 1, T0, 60.0)
+    assert await store.reclaim("b", T0 + 100, hold=False) == ["Q1"]
+    await store.lease("b", 1, T0 + 100, 60.0)
+    await store.unlease("Q1", T0 + 101, "a")  # a's give-back must not end b's lease
+    assert await store.renew("b", ["Q1"], T0 + 200) == 1
+    delivered = outcome("Q1", T0 + 102, ("alice@example.org", "delivered"))
+    await store.update(dataclasses.replace(delivered, owner="b"))
+    late = dataclasses.replace(outcome("Q1", T0 + 103, ("alice@example.org", "failed")), owner="a")
+    with pytest.raises(LeaseLost):
+        await store.update(late)
+    assert [lease.queue_id for lease in (await store.lease("c", 1, T0 + 400, 60.0)).leases] == []
+    repeat = await store.accept(submission("Q2", at=T0 + 104, key=claim()))
+    assert repeat.forward == (), "the key is still taken: the resend is a repeat"
 
 
 async def test_an_instance_name_is_held_by_one_live_process_at_a_time(
@@ -532,29 +553,3 @@ async def test_the_reader_answers_log_show_stats_and_searches_alike(
             ("127.0.0.1", "message-id", "drop", 1)
         ]
         assert await reader.message_head("Q1") is None, "delivered bodies are not kept"
-
-
-async def test_an_outcome_or_give_back_from_a_lease_taken_over_leaves_the_new_holder_alone(
-    make_store: MakeStore,
-) -> None:
-    """Replica A's lease ran out unrenewed (it could not reach the store) and B took the
-    message over and is sending it. A's late give-back or deferral must not end B's lease: the
-    message would be queued and leased a third time while B still sends it. A's outcome is
-    still recorded as an event, so the audit says what A's attempt did."""
-    committed = Committed()
-    a, b = await make_store(committed), await make_store(committed)
-    await a.accept(submission("Q1"))
-    await a.lease("a", 1, T0, 60.0)
-    assert await b.reclaim("b", T0 + 61, hold=False) == ["Q1"]
-    assert [lease.queue_id for lease in (await b.lease("b", 1, T0 + 61, 60.0)).leases] == ["Q1"]
-
-    await a.unlease("Q1", T0 + 62, owner="a")
-    late = outcome("Q1", T0 + 63, ("alice@example.org", "queued"), again=T0 + 64)
-    assert await a.update(dataclasses.replace(late, owner="a")) == "sending"
-    assert (await a.lease("c", 1, T0 + 100, 60.0)).leases == ()
-    assert await b.renew("b", ["Q1"], T0 + 200) == 1
-    assert committed.names.count("deferred") == 1
-
-    mine = outcome("Q1", T0 + 101, ("alice@example.org", "delivered"))
-    assert await b.update(dataclasses.replace(mine, owner="b")) == "done"
-    assert committed.names.count("delivered") == 1

@@ -112,9 +112,9 @@ class Update:
     duration: float | None
     ts: float
     detail: str | None = None
-    # Whose lease the attempt ran under. Set, the outcome changes the message only while it is
-    # still `sending` under that owner: once another replica has taken the lease over, only its
-    # events are recorded. None (recovery, requeue) applies it whoever holds the message.
+    # The process whose lease this outcome ends (a delivery attempt's): the update lands only
+    # while the message is still `sending` under it. None for recovery and requeue, which
+    # take the message over themselves.
     owner: str | None = None
 
 
@@ -173,15 +173,11 @@ class Store(Protocol):
         """A spooled body the lease did not carry (a large one); None if it is gone."""
 
     async def update(self, update: Update) -> MessageState:
-        """Apply an attempt's outcome and end the lease; returns the message's new state.
+        """Apply an attempt's outcome and end the lease; returns the message's new state."""
 
-        With `update.owner`, a message no longer `sending` under it is left as it is (its state
-        is returned) and only the outcome's events are recorded, saying so."""
-
-    async def unlease(self, queue_id: str, next_attempt: float, owner: str | None = None) -> None:
-        """Give back a lease whose attempt never reached the upstream; it does not count.
-
-        With `owner`, only while the message is still `sending` under it."""
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
+        """Give back `owner`'s lease whose attempt never reached the upstream; it does not
+        count. A lease another process has taken back meanwhile is left alone."""
 
     async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
         """Extend `owner`'s leases on these messages to `until`, while its attempts are alive.

@@ -10,11 +10,12 @@ apart in what they store or what the audit log says.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from relay.audit import FIELDS, Event
 from relay.decision import Claim, Verdict, normalise_rcpt
+from relay.errors import LeaseLost
 from relay.store import Lease, MessageState, RecipientUpdate, Submission, Update
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "recovery_update",
     "requeue_update",
     "settlement",
-    "stale_events",
     "update_events",
 ]
 
@@ -201,6 +201,21 @@ def recovery_update(
     )
 
 
+def check_lease(u: Update, state: str | None, lease_owner: str | None) -> None:
+    """An attempt's outcome lands only while its own lease still holds the message.
+
+    Once another process has taken the lease back (recorded `ambiguous`) it may have sent
+    the message again and recorded that; a late outcome written over it turned a delivery
+    into "failed" and freed the key, so a repeat was forwarded.
+    """
+    if u.owner is None or (state == "sending" and lease_owner == u.owner):
+        return
+    now = f"{state}, leased by {lease_owner}" if lease_owner else str(state)
+    raise LeaseLost(
+        f"{u.owner}'s lease on {u.queue_id} was taken back during the attempt (now {now})"
+    )
+
+
 def requeue_update(queue_id: str, rcpts: Sequence[str], now: float) -> Update:
     return Update(
         queue_id=queue_id,
@@ -278,15 +293,6 @@ def settlement(u: Update) -> tuple[tuple[str, ...], tuple[str, ...]]:
     is freed (a final failure under release_on_failure)."""
     final = [r for r in u.recipients if r.state in FINAL_STATES]
     return tuple(r.rcpt for r in final if not r.release), tuple(r.rcpt for r in final if r.release)
-
-
-def stale_events(u: Update, message: MessageFields, state: str, holder: str | None) -> list[Event]:
-    """An outcome whose lease another replica had taken over: its events, saying that it
-    changed nothing, so the audit still tells what this attempt did (a copy it delivered)."""
-    note = f"not applied: the lease of {u.owner} had passed to {holder or 'no one'} ({state})"
-    return update_events(
-        replace(u, detail=f"{u.detail}; {note}" if u.detail else note), message, ()
-    )
 
 
 def lease_end(u: Update, state: MessageState) -> dict[str, Any]:

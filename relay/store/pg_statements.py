@@ -30,8 +30,9 @@ __all__ = [
     "HEARTBEAT_INSTANCE",
     "INSERT_EVENTS",
     "LEASE",
-    "LEASE_HOLDER",
+    "LEASE_OF",
     "LOCK_INSTANCE",
+    "MESSAGE_STATE",
     "MIGRATION_LOCK",
     "PURGE_MESSAGES",
     "READY_PROBE",
@@ -164,8 +165,7 @@ SELECT_BODY = _q("SELECT data FROM bodies WHERE queue_id = :queue_id")
 UNLEASE = _q(
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = greatest(attempts - 1, 0)"
-    " WHERE queue_id = :queue_id AND state = 'sending'"
-    " AND (:owner::text IS NULL OR lease_owner = :owner)"
+    " WHERE queue_id = :queue_id AND state = 'sending' AND lease_owner = :owner"
 )
 # The messages a lease whose COMMIT's answer was lost took, found by that lease's expiry (no
 # other lease or renewal of the process wrote it), back to queued as if never leased.
@@ -241,12 +241,9 @@ END_LEASE = _q(
     " WHERE queue_id = :queue_id)"
     " DELETE FROM bodies WHERE queue_id = :queue_id AND :drop_body::boolean"
 )
-# Who holds the message now, locked for the outcome's transaction (before its recipients, in
-# the order a reclaim takes them): an outcome from a lease taken over must not change it.
-LEASE_HOLDER = _q(
-    'SELECT state, lease_owner, key, strategy, message_id, sender, size, client, "user", scope'
-    " FROM messages WHERE queue_id = :queue_id FOR UPDATE"
-)
+MESSAGE_STATE = _q("SELECT state FROM messages WHERE queue_id = :queue_id")
+# Locked, so no replica takes the lease back between this look and the outcome it guards.
+LEASE_OF = _q("SELECT state, lease_owner FROM messages WHERE queue_id = :queue_id FOR UPDATE")
 RECIPIENTS_IN_STATE = _q(
     "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state ORDER BY rcpt"
 )

@@ -592,30 +592,19 @@ class PostgresStore:
 
     async def update(self, update: Update) -> MessageState:
         async def stored(tx: PgTx) -> MessageState | None:
-            # Delivery reports only on a message it leased: one no longer sending under it was
-            # settled by the commit whose answer was lost (or taken over, and recorded, by
-            # another).
-            row = await tx.fetchrow(sql.LEASE_HOLDER, queue_id=update.queue_id)
-            if row is None:
-                return None
-            mine = update.owner is None or row["lease_owner"] == update.owner
-            return None if row["state"] == "sending" and mine else cast(MessageState, row["state"])
+            # Delivery reports only on a message it leased: one no longer sending was settled
+            # by the commit whose answer was lost (or taken over, and recorded, by another).
+            row = await tx.fetchrow(sql.MESSAGE_STATE, queue_id=update.queue_id)
+            state = None if row is None else row["state"]
+            return None if state == "sending" else cast(MessageState, state)
 
         return await self._run_until_stored(lambda tx: self._update(tx, update), stored)
 
     async def _update(self, tx: PgTx, u: Update) -> MessageState:
         if u.owner is not None:
-            held = await tx.fetchrow(sql.LEASE_HOLDER, queue_id=u.queue_id)
-            if held is None:
-                raise StoreError(f"no message {u.queue_id}")
-            if (held["state"], held["lease_owner"]) != ("sending", u.owner):
-                fields = {name: held[name] for name in changes.MessageFields.__dataclass_fields__}
-                tx.record(
-                    changes.stale_events(
-                        u, changes.MessageFields(**fields), held["state"], held["lease_owner"]
-                    )
-                )
-                return cast(MessageState, held["state"])
+            lease = await tx.fetchrow(sql.LEASE_OF, queue_id=u.queue_id)
+            if lease is not None:  # no message: UPDATE_RECIPIENTS says so below
+                changes.check_lease(u, lease["state"], lease["lease_owner"])
         settle, released = changes.settlement(u)
         row = await tx.fetchrow(
             sql.UPDATE_RECIPIENTS,
@@ -643,12 +632,12 @@ class PostgresStore:
         tx.record(changes.update_events(u, message, released))
         return state
 
-    async def unlease(self, queue_id: str, next_attempt: float, owner: str | None = None) -> None:
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
         async def job(tx: PgTx) -> None:
-            given = await tx.execute(
+            unleased = await tx.execute(
                 sql.UNLEASE, queue_id=queue_id, next_attempt=next_attempt, owner=owner
             )
-            if given:
+            if unleased:
                 tx.notify = True
 
         await self._run_until_stored(job)

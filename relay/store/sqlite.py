@@ -555,12 +555,9 @@ class SqliteStore:
         row = tx.execute(sql.MESSAGE_FOR_EVENTS, {"queue_id": u.queue_id}).fetchone()
         if row is None:
             raise StoreError(f"no message {u.queue_id}")
-        message = changes.MessageFields(**dict(zip(row.keys(), row, strict=True)))
-        if u.owner is not None:
-            held = tx.execute(sql.LEASE_HOLDER, {"queue_id": u.queue_id}).fetchone()
-            if (held["state"], held["lease_owner"]) != ("sending", u.owner):
-                tx.record(changes.stale_events(u, message, held["state"], held["lease_owner"]))
-                return cast(MessageState, held["state"])
+        fields = dict(zip(row.keys(), row, strict=True))
+        changes.check_lease(u, fields.pop("state"), fields.pop("lease_owner"))
+        message = changes.MessageFields(**fields)
         tx.executemany(
             sql.UPDATE_RECIPIENT,
             [
@@ -591,7 +588,7 @@ class SqliteStore:
             tx.execute(sql.DELETE_BODY, {"queue_id": u.queue_id})
         return state
 
-    async def unlease(self, queue_id: str, next_attempt: float, owner: str | None = None) -> None:
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
         params = {"queue_id": queue_id, "next_attempt": next_attempt, "owner": owner}
         await self._run(lambda tx: tx.execute(sql.UNLEASE, params).rowcount)
 

@@ -34,7 +34,6 @@ __all__ = [
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
     "LEASE_DUE",
-    "LEASE_HOLDER",
     "MESSAGE_FOR_EVENTS",
     "NEXT_DUE",
     "READY_PROBE",
@@ -146,8 +145,7 @@ def bodies_of(count: int) -> str:
 UNLEASE = (
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = max(attempts - 1, 0)"
-    " WHERE queue_id = :queue_id AND state = 'sending'"
-    " AND (:owner IS NULL OR lease_owner = :owner)"
+    " WHERE queue_id = :queue_id AND state = 'sending' AND lease_owner = :owner"
 )
 STUCK_LEASES = (
     "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
@@ -185,11 +183,9 @@ RELEASE_INSTANCE = "DELETE FROM instances WHERE name = :name AND token = :token"
 # --- update ------------------------------------------------------------------
 
 MESSAGE_FOR_EVENTS = (
-    "SELECT key, strategy, message_id, sender, size, client, user, scope"
+    "SELECT key, strategy, message_id, sender, size, client, user, scope, state, lease_owner"
     " FROM messages WHERE queue_id = :queue_id"
 )
-# Who holds the message now: an outcome from a lease taken over must not change it.
-LEASE_HOLDER = "SELECT state, lease_owner FROM messages WHERE queue_id = :queue_id"
 UPDATE_RECIPIENT = (
     "UPDATE recipients SET state = :state, code = :code, reply = :reply,"
     " upstream_id = :upstream_id, updated_at = :ts WHERE queue_id = :queue_id AND rcpt = :rcpt"

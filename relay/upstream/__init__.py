@@ -79,7 +79,8 @@ class Attempt:
 class Transport(Protocol):
     """One connection to an upstream; `payload_sent` marks the RFC 1047 window."""
 
-    payload_sent: bool
+    @property
+    def payload_sent(self) -> bool: ...
 
     async def send(self, message: Outgoing, gate: Gate | None = None) -> Attempt: ...
 

@@ -152,9 +152,17 @@ class MxTransport:
 
     def __init__(self, config: UpstreamConfig, resolver: Resolver) -> None:
         self.config = config
-        self.payload_sent = False
+        self._sent = False
+        self._current: SmtpTransport | None = None
         self._resolver = resolver
         self._servers: dict[str, SmtpTransport] = {}
+
+    @property
+    def payload_sent(self) -> bool:
+        """Read while a server's transaction is still under way too: a worker cancelled while
+        an MX server holds the payload must record `ambiguous`, not give the message back."""
+        current = self._current
+        return self._sent or (current is not None and current.payload_sent)
 
     def _server(self, address: str) -> SmtpTransport:
         transport = self._servers.get(address)
@@ -173,7 +181,8 @@ class MxTransport:
 
     async def send(self, message: Outgoing, gate: Gate | None = None) -> Attempt:
         started = time.monotonic()
-        self.payload_sent = False
+        self._sent = False
+        self._current = None
         domains: dict[str, list[str]] = {}
         for rcpt in message.recipients:
             domains.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
@@ -216,8 +225,10 @@ class MxTransport:
                     break
                 tried += 1
                 server = self._server(address)
+                self._current = server
                 attempt = await server.send(replace(message, recipients=pending), gate)
-                self.payload_sent = self.payload_sent or server.payload_sent
+                self._sent = self._sent or server.payload_sent
+                self._current = None
                 where = f"relay={host}[{address}]:{self.config.port}"
                 for r in attempt.results:
                     if not r.failover:
