@@ -162,15 +162,16 @@ class Leases:
             renewed = await self.store.renew(self.owner, held, now + self.lease_timeout)
         except StoreError:
             return  # the store logs its own state; the next round tries again
-        if renewed == len(held):
-            # Every one is still this process's (a shortfall does not say which are not).
-            for queue_id in held:
-                if queue_id in self._held:  # not settled while the renewal ran
-                    self._until[queue_id] = now + self.lease_timeout
-        else:
+        for queue_id in renewed:
+            if queue_id in self._held:  # not settled while the renewal ran
+                self._until[queue_id] = now + self.lease_timeout
+        # A lease settled while the renewal ran is gone by right; any other was taken over.
+        lost = [q for q in held if q not in renewed and q in self._held]
+        if lost:
             log.warning(
-                "%d of %d lease(s) held by %s were no longer its own when renewed",
-                len(held) - renewed,
+                "%d of %d lease(s) held by %s were no longer its own when renewed: %s",
+                len(lost),
                 len(held),
                 self.owner,
+                ", ".join(lost[:10]),
             )

@@ -140,7 +140,7 @@ async def test_giving_back_a_lost_lease_leaves_the_leases_this_process_holds_alo
     with pytest.raises(CommitUnknown):
         await store.lease("relay-a", 10, T0, LEASE_FOR)
     if held_by == "renewal":
-        assert await store.renew("relay-a", ["Q1"], T0 + LEASE_FOR) == 1
+        assert await store.renew("relay-a", ["Q1"], T0 + LEASE_FOR) == {"Q1"}
 
     again = await store.lease("relay-a", 10, T0, LEASE_FOR)
     assert [lease.queue_id for lease in again.leases] == ["Q2"]

@@ -179,10 +179,11 @@ class Store(Protocol):
         """Give back `owner`'s lease whose attempt never reached the upstream; it does not
         count. A lease another process has taken back meanwhile is left alone."""
 
-    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> frozenset[str]:
         """Extend `owner`'s leases on these messages to `until`, while its attempts are alive.
 
-        Only messages still `sending` under `owner` are extended; returns how many were.
+        Only messages still `sending` under `owner` are extended; returns which were, so a
+        message settled while the renewal ran does not leave the others unconfirmed.
         """
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:

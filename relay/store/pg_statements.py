@@ -187,7 +187,7 @@ EXPIRED_LEASES = _q(
 # Only leases `owner` still holds are extended.
 RENEW_LEASES = _q(
     "UPDATE messages SET lease_until = :until WHERE state = 'sending' AND lease_owner = :owner"
-    " AND queue_id = ANY(:ids::text[])"
+    " AND queue_id = ANY(:ids::text[]) RETURNING queue_id"
 )
 
 # --- instances -----------------------------------------------------------------

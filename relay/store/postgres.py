@@ -642,15 +642,16 @@ class PostgresStore:
 
         await self._run_until_stored(job)
 
-    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> frozenset[str]:
         ids = list(queue_ids)
         if ids:
             until = self._until(owner, until)
 
-        async def job(tx: PgTx) -> int:
-            return await tx.execute(sql.RENEW_LEASES, owner=owner, until=until, ids=ids)
+        async def job(tx: PgTx) -> frozenset[str]:
+            rows = await tx.fetch(sql.RENEW_LEASES, owner=owner, until=until, ids=ids)
+            return frozenset(row["queue_id"] for row in rows)
 
-        return await self._run(job) if ids else 0
+        return await self._run(job) if ids else frozenset()
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
         return await self._run(lambda tx: self._take_back(tx, sql.STUCK_LEASES, owner, now, hold))

@@ -592,18 +592,18 @@ class SqliteStore:
         params = {"queue_id": queue_id, "next_attempt": next_attempt, "owner": owner}
         await self._run(lambda tx: tx.execute(sql.UNLEASE, params).rowcount)
 
-    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> frozenset[str]:
         ids = list(queue_ids)
 
-        def job(tx: Tx) -> int:
-            renewed = 0
+        def job(tx: Tx) -> frozenset[str]:
+            renewed: set[str] = set()
             for start in range(0, len(ids), RENEW_CHUNK):
                 chunk = ids[start : start + RENEW_CHUNK]
                 params = {"owner": owner, "until": until, **sql.in_params(chunk)}
-                renewed += tx.execute(sql.renew_leases(len(chunk)), params).rowcount
-            return renewed
+                renewed.update(row[0] for row in tx.execute(sql.renew_leases(len(chunk)), params))
+            return frozenset(renewed)
 
-        return await self._run(job) if ids else 0
+        return await self._run(job) if ids else frozenset()
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
         return await self._run(lambda tx: self._take_back(tx, sql.STUCK_LEASES, owner, now, hold))

@@ -161,7 +161,9 @@ def renew_leases(count: int) -> str:
     """Parameters: owner, until, id0..idN-1. Only leases `owner` still holds are extended."""
     return (
         "UPDATE messages SET lease_until = :until"
-        " WHERE state = 'sending' AND lease_owner = :owner AND " + in_list("queue_id", count)
+        " WHERE state = 'sending' AND lease_owner = :owner AND "
+        + in_list("queue_id", count)
+        + " RETURNING queue_id"
     )
 
 
