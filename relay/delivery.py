@@ -220,7 +220,7 @@ class Delivery:
             except Exception:
                 log.exception("could not lease messages for delivery")
                 batch = LeaseBatch((), None)
-            self.leases.took(lease.queue_id for lease in batch.leases)
+            self.leases.took((lease.queue_id for lease in batch.leases), now + self.lease_for)
             for lease in batch.leases:
                 self._in_flight += 1
                 self._queue.put_nowait(lease)
@@ -298,7 +298,11 @@ class Delivery:
                 data=headers.prepend(body, extra),
                 smtputf8=lease.smtputf8,
                 body8bit=lease.body8bit,
+                fence=fence,
             )
+
+        def fence() -> None:
+            self.leases.check(lease.queue_id, self.clock.time())
 
         async def failover(moved: Failover) -> None:
             await self._failover(lease, moved)
@@ -370,6 +374,7 @@ class Delivery:
                 duration=attempt.duration,
                 ts=now,
                 detail=detail,
+                owner=self.instance,
             )
         )
         if again:

@@ -19,6 +19,7 @@ __all__ = [
     "BadKey",
     "ConfigError",
     "InstanceBusy",
+    "LeaseLost",
     "ListenError",
     "OpenError",
     "ReadError",
@@ -90,6 +91,12 @@ class StoreUnavailable(StoreError):
 
 class StoreLost(StoreUnavailable):
     """The store's file was deleted or replaced under the running relay; only a restart helps."""
+
+
+class LeaseLost(StoreError):
+    """An attempt's outcome came after its lease was taken back by another process, which
+    recorded the message `ambiguous` and owns what happens to it now: this outcome must
+    not overwrite what that process has since recorded."""
 
 
 class ListenError(RelayError):

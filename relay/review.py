@@ -95,7 +95,7 @@ def add_commands(commands: Any, config_arg: Callable[[argparse.ArgumentParser], 
     log.add_argument(
         "--strategy",
         metavar="NAME",
-        help="what a key of this kind decided: message-id, fingerprint or header:NAME",
+        help="mail keyed this way: message-id, fingerprint or header:NAME",
     )
     log.add_argument(
         "--limit",

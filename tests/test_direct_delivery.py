@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from tests import mta
 from tests.conftest import Certificates, Relay, RelayFactory, Upstream, make_message, send
+from tests.faults import Faults
 from tests.mta import SmtpSink, free_port
 from tests.nameserver import Dnsmasq, Zone
 
@@ -232,3 +234,58 @@ async def test_a_domain_no_server_of_which_answers_fails_over_to_the_next_upstre
     assert "no mail server for gone.test could be reached" in failover["reply"]
     [delivered] = await relay.events("delivered")
     assert delivered["upstream"] == "smarthost"
+
+
+async def test_stopped_awaiting_an_mx_servers_final_reply_is_ambiguous_never_given_back(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    # The worker is cancelled while the MX server holds the payload: the server may deliver
+    # it, so the next start must say `ambiguous` before it sends the message again. The
+    # direct transport used to learn that its server had the payload only once that server's
+    # transaction returned, so this attempt was given back as never sent, and the second
+    # copy had no event to explain it.
+    port, servers = mail_servers
+    server = servers["127.0.0.5"]
+    server.script.stall = "data"
+    relay = await direct_relay(make_relay, dnsmasq, port, runtime={"shutdown_grace": "0s"})
+    assert (await send(relay.port, make_message(), rcpts=("cy@amx.test",))).code == 250
+    await asyncio.wait_for(server.script.stalled.wait(), 20)
+    await relay.stop()
+    server.script.go_on()
+    after = await direct_relay(make_relay, dnsmasq, port)
+    await server.wait_for(1)
+    await after.idle()
+    assert [e["event"] for e in await after.events()] == ["received", "ambiguous", "delivered"]
+
+
+async def test_a_store_failure_before_a_later_domain_keeps_what_the_earlier_domain_settled(
+    make_relay: RelayFactory, dnsmasq: Dnsmasq, mail_servers: tuple[int, dict[str, Upstream]]
+) -> None:
+    # ann's domain is done and delivered; then the pacing slot for cy's domain cannot be
+    # booked, so nothing goes to it. The attempt used to end "ambiguous" for both, and ann
+    # got the message a second time.
+    port, servers = mail_servers
+    faults = Faults()
+    bookings = itertools.count()
+    faults.fail("INSERT INTO pacing", when=lambda _: next(bookings) == 1)
+    upstream = {
+        "url": f"mx://:{port}",
+        "dns_servers": [dnsmasq.address],
+        "timeout": "5s",
+        "rate": "1000/s",
+    }
+    relay = await make_relay(upstream=upstream, store_factory=faults.store_factory())
+    rcpts = ("ann@example.test", "cy@amx.test")
+    assert (await send(relay.port, make_message("direct"), rcpts=rcpts)).code == 250
+    await servers["127.0.0.5"].wait_for(1)
+    await relay.idle()
+    assert faults.fired == ["INSERT INTO pacing"]
+    at_example = [m for a in ("127.0.0.2", "127.0.0.3") for m in servers[a].messages]
+    assert [m.rcpts for m in at_example] == [["ann@example.test"]]
+    assert [m.rcpts for m in servers["127.0.0.5"].messages] == [["cy@amx.test"]]
+    assert [(e["event"], e["rcpts"]) for e in await relay.events()] == [
+        ("received", "ann@example.test,cy@amx.test"),
+        ("delivered", "ann@example.test"),
+        ("deferred", "cy@amx.test"),
+        ("delivered", "cy@amx.test"),
+    ]

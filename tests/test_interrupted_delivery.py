@@ -11,8 +11,9 @@ import asyncio
 import time
 from pathlib import Path
 
+from relay.store import RecipientUpdate, Update
 from relay.store.sqlite import SqliteStore
-from tests.conftest import Relay, Upstream, left_mid_attempt, make_message, send
+from tests.conftest import Relay, Upstream, left_mid_attempt, make_message, send, submission
 
 INSTANCE = "test"  # runtime.instance in tests/conftest.py's base config
 
@@ -107,4 +108,36 @@ async def test_after_a_crash_mid_attempt_the_message_is_retried_as_ambiguous(
     assert [e["event"] for e in await relay.events()] == ["received", "ambiguous", "delivered"]
     [ambiguous] = await relay.events("ambiguous")
     assert "will be retried" in ambiguous["detail"]
+    assert len(upstream.messages) == 1
+
+
+async def test_after_a_crash_in_a_retry_only_the_recipients_it_was_for_are_ambiguous(
+    make_relay, upstream: Upstream, tmp_path: Path
+) -> None:
+    # The first attempt delivered to alice and deferred bob; the relay died during bob's
+    # retry. Recovery concerns bob alone: alice must not be marked ambiguous, nor sent again.
+    now = time.time()
+    store = SqliteStore(str(tmp_path / "relay.db"))
+    await store.open()
+    try:
+        sub = submission("CRASH1", "alice@example.org", "bob@example.org", at=now)
+        assert (await store.accept(sub)).forward == sub.recipients
+        [lease] = (await store.lease(INSTANCE, 10, now, 600.0)).leases
+        delivered = RecipientUpdate("alice@example.org", "delivered", "delivered", 250, "ok")
+        deferred = RecipientUpdate("bob@example.org", "queued", "deferred", 452, "full")
+        await store.update(Update(lease.queue_id, (delivered, deferred), now, None, None, now))
+        [retry] = (await store.lease(INSTANCE, 10, now, 600.0)).leases
+        assert retry.recipients == ("bob@example.org",)
+    finally:
+        await store.close()  # the relay died here, its retry's outcome never recorded
+    relay = await make_relay()
+    [message] = await upstream.wait_for(1)
+    await relay.idle()
+    assert message.rcpts == ["bob@example.org"]
+    [ambiguous] = await relay.events("ambiguous")
+    assert ambiguous["rcpts"] == "bob@example.org"
+    assert dict(await relay.rows("SELECT rcpt, state FROM recipients")) == {
+        "alice@example.org": "delivered",
+        "bob@example.org": "delivered",
+    }
     assert len(upstream.messages) == 1

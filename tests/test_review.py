@@ -273,7 +273,11 @@ async def test_log_by_rule_and_by_strategy_lists_only_the_mail_they_decided(
     assert {r["queue_id"] for r in rule.records()} == set(receipt_ids)
     # The events the rule decided: the accept and the repeat, not the upstream's outcome.
     assert [r["event"] for r in rule.records()] == ["received", "duplicate"]
-    assert {r["queue_id"] for r in header.records()} == {keyed_id}
+    # Every event of the mail keyed that way, its outcome included.
+    assert [(r["event"], r["queue_id"]) for r in header.records()] == [
+        ("received", keyed_id),
+        ("delivered", keyed_id),
+    ]
     assert {r["key"] for r in header.records()} == {"order-7"}
     assert [r["queue_id"] for r in message_id.records()] == [receipt_ids[0], plain_id]
     assert (unknown.code, unknown.records()) == (0, [])

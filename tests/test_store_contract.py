@@ -17,7 +17,8 @@ import pytest
 from relay.audit import Event
 from relay.config import from_mapping
 from relay.decision import Claim
-from relay.errors import StoreError
+from relay.errors import LeaseLost, StoreError
+from relay.leases import Leases, LeaseUnconfirmed
 from relay.store import (
     Instance,
     RecipientUpdate,
@@ -312,7 +313,7 @@ async def test_bodies_are_kept_for_keep_bodies_then_purged(make_store: MakeStore
 async def test_an_attempt_given_back_does_not_count(store: Store) -> None:
     await store.accept(submission("Q1"))
     await store.lease("worker", 10, T0, 600.0)
-    await store.unlease("Q1", T0 + 5)
+    await store.unlease("Q1", T0 + 5, "worker")
     again = await store.lease("worker", 10, T0 + 5, 600.0)
     assert [lease.attempts for lease in again.leases] == [1]
 
@@ -365,12 +366,53 @@ async def test_renewal_keeps_own_leases_and_reclaim_takes_only_others_run_out(
     await mine.accept(submission("THEIRS", at=T0 + 1))
     await mine.lease("me", 1, T0 + 2, 60.0)
     await theirs.lease("them", 1, T0 + 2, 60.0)
-    assert await mine.renew("me", ["MINE", "THEIRS"], T0 + 200) == 1, "only its own lease"
+    assert await mine.renew("me", ["MINE", "THEIRS"], T0 + 200) == {"MINE"}, "only its own lease"
     # At T0 + 100 their lease has run out, mine was renewed: each takes back only the other's.
     assert await mine.reclaim("me", T0 + 100, hold=False) == ["THEIRS"]
     assert await theirs.reclaim("them", T0 + 300, hold=False) == ["MINE"]
     assert committed.names.count("ambiguous") == 2
     assert await mine.reclaim("me", T0 + 400, hold=False) == []
+
+
+async def test_a_lease_settled_while_a_renewal_ran_leaves_the_others_confirmed(
+    make_store: MakeStore,
+) -> None:
+    # A's outcome lands after the renewal took its list of held leases, before it ran.
+    store = await make_store()
+    for queue_id in ("A", "B"):
+        await store.accept(submission(queue_id))
+    await store.lease("me", 2, T0, 30.0)
+    leases = Leases(store, "me", 30.0)
+    leases.took(["A", "B"], T0 + 30)
+    await store.update(
+        dataclasses.replace(outcome("A", T0 + 5, ("alice@example.org", "delivered")), owner="me")
+    )
+    await leases.renew(T0 + 10)
+    # B is this process's until T0 + 40 now: its payload may still go at T0 + 25.
+    leases.check("B", T0 + 25)
+    with pytest.raises(LeaseUnconfirmed):
+        leases.check("B", T0 + 31)
+
+
+async def test_an_outcome_or_give_back_after_the_lease_was_taken_over_changes_nothing(
+    make_store: MakeStore,
+) -> None:
+    # "a" leased Q1 and went quiet; "b" took the lease back (ambiguous), leased and delivered.
+    store = await make_store()
+    await store.accept(submission("Q1", key=claim()))
+    await store.lease("a", 1, T0, 60.0)
+    assert await store.reclaim("b", T0 + 100, hold=False) == ["Q1"]
+    await store.lease("b", 1, T0 + 100, 60.0)
+    await store.unlease("Q1", T0 + 101, "a")  # a's give-back must not end b's lease
+    assert await store.renew("b", ["Q1"], T0 + 200) == {"Q1"}
+    delivered = outcome("Q1", T0 + 102, ("alice@example.org", "delivered"))
+    await store.update(dataclasses.replace(delivered, owner="b"))
+    late = dataclasses.replace(outcome("Q1", T0 + 103, ("alice@example.org", "failed")), owner="a")
+    with pytest.raises(LeaseLost):
+        await store.update(late)
+    assert [lease.queue_id for lease in (await store.lease("c", 1, T0 + 400, 60.0)).leases] == []
+    repeat = await store.accept(submission("Q2", at=T0 + 104, key=claim()))
+    assert repeat.forward == (), "the key is still taken: the resend is a repeat"
 
 
 async def test_an_instance_name_is_held_by_one_live_process_at_a_time(

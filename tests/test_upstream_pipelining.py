@@ -125,7 +125,7 @@ class BatchUpstream(LoopbackServer):
                     verbs.append(verb)
                     reply = self._answer(verb, line, mail_ok)
                     if verb == "MAIL":
-                        mail_ok = reply.startswith(b"250")
+                        mail_ok = reply.startswith(b"2")
                     if self.pipelining and verb in ("MAIL", "RCPT"):
                         held.append(reply)
                         batch.append(verb)
@@ -239,6 +239,54 @@ async def test_mixed_recipient_replies_are_judged_per_recipient_and_the_payload_
         }
         assert server.batches == [["MAIL", "RCPT", "RCPT", "RCPT", "DATA"]]
         assert len(server.payloads) == 1
+
+
+ODD_2XX = {
+    "mail-251": ("mail", b"251 2.1.0 Sender ok, more or less\r\n"),
+    "rcpt-252": ("rcpt", b"252 2.1.5 Cannot verify, but will accept and attempt delivery\r\n"),
+}
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+@pytest.mark.parametrize("case", ODD_2XX.values(), ids=ODD_2XX.keys())
+async def test_an_odd_2xx_to_mail_or_rcpt_accepts_and_the_payload_goes(
+    make_relay: RelayFactory, pipelining: bool, case: tuple[str, bytes]
+) -> None:
+    # Any 2xx is a yes (the upstream now holds the sender or the recipient, as Postfix's
+    # client reads it). It was classified as "delivered" although no payload ever went.
+    where, odd = case
+    async with running(BatchUpstream(pipelining=pipelining)) as server:
+        if where == "mail":
+            server.mail = {"shop@example.com": odd}
+        else:
+            server.rcpt = {"alice@example.org": odd}
+        relay = await relay_to(make_relay, server.port)
+        assert (await send(relay.port, make_message("odd but fine"))).code == 250
+        [event] = await outcomes(relay, 1)
+        await relay.idle()
+        assert (event["event"], event["code"]) == ("delivered", 250)
+        assert len(server.payloads) == 1 and b"Subject: odd but fine" in server.payloads[0]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+async def test_a_recipient_answered_252_shares_the_payloads_fate(
+    make_relay: RelayFactory, pipelining: bool
+) -> None:
+    # The upstream took alice with its 252: a 451 to the payload defers her with bob, and
+    # both go on the retry. She was "delivered" by the 252 alone, and never got the mail.
+    async with running(BatchUpstream(pipelining=pipelining)) as server:
+        server.rcpt = {"alice@example.org": ODD_2XX["rcpt-252"][1]}
+        server.end = b"451 4.3.0 Try again later\r\n"
+        relay = await relay_to(make_relay, server.port)
+        rcpts = ("alice@example.org", "bob@example.org")
+        assert (await send(relay.port, make_message(), rcpts=rcpts)).code == 250
+        first = await outcomes(relay, 2)
+        assert by_rcpt(first) == {r: ("deferred", 451) for r in rcpts}
+        server.end = QUEUED
+        events = await outcomes(relay, 4)
+        await relay.idle()
+        assert by_rcpt(events[len(first) :]) == {r: ("delivered", 250) for r in rcpts}
+        assert len(server.payloads) == 2
 
 
 async def test_a_354_after_every_recipient_was_refused_gets_no_payload_and_a_dropped_line(

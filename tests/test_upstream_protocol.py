@@ -45,13 +45,14 @@ class RawUpstream(LoopbackServer):
     """
 
     def __init__(self, **replies: bytes) -> None:
+        self.greeting = b"220 raw.test ESMTP\r\n"
         self.replies = {**GOOD, **{k.replace("end", "."): v for k, v in replies.items()}}
         self.payloads: list[bytes] = []
         self.partial: list[bytes] = []
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(b"220 raw.test ESMTP\r\n")
+            writer.write(self.greeting)
             while line := await reader.readline():
                 verb = line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
                 reply = self.replies.get(verb, b"502 5.5.2 Error: command not recognized\r\n")
@@ -78,8 +79,14 @@ def raw_upstream(**replies: bytes) -> contextlib.AbstractAsyncContextManager[Raw
     return running(RawUpstream(**replies))
 
 
-async def relay_to_raw(make_relay: RelayFactory, server: RawUpstream, **overrides: Any) -> Relay:
-    return await make_relay(upstream={"url": f"smtp://127.0.0.1:{server.port}"}, **overrides)
+async def relay_to_raw(
+    make_relay: RelayFactory,
+    server: RawUpstream,
+    upstream_extra: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Relay:
+    upstream = {"url": f"smtp://127.0.0.1:{server.port}", **(upstream_extra or {})}
+    return await make_relay(upstream=upstream, **overrides)
 
 
 async def first_outcome(relay: Relay) -> dict[str, Any]:
@@ -158,6 +165,44 @@ async def test_a_stray_reply_that_shifts_the_stream_is_a_failed_attempt_never_a_
         await deferred_unsent_then_sent_once(
             relay, server, lambda: server.replies.update(RCPT=GOOD["RCPT"])
         )
+
+
+# --- a 2xx where another reply was due is no delivery -----------------------------------------
+
+
+SESSION_2XX = {
+    # A greeting that is no SMTP greeting (an NNTP server answers 200 on connect).
+    "greeting-200": ("greeting", b"200 news.test NNRP service ready\r\n", b"220 raw.test\r\n"),
+    "auth-250": ("AUTH", b"250 2.7.0 Ok\r\n", b"235 2.7.0 Authentication successful\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", SESSION_2XX.values(), ids=SESSION_2XX.keys())
+async def test_a_2xx_before_mail_that_the_session_did_not_expect_is_no_delivery(
+    make_relay: RelayFactory, monkeypatch: pytest.MonkeyPatch, case: tuple[str, bytes, bytes]
+) -> None:
+    # The session never reached MAIL, so no payload went: whatever the code, the recipients
+    # wait for a sane upstream. A 2xx here was read as "delivered", and the mail was lost.
+    where, odd, sane = case
+    monkeypatch.setenv("RAW_UPSTREAM_PASSWORD", "s3cret")
+    ehlo = b"250-raw.test\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+    async with raw_upstream(EHLO=ehlo, AUTH=SESSION_2XX["auth-250"][2]) as server:
+
+        def answer(reply: bytes) -> None:
+            if where == "greeting":
+                server.greeting = reply
+            else:
+                server.replies[where] = reply
+
+        answer(odd)
+        login = {"username": "relay", "password_env": "RAW_UPSTREAM_PASSWORD"}
+        relay = await relay_to_raw(
+            make_relay, server, upstream_extra={**login, "allow_plaintext_auth": True}
+        )
+        assert (await send(relay.port, make_message("not lost"))).code == 250
+        event = await deferred_unsent_then_sent_once(relay, server, lambda: answer(sane))
+        assert event["code"] == int(odd[:3])
+        assert b"not lost" in server.payloads[0]
 
 
 # --- after the payload, only a clear reply is an answer ----------------------------------

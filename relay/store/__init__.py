@@ -112,6 +112,10 @@ class Update:
     duration: float | None
     ts: float
     detail: str | None = None
+    # The process whose lease this outcome ends (a delivery attempt's): the update lands only
+    # while the message is still `sending` under it. None for recovery and requeue, which
+    # take the message over themselves.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,13 +175,15 @@ class Store(Protocol):
     async def update(self, update: Update) -> MessageState:
         """Apply an attempt's outcome and end the lease; returns the message's new state."""
 
-    async def unlease(self, queue_id: str, next_attempt: float) -> None:
-        """Give back a lease whose attempt never reached the upstream; it does not count."""
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
+        """Give back `owner`'s lease whose attempt never reached the upstream; it does not
+        count. A lease another process has taken back meanwhile is left alone."""
 
-    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> frozenset[str]:
         """Extend `owner`'s leases on these messages to `until`, while its attempts are alive.
 
-        Only messages still `sending` under `owner` are extended; returns how many were.
+        Only messages still `sending` under `owner` are extended; returns which were, so a
+        message settled while the renewal ran does not leave the others unconfirmed.
         """
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:

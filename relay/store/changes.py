@@ -15,6 +15,7 @@ from typing import Any
 
 from relay.audit import FIELDS, Event
 from relay.decision import Claim, Verdict, normalise_rcpt
+from relay.errors import LeaseLost
 from relay.store import Lease, MessageState, RecipientUpdate, Submission, Update
 
 __all__ = [
@@ -197,6 +198,21 @@ def recovery_update(
         duration=None,
         ts=now,
         detail=f"{cause}; " + ("held for an operator" if hold else "will be retried"),
+    )
+
+
+def check_lease(u: Update, state: str | None, lease_owner: str | None) -> None:
+    """An attempt's outcome lands only while its own lease still holds the message.
+
+    Once another process has taken the lease back (recorded `ambiguous`) it may have sent
+    the message again and recorded that; a late outcome written over it turned a delivery
+    into "failed" and freed the key, so a repeat was forwarded.
+    """
+    if u.owner is None or (state == "sending" and lease_owner == u.owner):
+        return
+    now = f"{state}, leased by {lease_owner}" if lease_owner else str(state)
+    raise LeaseLost(
+        f"{u.owner}'s lease on {u.queue_id} was taken back during the attempt (now {now})"
     )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "HEARTBEAT_INSTANCE",
     "INSERT_EVENTS",
     "LEASE",
+    "LEASE_OF",
     "LOCK_INSTANCE",
     "MESSAGE_STATE",
     "MIGRATION_LOCK",
@@ -47,6 +48,7 @@ __all__ = [
     "STUCK_LEASES",
     "TAKE_INSTANCE",
     "UNLEASE",
+    "UNLEASE_LOST",
     "UPDATE_RECIPIENTS",
     "Query",
     "event_columns",
@@ -163,7 +165,14 @@ SELECT_BODY = _q("SELECT data FROM bodies WHERE queue_id = :queue_id")
 UNLEASE = _q(
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = greatest(attempts - 1, 0)"
-    " WHERE queue_id = :queue_id AND state = 'sending'"
+    " WHERE queue_id = :queue_id AND state = 'sending' AND lease_owner = :owner"
+)
+# The messages a lease whose COMMIT's answer was lost took, found by that lease's expiry (no
+# other lease or renewal of the process wrote it), back to queued as if never leased.
+UNLEASE_LOST = _q(
+    "UPDATE messages SET state = 'queued', lease_owner = NULL, lease_until = NULL,"
+    " attempts = greatest(attempts - 1, 0)"
+    " WHERE state = 'sending' AND lease_owner = :owner AND lease_until = :until::float8"
 )
 # SKIP LOCKED: two replicas rescuing a dead one's leases at once rescue each message once.
 STUCK_LEASES = _q(
@@ -178,7 +187,7 @@ EXPIRED_LEASES = _q(
 # Only leases `owner` still holds are extended.
 RENEW_LEASES = _q(
     "UPDATE messages SET lease_until = :until WHERE state = 'sending' AND lease_owner = :owner"
-    " AND queue_id = ANY(:ids::text[])"
+    " AND queue_id = ANY(:ids::text[]) RETURNING queue_id"
 )
 
 # --- instances -----------------------------------------------------------------
@@ -233,6 +242,8 @@ END_LEASE = _q(
     " DELETE FROM bodies WHERE queue_id = :queue_id AND :drop_body::boolean"
 )
 MESSAGE_STATE = _q("SELECT state FROM messages WHERE queue_id = :queue_id")
+# Locked, so no replica takes the lease back between this look and the outcome it guards.
+LEASE_OF = _q("SELECT state, lease_owner FROM messages WHERE queue_id = :queue_id FOR UPDATE")
 RECIPIENTS_IN_STATE = _q(
     "SELECT rcpt FROM recipients WHERE queue_id = :queue_id AND state = :state ORDER BY rcpt"
 )

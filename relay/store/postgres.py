@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict
@@ -67,6 +68,7 @@ from relay.store.writer import BatchResult, GroupCommit, Outcome
 __all__ = [
     "FAILURES",
     "OUTCOME_RETRY",
+    "TRANSIENT",
     "UNAVAILABLE",
     "CommitUnknown",
     "NotCommitted",
@@ -110,6 +112,17 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 
+
+# Errors where the server gave up on a statement that was right and may pass when run again:
+# statement_timeout (or a cancel), a deadlock or serialization failure between replicas, a lock
+# not granted. The job's writes are rolled back, so it is `NotCommitted`, not wrong: an outcome
+# is written again, as after a lost connection, instead of being dropped.
+TRANSIENT: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
 
 # Every error a statement or a connection can end in.
 FAILURES: tuple[type[Exception], ...] = (asyncpg.PostgresError, *UNAVAILABLE)
@@ -169,6 +182,13 @@ def connect_options(config: StoreConfig, *, readonly: bool = False) -> dict[str,
 
 def _lost(exc: BaseException) -> bool:
     return isinstance(exc, UNAVAILABLE)
+
+
+def _job_error(exc: Exception) -> Exception:
+    """A job's error as its caller should see it: a transient one stored nothing."""
+    if isinstance(exc, TRANSIENT):
+        return NotCommitted(f"the database gave up on the job: {_describe(exc)}")
+    return exc
 
 
 def _count(status: str) -> int:
@@ -258,7 +278,7 @@ async def _straight(tx: PgTx, jobs: Sequence[Job]) -> list[Outcome]:
             if _lost(exc):
                 raise
             tx.events.clear()
-            return [(None, exc)]
+            return [(None, _job_error(exc))]
     return outcomes
 
 
@@ -279,7 +299,7 @@ async def _one_by_one(tx: PgTx, jobs: Sequence[Job]) -> list[Outcome]:
                 raise
             del tx.events[mark:]
             await db.execute("ROLLBACK TO SAVEPOINT job")
-            outcomes.append((None, exc))
+            outcomes.append((None, _job_error(exc)))
         else:
             outcomes.append((result, None))
     return outcomes
@@ -322,6 +342,11 @@ class PostgresStore:
         self._reads: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._wakers: list[Callable[[], None]] = []
+        # Per owner, the lease expiries this process wrote that may still be in force: each
+        # lease and renewal writes one of its own (see `_until`).
+        self._untils: dict[str, set[float]] = {}
+        # (owner, until) of leases whose COMMIT's answer was lost: given back by the next lease.
+        self._lost_leases: set[tuple[str, float]] = set()
         self.writer: GroupCommit[Job] = GroupCommit(
             self._run_batch, on_commit=on_commit, on_batch=on_batch, name="pg-store-writer"
         )
@@ -508,14 +533,40 @@ class PostgresStore:
 
     # --- the back half -----------------------------------------------------
 
+    def _until(self, owner: str, until: float, now: float | None = None) -> float:
+        """`until`, or the next float above it that this process has not written for `owner`:
+        every lease and renewal writes an expiry of its own, so the messages of a lease whose
+        commit was lost are told from every other by theirs. Expiries before `now` are
+        forgotten: every expiry written from now on is later."""
+        issued = self._untils.setdefault(owner, set())
+        if now is not None:
+            issued.difference_update([u for u in issued if u < now])
+        while until in issued:
+            until = math.nextafter(until, math.inf)
+        issued.add(until)
+        return until
+
     async def lease(self, owner: str, limit: int, now: float, lease_for: float) -> LeaseBatch:
+        """Due messages, leased to `owner`.
+
+        A lease whose COMMIT's answer was lost may have leased messages that no caller knows
+        of: nothing would send or renew them, and `reclaim` skips the caller's own. They are
+        found by that lease's expiry, which no other lease or renewal of this process wrote,
+        and given back (uncounted) by the next lease, in its transaction, so they are leased
+        again at once if due.
+        """
+        until = self._until(owner, now + lease_for, now)
+        lost = sorted(self._lost_leases)
+
         async def job(tx: PgTx) -> LeaseBatch:
+            for lost_owner, lost_until in lost:
+                await tx.execute(sql.UNLEASE_LOST, owner=lost_owner, until=lost_until)
             rows = await tx.fetch(
                 sql.LEASE,
                 owner=owner,
                 limit=limit,
                 now=now,
-                until=now + lease_for,
+                until=until,
                 inline=INLINE_BODY_LIMIT,
             )
             next_due = rows[0]["next_due"] if rows else None
@@ -526,7 +577,13 @@ class PostgresStore:
             )
             return LeaseBatch(leases, next_due)
 
-        return await self._run(job)
+        try:
+            batch = await self._run(job)
+        except CommitUnknown:
+            self._lost_leases.add((owner, until))
+            raise
+        self._lost_leases.difference_update(lost)
+        return batch
 
     async def body(self, queue_id: str) -> bytes | None:
         async with self.connection() as db:
@@ -544,6 +601,10 @@ class PostgresStore:
         return await self._run_until_stored(lambda tx: self._update(tx, update), stored)
 
     async def _update(self, tx: PgTx, u: Update) -> MessageState:
+        if u.owner is not None:
+            lease = await tx.fetchrow(sql.LEASE_OF, queue_id=u.queue_id)
+            if lease is not None:  # no message: UPDATE_RECIPIENTS says so below
+                changes.check_lease(u, lease["state"], lease["lease_owner"])
         settle, released = changes.settlement(u)
         row = await tx.fetchrow(
             sql.UPDATE_RECIPIENTS,
@@ -571,20 +632,26 @@ class PostgresStore:
         tx.record(changes.update_events(u, message, released))
         return state
 
-    async def unlease(self, queue_id: str, next_attempt: float) -> None:
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
         async def job(tx: PgTx) -> None:
-            if await tx.execute(sql.UNLEASE, queue_id=queue_id, next_attempt=next_attempt):
+            unleased = await tx.execute(
+                sql.UNLEASE, queue_id=queue_id, next_attempt=next_attempt, owner=owner
+            )
+            if unleased:
                 tx.notify = True
 
         await self._run_until_stored(job)
 
-    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> frozenset[str]:
         ids = list(queue_ids)
+        if ids:
+            until = self._until(owner, until)
 
-        async def job(tx: PgTx) -> int:
-            return await tx.execute(sql.RENEW_LEASES, owner=owner, until=until, ids=ids)
+        async def job(tx: PgTx) -> frozenset[str]:
+            rows = await tx.fetch(sql.RENEW_LEASES, owner=owner, until=until, ids=ids)
+            return frozenset(row["queue_id"] for row in rows)
 
-        return await self._run(job) if ids else 0
+        return await self._run(job) if ids else frozenset()
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
         return await self._run(lambda tx: self._take_back(tx, sql.STUCK_LEASES, owner, now, hold))

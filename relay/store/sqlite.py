@@ -555,7 +555,9 @@ class SqliteStore:
         row = tx.execute(sql.MESSAGE_FOR_EVENTS, {"queue_id": u.queue_id}).fetchone()
         if row is None:
             raise StoreError(f"no message {u.queue_id}")
-        message = changes.MessageFields(**dict(zip(row.keys(), row, strict=True)))
+        fields = dict(zip(row.keys(), row, strict=True))
+        changes.check_lease(u, fields.pop("state"), fields.pop("lease_owner"))
+        message = changes.MessageFields(**fields)
         tx.executemany(
             sql.UPDATE_RECIPIENT,
             [
@@ -586,27 +588,22 @@ class SqliteStore:
             tx.execute(sql.DELETE_BODY, {"queue_id": u.queue_id})
         return state
 
-    async def unlease(self, queue_id: str, next_attempt: float) -> None:
-        await self._run(
-            lambda tx: (
-                tx.execute(
-                    sql.UNLEASE, {"queue_id": queue_id, "next_attempt": next_attempt}
-                ).rowcount
-            )
-        )
+    async def unlease(self, queue_id: str, next_attempt: float, owner: str) -> None:
+        params = {"queue_id": queue_id, "next_attempt": next_attempt, "owner": owner}
+        await self._run(lambda tx: tx.execute(sql.UNLEASE, params).rowcount)
 
-    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+    async def renew(self, owner: str, queue_ids: Sequence[str], until: float) -> frozenset[str]:
         ids = list(queue_ids)
 
-        def job(tx: Tx) -> int:
-            renewed = 0
+        def job(tx: Tx) -> frozenset[str]:
+            renewed: set[str] = set()
             for start in range(0, len(ids), RENEW_CHUNK):
                 chunk = ids[start : start + RENEW_CHUNK]
                 params = {"owner": owner, "until": until, **sql.in_params(chunk)}
-                renewed += tx.execute(sql.renew_leases(len(chunk)), params).rowcount
-            return renewed
+                renewed.update(row[0] for row in tx.execute(sql.renew_leases(len(chunk)), params))
+            return frozenset(renewed)
 
-        return await self._run(job) if ids else 0
+        return await self._run(job) if ids else frozenset()
 
     async def recover(self, owner: str, now: float, *, hold: bool) -> list[str]:
         return await self._run(lambda tx: self._take_back(tx, sql.STUCK_LEASES, owner, now, hold))

@@ -145,7 +145,7 @@ def bodies_of(count: int) -> str:
 UNLEASE = (
     "UPDATE messages SET state = 'queued', next_attempt = :next_attempt, lease_owner = NULL,"
     " lease_until = NULL, attempts = max(attempts - 1, 0)"
-    " WHERE queue_id = :queue_id AND state = 'sending'"
+    " WHERE queue_id = :queue_id AND state = 'sending' AND lease_owner = :owner"
 )
 STUCK_LEASES = (
     "SELECT queue_id, lease_owner FROM messages WHERE state = 'sending'"
@@ -161,7 +161,9 @@ def renew_leases(count: int) -> str:
     """Parameters: owner, until, id0..idN-1. Only leases `owner` still holds are extended."""
     return (
         "UPDATE messages SET lease_until = :until"
-        " WHERE state = 'sending' AND lease_owner = :owner AND " + in_list("queue_id", count)
+        " WHERE state = 'sending' AND lease_owner = :owner AND "
+        + in_list("queue_id", count)
+        + " RETURNING queue_id"
     )
 
 
@@ -183,7 +185,7 @@ RELEASE_INSTANCE = "DELETE FROM instances WHERE name = :name AND token = :token"
 # --- update ------------------------------------------------------------------
 
 MESSAGE_FOR_EVENTS = (
-    "SELECT key, strategy, message_id, sender, size, client, user, scope"
+    "SELECT key, strategy, message_id, sender, size, client, user, scope, state, lease_owner"
     " FROM messages WHERE queue_id = :queue_id"
 )
 UPDATE_RECIPIENT = (

@@ -8,7 +8,7 @@ result is final, retried, or tried on another upstream is the caller's business
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from relay.config import UpstreamConfig
@@ -39,6 +39,9 @@ class Outgoing:
     data: bytes
     smtputf8: bool
     body8bit: bool
+    # Called just before the payload goes: it raises (a StoreError) when the message may no
+    # longer be this process's to send (its lease ran out unrenewed), and nothing is sent.
+    fence: Callable[[], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ class Attempt:
 class Transport(Protocol):
     """One connection to an upstream; `payload_sent` marks the RFC 1047 window."""
 
-    payload_sent: bool
+    @property
+    def payload_sent(self) -> bool: ...
 
     async def send(self, message: Outgoing, gate: Gate | None = None) -> Attempt: ...
 

@@ -65,6 +65,8 @@ class MaildirTransport:
         self.payload_sent = False
         if gate is not None:
             await gate()
+        if message.fence is not None:
+            message.fence()
         try:
             name = await asyncio.to_thread(self._deliver, message)
         except OSError as exc:

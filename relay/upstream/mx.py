@@ -27,6 +27,7 @@ import dns.nameserver
 import dns.resolver
 
 from relay.config import UpstreamConfig, nameserver
+from relay.errors import StoreError
 from relay.upstream import Attempt, Gate, Outgoing, RecipientResult
 from relay.upstream.replies import Kind
 from relay.upstream.smtp import SmtpTransport
@@ -152,9 +153,17 @@ class MxTransport:
 
     def __init__(self, config: UpstreamConfig, resolver: Resolver) -> None:
         self.config = config
-        self.payload_sent = False
+        self._sent = False
+        self._current: SmtpTransport | None = None
         self._resolver = resolver
         self._servers: dict[str, SmtpTransport] = {}
+
+    @property
+    def payload_sent(self) -> bool:
+        """Read while a server's transaction is still under way too: a worker cancelled while
+        an MX server holds the payload must record `ambiguous`, not give the message back."""
+        current = self._current
+        return self._sent or (current is not None and current.payload_sent)
 
     def _server(self, address: str) -> SmtpTransport:
         transport = self._servers.get(address)
@@ -173,28 +182,46 @@ class MxTransport:
 
     async def send(self, message: Outgoing, gate: Gate | None = None) -> Attempt:
         started = time.monotonic()
-        self.payload_sent = False
+        self._sent = False
+        self._current = None
         domains: dict[str, list[str]] = {}
         for rcpt in message.recipients:
             domains.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
         results: dict[str, RecipientResult] = {}
-        for domain, rcpts in domains.items():
-            for result in await self._deliver(
-                domain, replace(message, recipients=tuple(rcpts)), gate
-            ):
-                results[result.rcpt] = result
+        try:
+            for domain, rcpts in domains.items():
+                await self._deliver(
+                    domain, replace(message, recipients=tuple(rcpts)), gate, results
+                )
+        except StoreError as exc:
+            # The gate or the fence stopped a domain before its payload. With nothing settled
+            # yet the lease goes back; else the domains already done keep their outcomes, as
+            # "ambiguous for all" would send a delivered recipient again.
+            if not results:
+                raise
+            text = f"4.3.0 not sent: the relay's store failed ({exc})"
+            for rcpt in message.recipients:
+                results.setdefault(rcpt, RecipientResult(rcpt, Kind.TEMPORARY, None, text))
         return Attempt(
             tuple(results[r] for r in message.recipients), None, time.monotonic() - started
         )
 
     async def _deliver(
-        self, domain: str, message: Outgoing, gate: Gate | None
-    ) -> list[RecipientResult]:
+        self,
+        domain: str,
+        message: Outgoing,
+        gate: Gate | None,
+        final: dict[str, RecipientResult],
+    ) -> None:
+        """Into `final` as each server answers, so what one server settled is kept if the
+        next one's turn fails."""
         try:
             targets = await self._resolver.targets(domain)
         except DnsFailure as exc:
-            return [RecipientResult(r, exc.kind, None, exc.text) for r in message.recipients]
-        final: list[RecipientResult] = []
+            final.update(
+                (r, RecipientResult(r, exc.kind, None, exc.text)) for r in message.recipients
+            )
+            return
         pending = message.recipients
         last = ""
         tried = 0
@@ -205,36 +232,34 @@ class MxTransport:
                 last = exc.text
                 continue
             if not addresses and targets.implicit:
-                return [
-                    RecipientResult(
-                        r, Kind.PERMANENT, None, f"5.1.2 {domain} has no MX and no address"
-                    )
-                    for r in pending
-                ]
+                text = f"5.1.2 {domain} has no MX and no address"
+                final.update((r, RecipientResult(r, Kind.PERMANENT, None, text)) for r in pending)
+                return
             for address in addresses:
                 if tried >= MAX_ADDRESSES:
                     break
                 tried += 1
                 server = self._server(address)
+                self._current = server
                 attempt = await server.send(replace(message, recipients=pending), gate)
-                self.payload_sent = self.payload_sent or server.payload_sent
+                self._sent = self._sent or server.payload_sent
+                self._current = None
                 where = f"relay={host}[{address}]:{self.config.port}"
                 for r in attempt.results:
                     if not r.failover:
-                        final.append(
-                            replace(
-                                r, reply=f"{r.reply} ({where})", upstream_id=attempt.upstream_id
-                            )
+                        final[r.rcpt] = replace(
+                            r, reply=f"{r.reply} ({where})", upstream_id=attempt.upstream_id
                         )
                 pending = tuple(r.rcpt for r in attempt.results if r.failover)
                 if not pending:
-                    return final
+                    return
                 last = f"{host}[{address}]: {attempt.down}"
         text = f"4.4.1 no mail server for {domain} could be reached" + (
             f" (last: {last})" if last else ""
         )
-        final.extend(RecipientResult(r, Kind.TEMPORARY, None, text, failover=True) for r in pending)
-        return final
+        final.update(
+            (r, RecipientResult(r, Kind.TEMPORARY, None, text, failover=True)) for r in pending
+        )
 
     async def close_idle(self) -> None:
         for address, server in list(self._servers.items()):

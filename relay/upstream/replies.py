@@ -43,8 +43,9 @@ def classify(code: int, stage: Stage) -> Kind:
     """A reply code at one stage of the transaction.
 
     Only a final reply to the payload (2xx, 4xx, 5xx) says what became of a message that
-    was sent; anything else there is ambiguous. Before the payload, a 2xx to DATA means
-    the upstream never took it (only 354 may lead to sending it): temporary.
+    was sent; anything else there is ambiguous. Only that reply can deliver: a 2xx before
+    it that reaches this function is one the session did not accept (a 200 greeting, a
+    250 to AUTH, a 250 to DATA instead of 354), and no payload went: temporary.
     """
     if stage == "end-of-data":
         if 200 <= code < 300:
@@ -55,7 +56,7 @@ def classify(code: int, stage: Stage) -> Kind:
             return Kind.PERMANENT
         return Kind.AMBIGUOUS
     if 200 <= code < 300:
-        return Kind.TEMPORARY if stage == "data" else Kind.DELIVERED
+        return Kind.TEMPORARY
     if 500 <= code < 600:
         # A refusal before MAIL judges the relay (a bad password, a blocked IP), not the
         # message: failing every queued message for it would lose mail that got a 250.

@@ -186,6 +186,14 @@ class _Replies(asyncio.Protocol):
         return None
 
 
+def _positive(code: int) -> bool:
+    """A yes to MAIL or RCPT: any 2xx, as Postfix's client reads it, not only aiosmtplib's
+    250 (and 251 for RCPT). The upstream takes the sender or recipient whatever 2xx it
+    says, so the relay must count it in: a recipient left out on a 252 would get the
+    payload all the same, and was recorded "delivered" by the 252 alone when none went."""
+    return 200 <= code < 300
+
+
 def _stray_replies(client: aiosmtplib.SMTP) -> bool:
     """Bytes already read past the last reply: a reply the relay never asked for."""
     protocol = client.protocol
@@ -325,6 +333,9 @@ class SmtpTransport:
             try:
                 await client.rcpt(rcpt, encoding=encoding)
             except aiosmtplib.SMTPRecipientRefused as exc:
+                if _positive(exc.code):
+                    accepted.append(rcpt)  # a 252: the upstream holds the recipient all the same
+                    continue
                 if exc.code == 421:
                     raise  # the upstream is closing: the transaction is off, for every recipient
                 refused[rcpt] = RecipientResult(
@@ -379,7 +390,7 @@ class SmtpTransport:
         self._stage = "mail"
         if mail_reply.code == 421:
             raise aiosmtplib.SMTPSenderRefused(mail_reply.code, mail_reply.message, message.sender)
-        if mail_reply.code != 250:
+        if not _positive(mail_reply.code):
             await self._end_unsent(client, replies[-1])
             kind = classify(mail_reply.code, "mail")
             return tuple(
@@ -391,7 +402,7 @@ class SmtpTransport:
         refused.update(unwritable)
         accepted = False
         for rcpt, reply in zip(rcpts, rcpt_replies, strict=False):
-            if reply.code in (250, 251):
+            if _positive(reply.code):
                 accepted = True
             elif reply.code == 421:
                 raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
@@ -478,6 +489,9 @@ class SmtpTransport:
             await client.mail(
                 message.sender, options=options, encoding="utf-8" if message.smtputf8 else "ascii"
             )
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if not _positive(exc.code):
+                raise
         except ValueError as exc:
             raise aiosmtplib.SMTPResponseException(553, unsendable(exc)) from None
 
@@ -506,6 +520,8 @@ class SmtpTransport:
         protocol = client.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the payload")
+        if message.fence is not None:
+            message.fence()
         payload = wire_payload(message.data)
         self.payload_sent = True
         self._stage = "end-of-data"
